@@ -1,0 +1,29 @@
+# The README's two commands: `make run` (set up, score the baseline rules on the quick task)
+# and `make test` (set up, run the whole test suite). Both create .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TASK ?= classic-transfer-v1-quick
+
+.PHONY: run test setup bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "metabench needs Python 3.11, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/metabench eval ppo_clip dpo lpo --task $(TASK)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/metabench bench
+
+clean:
+	rm -rf $(VENV) runs

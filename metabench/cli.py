@@ -1,0 +1,206 @@
+"""``metabench``: list, eval, calibrate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+RUNS_DIR = Path("runs")
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def _interval(d: dict) -> str:
+    return f"{d['point']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"
+
+
+def cmd_list(args) -> int:
+    from metabench import envs, families, spec
+
+    if args.what == "tasks":
+        for t in spec.list_tasks():
+            try:
+                s = spec.load(t)
+                print(f"{t:32s} families={','.join(s.families())}  "
+                      f"test={','.join(e.name for e in s.test)}  "
+                      f"steps={s.total_timesteps:.3g}  seeds={s.budget.seeds}")
+            except Exception as e:  # one broken spec must not hide the others
+                print(f"{t:32s} INVALID: {e}")
+    elif args.what == "envs":
+        for i in envs.registered():
+            e = envs.entry(i)
+            extra = f"  ({e.note})" if e.note else ""
+            print(f"{i}{'' if e.jittable else '  [host-stepped]'}{extra}")
+    elif args.what == "families":
+        for f in families.families():
+            fam = families.get_family(f)
+            print(f"{f:10s} {fam.description}  (baseline: {fam.baseline})")
+    else:
+        for f in families.families():
+            for name, info in sorted(families.get_family(f).reference_rules.items()):
+                print(f"{name:12s} {f:8s} {info.description}  [{info.citation}]")
+    return 0
+
+
+def _record_path(out_dir: Path, task_id: str, split: str, rule: str) -> Path:
+    return out_dir / task_id / split / f"{rule}.json"
+
+
+def _print_record(rec: dict) -> None:
+    print(f"\n{rec['rule']['name']} ({rec['rule']['family']}) on {rec['task']['id']} "
+          f"[{rec['task']['split']}], {len(rec['task']['seeds'])} seeds, status {rec['status']}")
+    if rec["rule"]["note"]:
+        print(f"  note: {rec['rule']['note']}")
+    print(f"  {'env':24s} {'return (mean ± sd)':>22s} {'score':>7s} {'env steps/s':>12s} "
+          f"{'compile':>8s} {'run':>7s}")
+    for e in rec["envs"]:
+        finals = [r["final_return"] for r in rec["runs"]
+                  if r["env"] == e["name"] and r["final_return"] is not None]
+        import numpy as np
+
+        ret = (f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "failed")
+        print(f"  {e['name']:24s} {ret:>22s} {_fmt(e['mean_score']):>7s} "
+              f"{e['env_steps_per_s']:>12,.0f} {e['compile_s']:>7.1f}s {e['run_s']:>6.1f}s")
+    for r in rec["runs"]:
+        if r["status"] != "ok":
+            print(f"  FAILED {r['env']} seed {r['seed']}: {r['reason']}")
+    a = rec["aggregates"]
+    print("  normalised score, 95% stratified-bootstrap CI:")
+    print(f"    IQM {_interval(a['iqm'])}   mean {_interval(a['mean'])}   "
+          f"median {_interval(a['median'])}   optimality gap {_interval(a['optimality_gap'])}")
+    poi = rec.get("probability_of_improvement")
+    if poi:
+        print(f"    P({rec['rule']['name']} > {poi['baseline']}) {_interval(poi)}")
+
+
+def cmd_eval(args) -> int:
+    from metabench import harness, results, spec
+
+    task = spec.load(args.task)
+    out_dir = Path(args.out_dir)
+    progress = None if args.quiet else _progress_printer()
+    rules = list(dict.fromkeys(args.rules))
+    if args.out and len(rules) > 1:
+        raise SystemExit("--out takes one rule; use --out-dir for several")
+    refs = [harness.reference_rule(r) for r in rules]
+    # The baseline first, so the others get a probability of improvement over it.
+    refs.sort(key=lambda r: r.name != task.scoring.baselines.get(r.family))
+    command = "metabench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    for ref in refs:
+        baseline_name = task.scoring.baselines.get(ref.family)
+        baseline = None
+        if baseline_name and baseline_name != ref.name:
+            bpath = _record_path(out_dir, task.id, args.split, baseline_name)
+            if bpath.exists():
+                b = results.read(bpath)
+                seeds = args.seeds or task.budget.seeds
+                if (b["task"]["fingerprint"] == task.fingerprint()
+                        and len(b["task"]["seeds"]) == seeds):
+                    baseline = b
+        if ref.note:
+            print(f"{ref.name}: {ref.note}", file=sys.stderr)
+        rec = harness.evaluate(ref, task, args.split, seeds=args.seeds, progress=progress,
+                               baseline=baseline, command=command)
+        path = Path(args.out) if args.out else _record_path(out_dir, task.id, args.split,
+                                                             ref.name)
+        results.write(path, rec)
+        _print_record(rec)
+        if baseline is None and baseline_name and baseline_name != ref.name:
+            print(f"    (no probability of improvement: no {baseline_name} record for this "
+                  f"task and seed count in {out_dir}; evaluate {baseline_name} first)")
+        print(f"  record: {path}")
+    return 0
+
+
+def _progress_printer():
+    tty = sys.stderr.isatty()
+
+    def show(env: str, done: int, total: int, steps: int, seconds: float) -> None:
+        line = f"  {env}: {done}/{total} updates, {steps:,} env steps per seed, {seconds:.1f}s"
+        if tty:  # one line that moves; logs (not a tty) get the finished line only
+            sys.stderr.write("\r\033[K" + line + ("\n" if done == total else ""))
+            sys.stderr.flush()
+        elif done == total:
+            print(line, file=sys.stderr)
+
+    return show
+
+
+def cmd_calibrate(args) -> int:
+    from metabench import calibrate, spec
+
+    task = spec.load(args.task)
+    calibrate.calibrate(task, force=args.force)
+    task = spec.load(args.task)
+    print(f"{task.id}: fingerprint {task.fingerprint()}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from metabench import bench
+
+    rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=args.seeds,
+                     quick=args.quick)
+    print(bench.format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="metabench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    lp = sub.add_parser("list", help="list tasks, envs, families or rules")
+    lp.add_argument("what", choices=["tasks", "envs", "families", "rules"])
+    lp.set_defaults(fn=cmd_list)
+
+    ep = sub.add_parser("eval", help="train fresh agents with reference rules and score them")
+    ep.add_argument("rules", nargs="+", help="reference rule name(s), e.g. ppo_clip dpo lpo")
+    ep.add_argument("--task", required=True, help="task id (see `metabench list tasks`)")
+    ep.add_argument("--split", default="test", choices=["test", "train"])
+    ep.add_argument("--seeds", type=int, default=None, help="override the task's seed count")
+    ep.add_argument("--out", default=None, help="record file (one rule only)")
+    ep.add_argument("--out-dir", default=str(RUNS_DIR),
+                    help="where records go: OUT_DIR/<task>/<split>/<rule>.json (default runs/)")
+    ep.add_argument("--quiet", action="store_true", help="no progress lines")
+    ep.set_defaults(fn=cmd_eval)
+
+    cp = sub.add_parser("calibrate", help="measure random-policy returns for a task")
+    cp.add_argument("task")
+    cp.add_argument("--force", action="store_true", help="re-measure calibrated envs too")
+    cp.set_defaults(fn=cmd_calibrate)
+
+    bp = sub.add_parser("bench", help="harness vs minimal single-file PPO, env steps per second")
+    bp.add_argument("--env", action="append", default=None,
+                    help="env id(s) (default gymnax/CartPole-v1 and gymnax/Breakout-MinAtar)")
+    bp.add_argument("--timesteps", type=float, default=None, help="env steps per run")
+    bp.add_argument("--seeds", type=int, default=1)
+    bp.add_argument("--quick", action="store_true", help="CI-sized budgets")
+    bp.add_argument("--json", default=None, help="also write the rows as JSON")
+    bp.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        # Unknown names and malformed specs are the user's to fix: say what, not a traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"metabench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

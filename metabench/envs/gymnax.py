@@ -1,0 +1,109 @@
+"""The gymnax backend: every gymnax environment as ``gymnax/<Name>``.
+
+gymnax 1.0's ``step`` already returns ``terminated`` and ``truncated`` separately, auto-resets,
+and puts the pre-reset observation in ``info["final_observation"]``; the adapter keeps that
+contract and adds what the harness needs: validated parameter overrides and the derived
+parameters some envs cache (CartPole's ``polemass_length``), so that a sampled pole length
+really changes the dynamics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import gymnax
+import jax.numpy as jnp
+
+from metabench.envs.registry import EnvEntry, register
+
+
+def _cartpole_derived(p: Any) -> Any:
+    return p.replace(total_mass=p.masscart + p.masspole, polemass_length=p.masspole * p.length)
+
+
+# Fields that gymnax caches from others; recomputed after every override or sample.
+_DERIVED: dict[str, Callable[[Any], Any]] = {"CartPole-v1": _cartpole_derived}
+
+# Building these downloads data, which an offline machine cannot do.
+_NEEDS_DOWNLOAD = {"MNISTBandit-bsuite": "downloads MNIST when built"}
+
+
+class GymnaxEnv:
+    """Functional adapter: ``reset(key, params)`` and ``step(key, state, action, params)``.
+
+    ``step`` returns ``(obs, state, reward, terminated, truncated, info)`` with
+    ``info["final_observation"]`` the observation before the auto-reset.
+    """
+
+    jittable = True
+
+    def __init__(self, name: str, env: Any):
+        self.name = name
+        self.id = f"gymnax/{name}"
+        self._env = env
+        self._derive = _DERIVED.get(name, lambda p: p)
+
+    @property
+    def default_params(self) -> Any:
+        return self._derive(self._env.default_params)
+
+    def finalise_params(self, params: Any) -> Any:
+        """Recomputes derived fields after params were overridden or sampled (jittable)."""
+        return self._derive(params)
+
+    def reset(self, key, params):
+        return self._env.reset(key, params)
+
+    def step(self, key, state, action, params):
+        return self._env.step(key, state, action, params)
+
+    def observation_space(self, params):
+        return self._env.observation_space(params)
+
+    def action_space(self, params):
+        return self._env.action_space(params)
+
+    def __repr__(self) -> str:
+        return f"GymnaxEnv({self.name!r})"
+
+
+def override_params(env_id: str, params: Any, overrides: dict[str, Any]) -> Any:
+    """``params.replace(**overrides)`` with an error naming unknown fields."""
+    fields = {f.name for f in dataclasses.fields(params)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"{env_id} has no parameter(s) {', '.join(unknown)}; "
+            f"its parameters are: {', '.join(sorted(fields))}"
+        )
+    cast = {}
+    for k, v in overrides.items():
+        default = getattr(params, k)
+        cast[k] = jnp.asarray(v, dtype=jnp.asarray(default).dtype) if not isinstance(v, jnp.ndarray) else v
+    return params.replace(**cast)
+
+
+def _factory(name: str) -> Callable[..., tuple[GymnaxEnv, Any]]:
+    def make(**overrides: Any) -> tuple[GymnaxEnv, Any]:
+        raw, _ = gymnax.make(name)
+        env = GymnaxEnv(name, raw)
+        params = env.default_params
+        if overrides:
+            params = env.finalise_params(override_params(env.id, params, overrides))
+        return env, params
+
+    return make
+
+
+for _name in gymnax.registered_envs:
+    register(
+        EnvEntry(
+            id=f"gymnax/{_name}",
+            factory=_factory(_name),
+            jittable=True,
+            note=_NEEDS_DOWNLOAD.get(_name, ""),
+            offline=_name not in _NEEDS_DOWNLOAD,
+        ),
+        overwrite=True,
+    )

@@ -1,0 +1,133 @@
+"""What every family provides, and the family registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import numpy as np
+
+from metabench.rules import RuleInfo, UpdateRule
+from metabench.types import Metrics, PRNGKey, PyTree
+
+
+class Trainer(NamedTuple):
+    """A family's inner loop for one env, config and rule, as pure jittable pieces.
+
+    ``init(rng) -> state`` builds one seed's agent and env state; ``step(state, meta_params)
+    -> (state, Metrics)`` is one update (rollout + learning). The harness maps ``init`` over
+    seeds with ``lax.map`` (a vmapped orthogonal initialiser can deadlock XLA's CPU thread
+    pool) and vmaps chunks of ``step``. ``train`` composes both for a single seed.
+    """
+
+    init: Callable[[PRNGKey], Any]
+    step: Callable[[Any, PyTree], tuple[Any, Metrics]]
+    num_updates: int
+    steps_per_update: int
+
+    def train(self, rng: PRNGKey, meta_params: PyTree) -> Metrics:
+        state = self.init(rng)
+        _, metrics = jax.lax.scan(lambda s, _: self.step(s, meta_params), state, None,
+                                  length=self.num_updates)
+        return metrics
+
+
+class Check(NamedTuple):
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    """The result of a family's conformance check on a rule."""
+
+    rule: str
+    family: str
+    checks: tuple[Check, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def get(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def format(self) -> str:
+        lines = [f"conformance of {self.rule} ({self.family} family):"]
+        for c in self.checks:
+            lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """The slot a rule fills: its fixed inner-loop agent, contract, references and checks."""
+
+    name: str
+    """Registry name, e.g. ``drift``."""
+    description: str
+    """One line for ``metabench list families``."""
+    Inputs: type
+    """NamedTuple of what the rule is handed (the contract)."""
+    Config: type
+    """Frozen dataclass of the fixed agent hyperparameters a task sets."""
+    make_train: Callable[..., Trainer]
+    """``make_train(env, config, rule, *, total_timesteps, sample_params) -> Trainer``."""
+    reference_rules: Mapping[str, RuleInfo]
+    """Reference rules by name."""
+    check: Callable[[UpdateRule, PyTree, str], CheckReport]
+    """``check(rule, meta_params, name) -> CheckReport`` on random inputs."""
+    baseline: str
+    """The reference rule that probability of improvement is measured against."""
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    if family.baseline not in family.reference_rules:
+        raise ValueError(f"family {family.name!r}: baseline {family.baseline!r} is not one of "
+                         f"its reference rules {sorted(family.reference_rules)}")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown family {name!r}; known families: {', '.join(sorted(_FAMILIES))}")
+    return _FAMILIES[name]
+
+
+def families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def find_rule(name: str) -> RuleInfo:
+    """A reference rule by name across families, with close matches in the error."""
+    rules = {r: f.reference_rules[r] for f in _FAMILIES.values() for r in f.reference_rules}
+    if name not in rules:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(rules), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown rule {name!r}{hint} (known: {', '.join(sorted(rules))})")
+    return rules[name]
+
+
+def count_traces(fn: Callable) -> tuple[Callable, list[int]]:
+    """Wraps ``fn`` so that each trace (compilation) bumps a counter; for recompile checks."""
+    counter = [0]
+
+    def wrapped(*args):
+        counter[0] += 1
+        return fn(*args)
+
+    return wrapped, counter
+
+
+def finite_tree(tree: Any) -> bool:
+    return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree))

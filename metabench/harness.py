@@ -1,0 +1,356 @@
+"""The harness: train fresh agents with a rule on a task's environments and score them.
+
+Per environment it compiles ``init`` (mapped over seeds with ``lax.map``: a vmapped flax
+orthogonal initialiser, a batched QR, can deadlock XLA's CPU thread pool) and a chunk of
+``step`` vmapped over seeds, once per (family, env, config, rule structure). Meta-parameters
+are an argument of the compiled call, so another rule of the same structure reuses it. The
+chunks run back to back on device, so a progress line moves and the wall-clock budget is
+enforced between them; nothing in the inner loop returns to Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metabench import envs as envs_mod
+from metabench import scoring
+from metabench.families import base as families_base
+from metabench.results import KIND, SCHEMA
+from metabench.rules import UpdateRule, params_hash, tree_structure
+from metabench.spec import EnvSpec, TaskSpec, require_calibrated
+
+__version__ = "0.1.0"
+CURVE_POINTS = 100
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "gymnax", "rliable", "numpy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleRef:
+    """A rule together with what a record says about it."""
+
+    name: str
+    """Display name (a reference rule's name or a submission's)."""
+    family: str
+    """Family name."""
+    rule: UpdateRule
+    """The rule."""
+    meta_params: Any
+    """Its meta-parameters."""
+    factory: str = ""
+    """How it was built, e.g. ``drift.ppo_clip``."""
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    """Factory keyword arguments."""
+    note: str = ""
+    """Caveats shown with scores, e.g. that the parameters are untrained."""
+
+
+def reference_rule(name: str, **kwargs: Any) -> RuleRef:
+    """A family's reference rule by name, with its default (or shipped) meta-parameters."""
+    info = families_base.find_rule(name)
+    rule = info.factory(**kwargs)
+    if info.default_params is not None:
+        meta_params, note = info.default_params(rule)
+    else:
+        meta_params, note = rule.init(jax.random.PRNGKey(0)), ""
+    return RuleRef(name, info.family, rule, meta_params,
+                   f"{info.family}.{info.factory.__name__}", tuple(sorted(kwargs.items())), note)
+
+
+@dataclasses.dataclass
+class EnvRun:
+    """Everything measured for one environment: per-seed metrics and timings."""
+
+    spec: EnvSpec
+    seeds: list[int]
+    returns_sum: np.ndarray  # [seeds, updates_done]
+    episodes: np.ndarray  # [seeds, updates_done]
+    loss: np.ndarray  # [seeds, updates_done]
+    steps_per_update: int
+    num_updates: int
+    compile_s: float
+    run_s: float
+    failure: str | None = None  # a reason that applies to every seed
+
+    @property
+    def updates_done(self) -> int:
+        return int(self.returns_sum.shape[1]) if self.returns_sum.ndim == 2 else 0
+
+    @property
+    def env_steps_per_s(self) -> float:
+        steps = len(self.seeds) * self.updates_done * self.steps_per_update
+        return steps / self.run_s if self.run_s > 0 else float("nan")
+
+
+# --- compiled pieces, cached ---------------------------------------------------------------
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+def _chunk_len(num_updates: int, target_chunks: int = 10) -> int:
+    """The largest divisor of num_updates not above num_updates/target_chunks, so every chunk
+    has one shape (one compile); falls back to a remainder chunk when num_updates is awkward."""
+    cap = max(1, math.ceil(num_updates / target_chunks))
+    best = max(d for d in range(1, cap + 1) if num_updates % d == 0)
+    return best if best * 3 >= cap else cap
+
+
+def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
+             meta_params: Any, total_timesteps: int):
+    """``(trainer, init_fn, chunk_fn_for(length))`` for this cell, built once."""
+    key = (family.name, spec.calibration_key(), config, int(total_timesteps), rule,
+           tree_structure(meta_params))
+    if key not in _CACHE:
+        consts = {k: d.values[0] for k, d in spec.params.items() if d.kind == "constant"}
+        env, base_params = envs_mod.make(spec.env, **consts)
+        dists = {k: d for k, d in spec.params.items() if d.kind != "constant"}
+        sampler = envs_mod.make_param_sampler(env, base_params, dists)
+        trainer = family.make_train(env, config, rule, total_timesteps=total_timesteps,
+                                    sample_params=sampler)
+        init_fn = jax.jit(lambda rngs: jax.lax.map(trainer.init, rngs))
+        chunk_fns: dict[int, Callable] = {}
+
+        def chunk_fn(length: int) -> Callable:
+            if length not in chunk_fns:
+                def run(states, mp):
+                    def one(s):
+                        return jax.lax.scan(lambda c, _: trainer.step(c, mp), s, None,
+                                            length=length)
+                    return jax.vmap(one)(states)
+                chunk_fns[length] = jax.jit(run, donate_argnums=0)
+            return chunk_fns[length]
+
+        _CACHE[key] = (trainer, init_fn, chunk_fn)
+    return _CACHE[key]
+
+
+def seed_keys(base_seed: int, seeds: Sequence[int]) -> jax.Array:
+    """One key per seed index, independent of which other seeds run (so shards agree)."""
+    base = jax.random.PRNGKey(base_seed)
+    return jnp.stack([jax.random.fold_in(base, int(s)) for s in seeds])
+
+
+def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
+              max_seconds: float | None = None,
+              progress: Callable[..., None] | None = None) -> EnvRun:
+    """Trains ``len(seeds)`` fresh agents with the rule on one env in one vmapped call.
+
+    ``progress(env_name, updates_done, num_updates, env_steps_per_seed, seconds)`` is called
+    after every chunk.
+    """
+    family = families_base.get_family(ref.family)
+    config = task.agent_config(ref.family, spec)
+    seeds = list(seeds)
+    empty = np.zeros((len(seeds), 0))
+    t0 = time.perf_counter()
+    try:
+        trainer, init_fn, chunk_fn = compiled(family, spec, config, ref.rule, ref.meta_params,
+                                              task.total_timesteps)
+        states = init_fn(seed_keys(task.seed, seeds))
+        length = _chunk_len(trainer.num_updates)
+        lengths = [length] * (trainer.num_updates // length)
+        if trainer.num_updates % length:
+            lengths.append(trainer.num_updates % length)
+        # AOT-compile every distinct chunk shape now, so compile time is not run time.
+        execs = {n: chunk_fn(n).lower(states, ref.meta_params).compile() for n in set(lengths)}
+        jax.block_until_ready(states)
+    except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
+        return EnvRun(spec, seeds, empty, empty, empty, 1, 0, time.perf_counter() - t0, 0.0,
+                      failure=f"{type(e).__name__} while compiling: {e}")
+    compile_s = time.perf_counter() - t0
+    chunks, failure = [], None
+    t1 = time.perf_counter()
+    done = 0
+    for n in lengths:
+        try:
+            states, metrics = execs[n](states, ref.meta_params)
+            metrics = jax.device_get(metrics)
+        except Exception as e:
+            failure = f"{type(e).__name__} after {done} of {trainer.num_updates} updates: {e}"
+            break
+        chunks.append(metrics)
+        done += n
+        elapsed = time.perf_counter() - t1
+        if progress is not None:
+            progress(spec.name, done, trainer.num_updates, done * trainer.steps_per_update,
+                     elapsed)
+        if max_seconds is not None and elapsed > max_seconds and done < trainer.num_updates:
+            failure = (f"exceeded the wall-clock budget of {max_seconds:g}s after {done} of "
+                       f"{trainer.num_updates} updates")
+            break
+    run_s = time.perf_counter() - t1
+
+    def cat(field):
+        if not chunks:
+            return empty
+        return np.concatenate([np.asarray(getattr(m, field)) for m in chunks], axis=1)
+
+    return EnvRun(spec, seeds, cat("returns_sum"), cat("episodes"), cat("loss"),
+                  trainer.steps_per_update, trainer.num_updates, compile_s, run_s, failure)
+
+
+# --- from runs to a record -----------------------------------------------------------------
+
+
+def downsample_curve(returns_sum: np.ndarray, episodes: np.ndarray, steps_per_update: int,
+                     points: int = CURVE_POINTS) -> tuple[list[int], list[float | None]]:
+    """Mean episodic return per bucket of updates (exact: sums over counts)."""
+    n = len(returns_sum)
+    if n == 0:
+        return [], []
+    edges = np.unique(np.linspace(0, n, min(points, n) + 1).astype(int))
+    steps, rets = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        count = episodes[lo:hi].sum()
+        steps.append(int(hi * steps_per_update))
+        rets.append(float(returns_sum[lo:hi].sum() / count) if count > 0 else None)
+    return steps, rets
+
+
+def run_records(run: EnvRun, window: float) -> list[dict]:
+    """Per-seed run records: status, reason, final return, normalised score, curve."""
+    out = []
+    norm = run.spec.normalise
+    for i, seed in enumerate(run.seeds):
+        reason = run.failure
+        final = float("nan")
+        if reason is None:
+            loss = run.loss[i]
+            bad = np.flatnonzero(~np.isfinite(loss))
+            if bad.size:
+                reason = f"non-finite loss at update {int(bad[0])}"
+            else:
+                final = scoring.final_window_return(run.returns_sum[i], run.episodes[i], window)
+                if not math.isfinite(final):
+                    reason = "no episode completed during training"
+        score = (float(scoring.normalise(final, norm.random, norm.reference))
+                 if reason is None else None)
+        steps, rets = downsample_curve(run.returns_sum[i], run.episodes[i] if run.episodes.size
+                                       else run.episodes, run.steps_per_update)
+        out.append({"env": run.spec.name, "seed": int(seed),
+                    "status": "ok" if reason is None else "failed", "reason": reason,
+                    "final_return": final if reason is None else None, "score": score,
+                    "curve": {"steps": steps, "returns": rets}})
+    return out
+
+
+def score_matrix(task: TaskSpec, split: str, runs: Sequence[dict]) -> np.ndarray:
+    """``[seeds, envs]`` normalised scores in split order; failed runs score the floor."""
+    names = [e.name for e in task.split(split)]
+    by_env = {n: [r for r in runs if r["env"] == n] for n in names}
+    seeds = sorted({r["seed"] for r in runs})
+    mat = np.full((len(seeds), len(names)), np.nan)
+    ok = np.zeros_like(mat, dtype=bool)
+    for j, n in enumerate(names):
+        for r in by_env[n]:
+            i = seeds.index(r["seed"])
+            if r["status"] == "ok" and r["score"] is not None:
+                mat[i, j], ok[i, j] = r["score"], True
+    return scoring.floor_scores(mat, ok)
+
+
+def provenance(command: str | None = None) -> dict:
+    dev = jax.devices()[0]
+    libs = {}
+    for lib in LIBRARIES:
+        try:
+            libs[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            libs[lib] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "metabench": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(sys.argv),
+        "device": {"platform": dev.platform, "kind": dev.device_kind,
+                   "count": jax.device_count()},
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "libraries": libs,
+        "git_commit": commit,
+    }
+
+
+def build_record(ref: RuleRef, task: TaskSpec, split: str, env_runs: Sequence[EnvRun],
+                 baseline_scores: np.ndarray | None = None, baseline_name: str | None = None,
+                 command: str | None = None) -> dict:
+    """The versioned result record for one rule on one task split."""
+    runs = [r for er in env_runs for r in run_records(er, task.scoring.window)]
+    mat = score_matrix(task, split, runs)
+    aggs = scoring.aggregates(mat, reps=task.scoring.bootstrap_reps,
+                              seed=task.scoring.bootstrap_seed)
+    poi = None
+    if baseline_scores is not None and baseline_scores.shape[1] == mat.shape[1]:
+        iv = scoring.probability_of_improvement(mat, baseline_scores,
+                                                reps=task.scoring.bootstrap_reps,
+                                                seed=task.scoring.bootstrap_seed)
+        poi = {"baseline": baseline_name, **iv.to_dict()}
+    n_failed = sum(r["status"] != "ok" for r in runs)
+    envs = []
+    for er in env_runs:
+        mine = [r for r in runs if r["env"] == er.spec.name]
+        finals = [r["final_return"] for r in mine if r["final_return"] is not None]
+        scores = [r["score"] if r["score"] is not None else 0.0 for r in mine]
+        envs.append({
+            "name": er.spec.name, "env": er.spec.env,
+            "params": {k: v.to_json() for k, v in sorted(er.spec.params.items())},
+            "random": er.spec.normalise.random, "reference": er.spec.normalise.reference,
+            "seeds": len(er.seeds), "updates": er.updates_done, "num_updates": er.num_updates,
+            "env_steps_per_seed": er.updates_done * er.steps_per_update,
+            "compile_s": round(er.compile_s, 3), "run_s": round(er.run_s, 3),
+            "env_steps_per_s": er.env_steps_per_s,
+            "mean_return": float(np.mean(finals)) if finals else None,
+            "mean_score": float(np.mean(scores)),
+        })
+    return {
+        "kind": KIND, "schema": SCHEMA,
+        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": split,
+                 "total_timesteps": task.total_timesteps,
+                 "seeds": sorted({r["seed"] for r in runs})},
+        "rule": {"name": ref.name, "family": ref.family, "factory": ref.factory,
+                 "kwargs": dict(ref.kwargs), "params_hash": params_hash(ref.meta_params),
+                 "note": ref.note},
+        "status": "ok" if n_failed == 0 else ("failed" if n_failed == len(runs) else "partial"),
+        "envs": envs, "runs": runs,
+        "aggregates": {k: v.to_dict() for k, v in aggs.items()},
+        "probability_of_improvement": poi,
+        "provenance": provenance(command),
+    }
+
+
+def evaluate(ref: RuleRef, task: TaskSpec, split: str = "test", *, seeds: int | None = None,
+             progress: Callable[..., None] | None = None,
+             baseline: dict | None = None, command: str | None = None) -> dict:
+    """Scores ``ref`` on every env of ``task``'s split; returns the result record.
+
+    ``baseline`` is a record of the task's baseline rule on the same split and fingerprint;
+    when given, probability of improvement over it is included.
+    """
+    require_calibrated(task, split)
+    n = task.budget.seeds if seeds is None else int(seeds)
+    if n < 1:
+        raise ValueError(f"seeds must be at least 1, got {n}")
+    env_runs = [train_env(ref, task, spec, range(n), max_seconds=task.budget.max_seconds_per_env,
+                          progress=progress) for spec in task.split(split)]
+    base_mat, base_name = None, None
+    if baseline is not None:
+        base_mat = score_matrix(task, split, baseline["runs"])
+        base_name = baseline["rule"]["name"]
+    return build_record(ref, task, split, env_runs, base_mat, base_name, command)

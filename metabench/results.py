@@ -1,0 +1,92 @@
+"""The result record: one JSON document per (rule, task, split), written atomically.
+
+Schema (``schema: 1``)::
+
+    kind, schema, task {id, fingerprint, split, total_timesteps, seeds},
+    rule {name, family, factory, kwargs, params_hash, note},
+    status ("ok" | "partial" | "failed"),
+    envs [{name, env, params, random, reference, seeds, updates, compile_s, run_s,
+           env_steps_per_s, mean_return, mean_score}],
+    runs [{env, seed, status, reason, final_return, score, curve {steps, returns}}],
+    aggregates {iqm|mean|median|optimality_gap: {point, lo, hi}},
+    probability_of_improvement {baseline, point, lo, hi} | null,
+    provenance {metabench, created, command, device, platform, python, libraries, git_commit}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+KIND = "metabench.result"
+REQUIRED = ("kind", "schema", "task", "rule", "status", "envs", "runs", "aggregates",
+            "provenance")
+
+
+class RecordError(ValueError):
+    """A result file that is not a valid record; names the file and the problem."""
+
+
+def _clean(x: Any) -> Any:
+    # JSON has no NaN/inf: non-finite numbers are stored as null.
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        return _clean(x.item())
+    return x
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
+    """Writes JSON to a temporary file in the same folder, fsyncs, then renames over ``path``:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(data), f, indent=1, sort_keys=True, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def validate(record: Any, source: str = "<record>") -> dict:
+    if not isinstance(record, dict):
+        raise RecordError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise RecordError(f"{source}: missing key(s) {', '.join(missing)}")
+    if record["kind"] != KIND:
+        raise RecordError(f"{source}: kind is {record['kind']!r}, expected {KIND!r}")
+    if record["schema"] != SCHEMA:
+        raise RecordError(f"{source}: schema {record['schema']!r}; this metabench reads "
+                          f"schema {SCHEMA}")
+    return record
+
+
+def read(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}: not valid JSON ({e})") from None
+    return validate(data, str(path))
+
+
+def write(path: str | os.PathLike, record: dict) -> Path:
+    return write_json_atomic(path, validate(record, str(path)))

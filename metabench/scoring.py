@@ -1,0 +1,234 @@
+"""Scoring: return normalisation and rliable aggregates with reproducible CIs.
+
+The leaderboard reports, for each learned update rule, aggregate metrics
+(IQM, mean, median, optimality gap) over a ``[runs, envs]`` matrix of
+normalised scores, each with a stratified-bootstrap confidence interval, plus
+the probability of improvement between two rules.  All statistics come from
+rliable's public API so numbers are comparable with the wider literature.
+
+Conventions:
+
+* A score is ``(R - random) / (reference - random)``: 0 is a uniformly random
+  policy, 1 is the reference agent.
+* A failed run is never dropped; it scores the floor (see ``floor_scores``).
+  Dropping failures would reward rules that crash on hard seeds.
+* Bootstrap CIs are reproducible from ``seed`` alone and leave the caller's
+  global numpy RNG untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+from rliable import library as rly
+from rliable import metrics
+
+__all__ = [
+    "AGGREGATES",
+    "Interval",
+    "aggregate_functions",
+    "aggregates",
+    "final_window_return",
+    "floor_scores",
+    "normalise",
+    "probability_of_improvement",
+]
+
+AGGREGATES: tuple[str, ...] = ("iqm", "mean", "median", "optimality_gap")
+
+
+class Interval(NamedTuple):
+    """A point estimate with the bounds of its confidence interval."""
+
+    point: float
+    lo: float
+    hi: float
+
+    def to_dict(self) -> dict:
+        # Plain floats so the result serialises to JSON without numpy types.
+        return {"point": float(self.point), "lo": float(self.lo), "hi": float(self.hi)}
+
+
+# --------------------------------------------------------------------------
+# Normalisation and failure handling
+# --------------------------------------------------------------------------
+
+
+def normalise(returns, random: float, reference: float) -> np.ndarray:
+    """Map raw returns to ``(R - random) / (reference - random)`` elementwise."""
+    span = float(reference) - float(random)
+    if span == 0.0:
+        raise ValueError(
+            f"cannot normalise: reference return ({reference}) equals random "
+            f"return ({random}), so the normalising span is zero"
+        )
+    return (np.asarray(returns, dtype=np.float64) - float(random)) / span
+
+
+def floor_scores(scores: np.ndarray, ok: np.ndarray, floor: float = 0.0) -> np.ndarray:
+    """Return a copy of ``scores`` with failed runs set to ``floor``.
+
+    A run counts as failed when ``ok`` is False or its score is non-finite.
+    Failed runs are never dropped: removing them would shrink the sample and
+    bias every aggregate upwards for rules that fail often.
+    """
+    out = np.array(scores, dtype=np.float64, copy=True)
+    ok = np.asarray(ok, dtype=bool)
+    if ok.shape != out.shape:
+        raise ValueError(f"ok has shape {ok.shape} but scores has shape {out.shape}")
+    out[~ok | ~np.isfinite(out)] = float(floor)
+    return out
+
+
+def final_window_return(
+    returns_sum: np.ndarray, episodes: np.ndarray, fraction: float = 0.05
+) -> float:
+    """Mean episodic return over episodes completed in the final updates.
+
+    ``returns_sum[i]`` is the summed return of episodes completed during
+    update ``i`` and ``episodes[i]`` their count.  The window is the last
+    ``max(1, ceil(fraction * num_updates))`` updates, widened backwards one
+    update at a time until it holds at least one completed episode (envs with
+    long episodes may complete none near the end).  Returns NaN if no episode
+    ever completed.
+    """
+    returns_sum = np.asarray(returns_sum, dtype=np.float64)
+    episodes = np.asarray(episodes, dtype=np.float64)
+    if returns_sum.ndim != 1 or returns_sum.shape != episodes.shape:
+        raise ValueError(
+            "returns_sum and episodes must be 1-D with the same shape, got "
+            f"{returns_sum.shape} and {episodes.shape}"
+        )
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    num_updates = returns_sum.shape[0]
+    if num_updates == 0:
+        return float("nan")
+
+    # Rounding first keeps float noise (e.g. 0.07 * 100 = 7.000000000000001)
+    # from adding a spurious extra update to the window.
+    window = max(1, math.ceil(round(fraction * num_updates, 9)))
+    start = num_updates - window
+    while start > 0 and episodes[start:].sum() == 0:
+        start -= 1
+    count = episodes[start:].sum()
+    if count == 0:
+        return float("nan")
+    return float(returns_sum[start:].sum() / count)
+
+
+# --------------------------------------------------------------------------
+# Aggregates with bootstrap confidence intervals
+# --------------------------------------------------------------------------
+
+
+def aggregate_functions() -> dict[str, Callable[[np.ndarray], float]]:
+    """Name -> rliable aggregate of a ``[runs, envs]`` score matrix."""
+    return {
+        "iqm": metrics.aggregate_iqm,
+        "mean": metrics.aggregate_mean,
+        "median": metrics.aggregate_median,
+        # gamma=1: scores beyond the reference agent earn no further credit.
+        "optimality_gap": lambda s: metrics.aggregate_optimality_gap(s, gamma=1),
+    }
+
+
+@contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    # rliable 1.2.0 ignores `random_state` when drawing bootstrap indices and
+    # samples from the global np.random instead, so seeding that is the only
+    # way to make CIs reproducible.  Restoring the state afterwards keeps the
+    # caller's own random stream undisturbed.
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+def _check_scores(scores: np.ndarray, name: str = "scores") -> np.ndarray:
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D [runs, envs] matrix, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} needs at least one run and one env, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(
+            f"{name} contains non-finite values (NaN/inf); failed runs must be "
+            "floored with floor_scores before aggregating"
+        )
+    return arr
+
+
+def _check_bootstrap(reps: int, confidence: float) -> None:
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def aggregates(
+    scores: np.ndarray, reps: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> dict[str, Interval]:
+    """Point estimate and stratified-bootstrap CI for each of ``AGGREGATES``.
+
+    ``scores`` is a ``[runs, envs]`` matrix of normalised scores.  Runs are
+    resampled within each env (rliable's stratified bootstrap); the CI is the
+    percentile interval at level ``confidence``.
+    """
+    arr = _check_scores(scores)
+    _check_bootstrap(reps, confidence)
+    funcs = aggregate_functions()
+
+    # One bootstrap for all metrics: the resampled indices do not depend on
+    # the statistic, so each row matches a single-metric call with this seed.
+    def all_metrics(s: np.ndarray) -> np.ndarray:
+        return np.array([funcs[name](s) for name in AGGREGATES])
+
+    with _seeded_global_rng(seed):
+        points, intervals = rly.get_interval_estimates(
+            {"scores": arr},
+            all_metrics,
+            reps=reps,
+            confidence_interval_size=confidence,
+        )
+    point, ci = points["scores"], intervals["scores"]
+    return {
+        name: Interval(float(point[i]), float(ci[0, i]), float(ci[1, i]))
+        for i, name in enumerate(AGGREGATES)
+    }
+
+
+def probability_of_improvement(
+    x: np.ndarray,
+    y: np.ndarray,
+    reps: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> Interval:
+    """P(X > Y) averaged over envs, with rliable's paired stratified bootstrap CI.
+
+    ``x`` and ``y`` are ``[runs, envs]`` score matrices over the same envs;
+    their run counts may differ.  Each is resampled independently within env.
+    """
+    xa = _check_scores(x, "x")
+    ya = _check_scores(y, "y")
+    if xa.shape[1] != ya.shape[1]:
+        raise ValueError(
+            f"x and y must cover the same envs, got {xa.shape[1]} and {ya.shape[1]}"
+        )
+    _check_bootstrap(reps, confidence)
+
+    with _seeded_global_rng(seed):
+        points, intervals = rly.get_interval_estimates(
+            {"pair": (xa, ya)},
+            metrics.probability_of_improvement,
+            reps=reps,
+            confidence_interval_size=confidence,
+        )
+    ci = np.asarray(intervals["pair"]).reshape(-1)
+    return Interval(float(points["pair"]), float(ci[0]), float(ci[1]))

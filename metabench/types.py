@@ -1,0 +1,48 @@
+"""Shared type aliases and NamedTuples used across families and the harness."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+
+PRNGKey = jax.Array
+PyTree = Any
+Array = jax.Array
+
+
+class Transition(NamedTuple):
+    """One environment step of a vectorised rollout; leaves are ``[T, B, ...]`` after a scan.
+
+    ``final_obs`` is the true next observation (before any auto-reset), so a value target can
+    bootstrap on truncation; ``obs`` of the next step is already the reset observation.
+    """
+
+    obs: Array
+    action: Array
+    log_prob: Array
+    value: Array
+    reward: Array
+    terminated: Array
+    truncated: Array
+    final_obs: Array
+
+
+class EpisodeStats(NamedTuple):
+    """Per-update episode bookkeeping, computed inside the jitted loop.
+
+    ``returns_sum`` and ``episodes`` are the sum of returns and the count of episodes that
+    finished during the update; together they give exact mean returns over any window.
+    """
+
+    returns_sum: Array
+    episodes: Array
+
+
+class Metrics(NamedTuple):
+    """What one training run reports per update (leaves ``[num_updates]``)."""
+
+    returns_sum: Array
+    episodes: Array
+    loss: Array
+    drift: Array

@@ -1,0 +1,102 @@
+"""The environment layer: registry, every gymnax env under jit+vmap, params and truncation."""
+
+from __future__ import annotations
+
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import envs
+from metabench.envs import ParamDistribution, make_param_sampler
+from metabench.envs.registry import EnvEntry
+
+OFFLINE = [i for i in envs.registered("gymnax") if envs.entry(i).offline]
+
+
+def test_every_gymnax_env_is_registered():
+    assert envs.registered("gymnax") == sorted(f"gymnax/{n}" for n in gymnax.registered_envs)
+    # Only MNISTBandit downloads data when built; it is listed with the reason.
+    offline_missing = set(envs.registered("gymnax")) - set(OFFLINE)
+    assert offline_missing == {"gymnax/MNISTBandit-bsuite"}
+    assert "downloads" in envs.entry("gymnax/MNISTBandit-bsuite").note
+
+
+@pytest.mark.parametrize("env_id", OFFLINE)
+def test_env_resets_and_steps_under_jit_and_vmap(env_id):
+    env, params = envs.make(env_id)
+    n, steps = 3, 4
+    space = env.action_space(params)
+
+    @jax.jit
+    def rollout(key):
+        k_reset, k_run = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, n), params)
+
+        def step(state, key):
+            k_act, k_step = jax.random.split(key)
+            actions = jax.vmap(space.sample)(jax.random.split(k_act, n))
+            obs, state, r, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(k_step, n), state, actions, params)
+            return state, (obs, r, term, trunc, info["final_observation"])
+
+        return obs, jax.lax.scan(step, state, jax.random.split(k_run, steps))[1]
+
+    obs0, (obs, r, term, trunc, final) = rollout(jax.random.PRNGKey(0))
+    obs_shape = env.observation_space(params).shape
+    assert obs0.shape == (n, *obs_shape)
+    assert obs.shape == final.shape == (steps, n, *obs_shape)
+    assert r.shape == term.shape == trunc.shape == (steps, n)
+    assert term.dtype == trunc.dtype == jnp.bool_
+    assert np.all(np.isfinite(np.asarray(r, dtype=np.float64)))
+
+
+def test_registry_validates():
+    with pytest.raises(ValueError, match="backend/Name"):
+        envs.register(EnvEntry("CartPole", lambda: None))
+    with pytest.raises(ValueError, match="already registered"):
+        envs.register(EnvEntry("gymnax/CartPole-v1", lambda: None))
+    with pytest.raises(KeyError, match="did you mean gymnax/CartPole-v1"):
+        envs.make("gymnax/Cartpole-v1")
+
+
+def test_param_overrides_are_checked_and_derived_fields_follow():
+    _, p = envs.make("gymnax/CartPole-v1", length=1.0, masspole=0.2)
+    assert float(p.length) == 1.0
+    # gymnax caches these; a shifted pole must really change the dynamics
+    assert float(p.polemass_length) == pytest.approx(0.2)
+    assert float(p.total_mass) == pytest.approx(1.2)
+    with pytest.raises(ValueError, match="no parameter.*lenght.*length"):
+        envs.make("gymnax/CartPole-v1", lenght=1.0)
+
+
+def test_param_distribution_samples_per_seed_within_range():
+    env, base = envs.make("gymnax/CartPole-v1")
+    dists = {"length": ParamDistribution.parse({"uniform": [0.4, 0.8]}),
+             "max_steps_in_episode": ParamDistribution.parse({"choice": [100, 200]})}
+    sampler = jax.jit(jax.vmap(make_param_sampler(env, base, dists)))
+    p = sampler(jax.random.split(jax.random.PRNGKey(0), 256))
+    length = np.asarray(p.length)
+    assert length.min() >= 0.4 and length.max() <= 0.8 and length.std() > 0.05
+    np.testing.assert_allclose(np.asarray(p.polemass_length), 0.1 * length, rtol=1e-6)
+    assert set(np.asarray(p.max_steps_in_episode).tolist()) == {100, 200}
+    assert np.issubdtype(np.asarray(p.max_steps_in_episode).dtype, np.integer)
+    with pytest.raises(ValueError, match="exactly one of"):
+        ParamDistribution.parse({"gaussian": [0, 1]})
+    with pytest.raises(ValueError, match="lo > 0"):
+        ParamDistribution.parse({"loguniform": [0.0, 1.0]})
+
+
+def test_truncation_is_not_termination():
+    # A 5-step time limit: the step that hits it is truncated (not terminated), and
+    # final_observation is the true next state, not the reset one.
+    env, params = envs.make("gymnax/CartPole-v1", max_steps_in_episode=5)
+    obs, state = env.reset(jax.random.PRNGKey(0), params)
+    key = jax.random.PRNGKey(1)
+    for t in range(5):
+        key, k = jax.random.split(key)
+        # alternate actions so the pole stays up for 5 steps
+        obs, state, r, term, trunc, info = env.step(k, state, t % 2, params)
+    assert bool(trunc) and not bool(term)
+    assert not np.allclose(np.asarray(info["final_observation"]), np.asarray(obs))
