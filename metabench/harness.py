@@ -109,7 +109,8 @@ def _chunk_len(num_updates: int, target_chunks: int = 10) -> int:
 
 def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
              meta_params: Any, total_timesteps: int):
-    """``(trainer, init_fn, chunk_fn_for(length))`` for this cell, built once."""
+    """``(trainer, init_fn, chunk_fn)`` for this cell, built once; ``chunk_fn(length, states,
+    meta_params)`` returns the compiled chunk, compiling it on first use only."""
     key = (family.name, spec.calibration_key(), config, int(total_timesteps), rule,
            tree_structure(meta_params))
     if key not in _CACHE:
@@ -120,17 +121,23 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
         trainer = family.make_train(env, config, rule, total_timesteps=total_timesteps,
                                     sample_params=sampler)
         init_fn = jax.jit(lambda rngs: jax.lax.map(trainer.init, rngs))
-        chunk_fns: dict[int, Callable] = {}
+        executables: dict[tuple, Any] = {}
 
-        def chunk_fn(length: int) -> Callable:
-            if length not in chunk_fns:
-                def run(states, mp):
-                    def one(s):
-                        return jax.lax.scan(lambda c, _: trainer.step(c, mp), s, None,
-                                            length=length)
-                    return jax.vmap(one)(states)
-                chunk_fns[length] = jax.jit(run, donate_argnums=0)
-            return chunk_fns[length]
+        def run(states, mp, length):
+            def one(s):
+                return jax.lax.scan(lambda c, _: trainer.step(c, mp), s, None, length=length)
+            return jax.vmap(one)(states)
+
+        jitted = jax.jit(run, static_argnums=2, donate_argnums=0)
+
+        def chunk_fn(length: int, states, mp):
+            """The compiled chunk for this length and these argument shapes (AOT, cached)."""
+            shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), (states, mp))
+            k = (length, jax.tree_util.tree_structure((states, mp)),
+                 tuple(jax.tree_util.tree_leaves(shapes)))
+            if k not in executables:
+                executables[k] = jitted.lower(states, mp, length).compile()
+            return executables[k]
 
         _CACHE[key] = (trainer, init_fn, chunk_fn)
     return _CACHE[key]
@@ -164,7 +171,7 @@ def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int],
         if trainer.num_updates % length:
             lengths.append(trainer.num_updates % length)
         # AOT-compile every distinct chunk shape now, so compile time is not run time.
-        execs = {n: chunk_fn(n).lower(states, ref.meta_params).compile() for n in set(lengths)}
+        execs = {n: chunk_fn(n, states, ref.meta_params) for n in set(lengths)}
         jax.block_until_ready(states)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
         return EnvRun(spec, seeds, empty, empty, empty, 1, 0, time.perf_counter() - t0, 0.0,

@@ -62,3 +62,15 @@ def test_eval_twice_gives_identical_scores(tmp_path, tiny_task_path):
     # the printed tables agree too, apart from timings
     strip = lambda s: [ln.split()[:4] for ln in s.splitlines() if "IQM" in ln or "P(" in ln]
     assert strip(outs[0].stdout) == strip(outs[1].stdout)
+
+
+def test_bench_reports_both_paths_in_one_run():
+    from metabench import bench
+
+    rows = bench.run(["gymnax/CartPole-v1"], total_timesteps=5120, quick=True)
+    (row,) = rows
+    assert row["env"] == "gymnax/CartPole-v1" and row["env_steps_per_seed"] == 5120
+    assert row["minimal_steps_per_s"] > 0 and row["harness_steps_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["harness_steps_per_s"] / row["minimal_steps_per_s"])
+    table = bench.format_table(rows)
+    assert "minimal PPO" in table and "gymnax/CartPole-v1" in table
