@@ -2,8 +2,8 @@
 
 Both train PPO with the same hyperparameters (PureJaxRL's CartPole settings: 4 envs x 128
 steps, 4 epochs x 4 minibatches, 64x64 tanh MLPs) on the same gymnax env in one process, after
-compiling; the table reports env steps per second of each, best of ``repeats`` runs, and their
-ratio. :mod:`metabench.minimal_ppo` is the yardstick: it imports nothing from metabench.
+compiling; the table reports env steps per second of each (the median of ``repeats``
+interleaved runs) and their ratio. :mod:`metabench.minimal_ppo` is the yardstick: it imports nothing from metabench.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from metabench import harness, minimal_ppo
 from metabench.families import drift
@@ -32,11 +33,11 @@ def _task(env_id: str, total_timesteps: int, cfg: drift.Config, seeds: int) -> T
                     seed=0, path="<bench>")
 
 
-def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 3) -> dict:
+def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 5) -> dict:
     """One row: minimal PPO and the harness (ppo_clip) on ``env_id``.
 
     Runs alternate (minimal, harness, minimal, ...) so that both see the same machine load,
-    and each reports its best of ``repeats``.
+    and each reports its median over ``repeats`` (single runs vary by about 10% here).
     """
     mcfg = minimal_ppo.Config(env_name=env_id.split("/", 1)[1], total_timesteps=total_timesteps)
     init, run_fn = minimal_ppo.make_init(mcfg), minimal_ppo.make_run(mcfg)
@@ -54,21 +55,18 @@ def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 
     task = _task(env_id, total_timesteps, cfg, seeds)
     ref = harness.reference_rule("ppo_clip")
     first = harness.train_env(ref, task, task.test[0], range(seeds))  # compiles
-    best_minimal, best_harness = float("inf"), first
+    minimal_sps, harness_sps = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(minimal(rngs))
-        best_minimal = min(best_minimal, time.perf_counter() - t0)
-        h = harness.train_env(ref, task, task.test[0], range(seeds))
-        if h.env_steps_per_s > best_harness.env_steps_per_s:
-            best_harness = h
-    minimal_sps = minimal_steps / best_minimal
+        minimal_sps.append(minimal_steps / (time.perf_counter() - t0))
+        harness_sps.append(harness.train_env(ref, task, task.test[0], range(seeds)).env_steps_per_s)
+    minimal_sps, harness_sps = float(np.median(minimal_sps)), float(np.median(harness_sps))
     return {
         "env": env_id, "seeds": seeds,
-        "env_steps_per_seed": best_harness.updates_done * best_harness.steps_per_update,
-        "minimal_steps_per_s": minimal_sps,
-        "harness_steps_per_s": best_harness.env_steps_per_s,
-        "ratio": best_harness.env_steps_per_s / minimal_sps,
+        "env_steps_per_seed": first.updates_done * first.steps_per_update,
+        "minimal_steps_per_s": minimal_sps, "harness_steps_per_s": harness_sps,
+        "ratio": harness_sps / minimal_sps, "repeats": repeats,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
@@ -79,15 +77,15 @@ def run(env_id: Sequence[str] | None = None, total_timesteps: float | None = Non
     rows = []
     for e in env_id or DEFAULT_ENVS:
         steps = int(total_timesteps or (QUICK_STEPS if quick else DEFAULT_STEPS.get(e, 200_000)))
-        rows.append(bench_env(e, steps, seeds=seeds, repeats=1 if quick else 3))
+        rows.append(bench_env(e, steps, seeds=seeds, repeats=1 if quick else 5))
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
     head = (f"{'env':26s} {'seeds':>5s} {'steps/seed':>10s} {'minimal PPO':>12s} "
             f"{'harness':>12s} {'ratio':>6s} {'compile min/harness':>20s}")
-    lines = [f"env steps per second, PPO, 4 envs x 128 steps ({rows[0]['device']})" if rows
-             else "", head]
+    lines = [f"env steps per second, PPO, 4 envs x 128 steps, median of {rows[0]['repeats']} "
+             f"interleaved runs ({rows[0]['device']})" if rows else "", head]
     for r in rows:
         lines.append(f"{r['env']:26s} {r['seeds']:>5d} {r['env_steps_per_seed']:>10,d} "
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "

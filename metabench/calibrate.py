@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metabench import envs as envs_mod
 from metabench.spec import CALIBRATION_FILE, EnvSpec, TaskSpec, TASKS_DIR
 
 MAX_STEPS = 4000
@@ -26,10 +25,7 @@ MAX_STEPS = 4000
 
 def random_return(spec: EnvSpec, num_envs: int = 64, seed: int = 0) -> dict[str, Any]:
     """Mean, std and count of completed-episode returns under a uniform random policy."""
-    consts = {k: d.values[0] for k, d in spec.params.items() if d.kind == "constant"}
-    env, base = envs_mod.make(spec.env, **consts)
-    dists = {k: d for k, d in spec.params.items() if d.kind != "constant"}
-    sampler = envs_mod.make_param_sampler(env, base, dists)
+    env, base, sampler = spec.make()
     max_ep = int(getattr(base, "max_steps_in_episode", 1000))
     steps = int(min(4 * max_ep, MAX_STEPS))
     space = env.action_space(base)

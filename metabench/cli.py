@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 RUNS_DIR = Path("runs")
 
 
@@ -65,8 +67,6 @@ def _print_record(rec: dict) -> None:
     for e in rec["envs"]:
         finals = [r["final_return"] for r in rec["runs"]
                   if r["env"] == e["name"] and r["final_return"] is not None]
-        import numpy as np
-
         ret = (f"{np.mean(finals):.1f} ± {np.std(finals):.1f}" if finals else "failed")
         print(f"  {e['name']:24s} {ret:>22s} {_fmt(e['mean_score']):>7s} "
               f"{e['env_steps_per_s']:>12,.0f} {e['compile_s']:>7.1f}s {e['run_s']:>6.1f}s")

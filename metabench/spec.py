@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from metabench.envs import ParamDistribution, registry
+from metabench.envs import ParamDistribution, make_param_sampler, registry
+from metabench.envs import make as make_env
 from metabench.families import base as families_base
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
@@ -62,6 +63,14 @@ class EnvSpec:
     """Normalisation references."""
     agents: Mapping[str, Mapping[str, Any]]
     """Per-family agent-config overrides for this env (on top of the task's ``agents``)."""
+
+    def make(self):
+        """``(env, base_params, sample_params)``: constants applied, distributions drawn by
+        ``sample_params(key)`` inside the jitted train."""
+        consts = {k: d.values[0] for k, d in self.params.items() if d.kind == "constant"}
+        env, base = make_env(self.env, **consts)
+        dists = {k: d for k, d in self.params.items() if d.kind != "constant"}
+        return env, base, make_param_sampler(env, base, dists)
 
     def calibration_key(self) -> str:
         """Identity of the random-policy measurement: the env id and its param distribution."""

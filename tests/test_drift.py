@@ -113,3 +113,33 @@ def test_config_validation():
         drift.Config(num_envs=3, rollout_len=5, minibatches=2)
     with pytest.raises(ValueError, match="network"):
         drift.Config(network="transformer")
+
+
+def test_gaussian_policy_maths_match_the_formula():
+    from scipy.stats import norm
+
+    from metabench import nets
+
+    mean, log_std = np.array([[0.3, -1.0]]), np.array([[0.1, -0.5]])
+    out = jnp.asarray(np.concatenate([mean, log_std], axis=-1))
+    a = jnp.array([[0.5, -0.2]])
+    want = norm.logpdf(np.asarray(a), mean, np.exp(log_std)).sum()
+    assert float(nets.log_prob(out, a, True)[0]) == pytest.approx(want, rel=1e-5)
+    want_h = norm.entropy(mean, np.exp(log_std)).sum()
+    assert float(nets.entropy(out, True)[0]) == pytest.approx(want_h, rel=1e-5)
+    samples = nets.sample(jax.random.PRNGKey(0), jnp.repeat(out, 20000, axis=0), True)
+    np.testing.assert_allclose(np.asarray(samples).mean(0), mean[0], atol=0.03)
+    np.testing.assert_allclose(np.asarray(samples).std(0), np.exp(log_std[0]), rtol=0.03)
+
+
+def test_continuous_actions_train_end_to_end():
+    from metabench import envs
+
+    env, params = envs.make("gymnax/Pendulum-v1")
+    cfg = drift.Config(num_envs=4, rollout_len=32, epochs=2, minibatches=2)
+    trainer = drift.make_train(env, cfg, drift.dpo(), total_timesteps=4 * 32 * 7)
+    metrics = jax.jit(trainer.train)(jax.random.PRNGKey(0), {})
+    assert metrics.loss.shape == (7,) and np.all(np.isfinite(np.asarray(metrics.loss)))
+    # Pendulum truncates at 200 steps: 224 steps in each of 4 envs completes 4 episodes
+    assert int(np.asarray(metrics.episodes).sum()) == 4
+    assert np.all(np.asarray(metrics.returns_sum) <= 0)  # Pendulum's rewards are costs
