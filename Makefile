@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (set up, score the baseline rules on the quick task)
+# The README's two commands: `make run` (set up, score the baselines on the quick task and
+# build the leaderboard)
 # and `make test` (set up, run the whole test suite). Both create .venv on first use.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -17,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/metabench eval ppo_clip dpo lpo --task $(TASK)
+	$(BIN)/metabench submit submissions/baselines/* --task $(TASK) --force
+	$(BIN)/metabench leaderboard build
 
 test: setup
 	$(BIN)/python -m pytest -q

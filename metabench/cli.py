@@ -1,4 +1,4 @@
-"""``metabench``: list, eval, calibrate, bench."""
+"""``metabench``: list, eval, check, submit, merge, leaderboard, calibrate, bench."""
 
 from __future__ import annotations
 
@@ -156,6 +156,65 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from metabench import submission
+
+    failed = 0
+    for folder in args.dirs:
+        res = submission.check(folder, timeout=args.timeout)
+        print(res.message)
+        failed += not res.ok
+    return 1 if failed else 0
+
+
+def _submission_order(dirs: list[str], task) -> list[str]:
+    """Baselines first, so that every other submission gets its probability of improvement."""
+    baselines = set(task.scoring.baselines.values())
+    return sorted(dirs, key=lambda d: Path(d).resolve().name not in baselines)
+
+
+def cmd_submit(args) -> int:
+    from metabench import spec, submission
+
+    task = spec.load(args.task)
+    shard = submission.parse_shard(args.shard)
+    command = "metabench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    failed = 0
+    for folder in _submission_order(args.dirs, task):
+        res = submission.submit(folder, args.task, args.split, results_dir=Path(args.results),
+                                force=args.force, shard=shard, seeds=args.seeds,
+                                timeout=args.timeout, command=command)
+        if res.record is not None and "unchanged" not in res.message:
+            _print_record(res.record)
+        print(res.message)
+        failed += not res.ok
+    return 1 if failed else 0
+
+
+def cmd_merge(args) -> int:
+    from metabench import submission
+
+    res = submission.merge(args.shards, results_dir=Path(args.results),
+                           out=Path(args.out) if args.out else None, task=args.task)
+    if res.record is not None:
+        _print_record(res.record)
+    print(res.message)
+    return 0 if res.ok else 1
+
+
+def cmd_leaderboard(args) -> int:
+    from metabench import leaderboard
+
+    if args.action == "build":
+        index = leaderboard.build(Path(args.results), Path(args.out),
+                                  tasks_dir=Path(args.tasks) if args.tasks else None)
+        print(f"leaderboard built: open {index.resolve().as_uri()} "
+              f"(or run `metabench leaderboard serve`)")
+    else:
+        leaderboard.serve(Path(args.out), port=args.port, host=args.host)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metabench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +233,40 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where records go: OUT_DIR/<task>/<split>/<rule>.json (default runs/)")
     ep.add_argument("--quiet", action="store_true", help="no progress lines")
     ep.set_defaults(fn=cmd_eval)
+
+    kp = sub.add_parser("check", help="validate submission folder(s) and run conformance checks")
+    kp.add_argument("dirs", nargs="+", help="submission folder(s)")
+    kp.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds allowed to import and check the rule")
+    kp.set_defaults(fn=cmd_check)
+
+    sp = sub.add_parser("submit", help="check, score in an isolated process, record the result")
+    sp.add_argument("dirs", nargs="+", help="submission folder(s)")
+    sp.add_argument("--task", required=True)
+    sp.add_argument("--split", default="test", choices=["test", "train"])
+    sp.add_argument("--results", default="leaderboard/results", help="results folder")
+    sp.add_argument("--force", action="store_true", help="score again even if unchanged")
+    sp.add_argument("--shard", default=None, help="score slice I/N of the (env, seed) cells")
+    sp.add_argument("--seeds", type=int, default=None, help="override the task's seed count")
+    sp.add_argument("--timeout", type=float, default=None,
+                    help="wall-clock limit of the scoring process (default: from the task)")
+    sp.set_defaults(fn=cmd_submit)
+
+    mp = sub.add_parser("merge", help="join shard records into one result record")
+    mp.add_argument("shards", nargs="+", help="shard record files")
+    mp.add_argument("--results", default="leaderboard/results")
+    mp.add_argument("--out", default=None, help="output record (default: the results folder)")
+    mp.add_argument("--task", default=None, help="task id or YAML (default: the shards' task)")
+    mp.set_defaults(fn=cmd_merge)
+
+    lb = sub.add_parser("leaderboard", help="build or serve the static leaderboard site")
+    lb.add_argument("action", choices=["build", "serve"])
+    lb.add_argument("--results", default="leaderboard/results")
+    lb.add_argument("--out", default="leaderboard/site")
+    lb.add_argument("--tasks", default=None, help="task specs folder (default: tasks/)")
+    lb.add_argument("--port", type=int, default=8000)
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.set_defaults(fn=cmd_leaderboard)
 
     cp = sub.add_parser("calibrate", help="measure random-policy returns for a task")
     cp.add_argument("task")
@@ -195,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, OSError) as e:
         # Unknown names and malformed specs are the user's to fix: say what, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"metabench: error: {msg}", file=sys.stderr)

@@ -275,8 +275,10 @@ def provenance(command: str | None = None) -> dict:
         except metadata.PackageNotFoundError:
             libs[lib] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"],
+                             capture_output=True, text=True, cwd=os.path.dirname(__file__),
+                             timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
@@ -293,11 +295,64 @@ def provenance(command: str | None = None) -> dict:
     }
 
 
-def build_record(ref: RuleRef, task: TaskSpec, split: str, env_runs: Sequence[EnvRun],
-                 baseline_scores: np.ndarray | None = None, baseline_name: str | None = None,
-                 command: str | None = None) -> dict:
-    """The versioned result record for one rule on one task split."""
-    runs = [r for er in env_runs for r in run_records(er, task.scoring.window)]
+def env_part(run: EnvRun, window: float) -> dict:
+    """One env's share of a record, JSON-ready: its measurements and its per-seed runs.
+
+    Parts are what a scoring child process hands back and what shards carry, so that
+    :func:`assemble` can build the same record from one process, many, or merged slices.
+    """
+    spec = run.spec
+    return {"env": {"name": spec.name, "env": spec.env,
+                    "params": {k: v.to_json() for k, v in sorted(spec.params.items())},
+                    "random": spec.normalise.random, "reference": spec.normalise.reference,
+                    "seeds": len(run.seeds), "updates": run.updates_done,
+                    "num_updates": run.num_updates,
+                    "env_steps_per_seed": run.updates_done * run.steps_per_update,
+                    "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
+                    "env_steps_per_s": run.env_steps_per_s},
+            "runs": run_records(run, window)}
+
+
+def failed_part(spec: EnvSpec, seeds: Sequence[int], reason: str) -> dict:
+    """A part for an env whose runs never reported (the scoring process hung or died)."""
+    run = EnvRun(spec, list(seeds), np.zeros((len(seeds), 0)), np.zeros((len(seeds), 0)),
+                 np.zeros((len(seeds), 0)), 1, 0, 0.0, 0.0, failure=reason)
+    return env_part(run, 0.05)
+
+
+def merge_parts(parts: Sequence[dict]) -> list[dict]:
+    """Joins parts of the same env (from shards) into one, in first-seen env order."""
+    merged: dict[str, dict] = {}
+    for p in parts:
+        name = p["env"]["name"]
+        if name not in merged:
+            merged[name] = {"env": dict(p["env"]), "runs": list(p["runs"])}
+            continue
+        e, q = merged[name]["env"], p["env"]
+        steps = (e["env_steps_per_s"] or 0) * e["run_s"] + (q["env_steps_per_s"] or 0) * q["run_s"]
+        for k in ("seeds", "compile_s", "run_s"):
+            e[k] += q[k]
+        e["updates"] = max(e["updates"], q["updates"])
+        e["env_steps_per_seed"] = max(e["env_steps_per_seed"], q["env_steps_per_seed"])
+        e["env_steps_per_s"] = steps / e["run_s"] if e["run_s"] > 0 else None
+        merged[name]["runs"].extend(p["runs"])
+    for m in merged.values():
+        m["runs"].sort(key=lambda r: r["seed"])
+    return list(merged.values())
+
+
+def rule_block(ref: RuleRef) -> dict:
+    return {"name": ref.name, "family": ref.family, "factory": ref.factory,
+            "kwargs": dict(ref.kwargs), "params_hash": params_hash(ref.meta_params),
+            "note": ref.note}
+
+
+def assemble(rule: dict, task: TaskSpec, split: str, parts: Sequence[dict],
+             baseline_scores: np.ndarray | None = None, baseline_name: str | None = None,
+             command: str | None = None, provenance_: dict | None = None) -> dict:
+    """The versioned result record for one rule on one task split, from env parts."""
+    parts = merge_parts(parts)
+    runs = [r for p in parts for r in p["runs"]]
     mat = score_matrix(task, split, runs)
     aggs = scoring.aggregates(mat, reps=task.scoring.bootstrap_reps,
                               seed=task.scoring.bootstrap_seed)
@@ -309,35 +364,31 @@ def build_record(ref: RuleRef, task: TaskSpec, split: str, env_runs: Sequence[En
         poi = {"baseline": baseline_name, **iv.to_dict()}
     n_failed = sum(r["status"] != "ok" for r in runs)
     envs = []
-    for er in env_runs:
-        mine = [r for r in runs if r["env"] == er.spec.name]
-        finals = [r["final_return"] for r in mine if r["final_return"] is not None]
-        scores = [r["score"] if r["score"] is not None else 0.0 for r in mine]
-        envs.append({
-            "name": er.spec.name, "env": er.spec.env,
-            "params": {k: v.to_json() for k, v in sorted(er.spec.params.items())},
-            "random": er.spec.normalise.random, "reference": er.spec.normalise.reference,
-            "seeds": len(er.seeds), "updates": er.updates_done, "num_updates": er.num_updates,
-            "env_steps_per_seed": er.updates_done * er.steps_per_update,
-            "compile_s": round(er.compile_s, 3), "run_s": round(er.run_s, 3),
-            "env_steps_per_s": er.env_steps_per_s,
-            "mean_return": float(np.mean(finals)) if finals else None,
-            "mean_score": float(np.mean(scores)),
-        })
+    for p in parts:
+        finals = [r["final_return"] for r in p["runs"] if r["final_return"] is not None]
+        scores = [r["score"] if r["score"] is not None else 0.0 for r in p["runs"]]
+        envs.append({**p["env"], "mean_return": float(np.mean(finals)) if finals else None,
+                     "mean_score": float(np.mean(scores))})
     return {
         "kind": KIND, "schema": SCHEMA,
         "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": split,
                  "total_timesteps": task.total_timesteps,
                  "seeds": sorted({r["seed"] for r in runs})},
-        "rule": {"name": ref.name, "family": ref.family, "factory": ref.factory,
-                 "kwargs": dict(ref.kwargs), "params_hash": params_hash(ref.meta_params),
-                 "note": ref.note},
+        "rule": rule,
         "status": "ok" if n_failed == 0 else ("failed" if n_failed == len(runs) else "partial"),
         "envs": envs, "runs": runs,
         "aggregates": {k: v.to_dict() for k, v in aggs.items()},
         "probability_of_improvement": poi,
-        "provenance": provenance(command),
+        "provenance": provenance_ or provenance(command),
     }
+
+
+def build_record(ref: RuleRef, task: TaskSpec, split: str, env_runs: Sequence[EnvRun],
+                 baseline_scores: np.ndarray | None = None, baseline_name: str | None = None,
+                 command: str | None = None) -> dict:
+    """The versioned result record for one rule on one task split."""
+    parts = [env_part(r, task.scoring.window) for r in env_runs]
+    return assemble(rule_block(ref), task, split, parts, baseline_scores, baseline_name, command)
 
 
 def evaluate(ref: RuleRef, task: TaskSpec, split: str = "test", *, seeds: int | None = None,

@@ -41,7 +41,7 @@ def test_dpo_equals_its_formula():
 def test_reference_drifts_pass_the_check(name, rule):
     report = drift.check(rule, {}, name)
     assert report.passed, report.format()
-    assert report.get("mirror_valid").passed
+    assert report.get("mirror_valid").passed and report.to_dict()["mirror_valid"] is True
 
 
 def test_invalid_drifts_fail_the_mirror_check():
@@ -52,11 +52,14 @@ def test_invalid_drifts_fail_the_mirror_check():
         return jnp.abs(x.ratio - 1.0)
 
     bad = drift.check(UpdateRule(no_params, linear), {}, "linear")
-    assert not bad.passed
     assert not bad.get("non_negative").passed and not bad.get("mirror_valid").passed
+    assert bad.to_dict()["mirror_valid"] is False
+    # an invalid mirror drift is still a rule: reported, not refused
+    assert bad.passed and "not a valid mirror drift" in bad.format()
     kink = drift.check(UpdateRule(no_params, abs_drift), {}, "abs")
     assert kink.get("non_negative").passed and kink.get("zero_at_ratio_one").passed
-    assert not kink.get("zero_gradient_at_ratio_one").passed and not kink.passed
+    assert not kink.get("zero_gradient_at_ratio_one").passed
+    assert not kink.get("mirror_valid").passed
     # the KL-like r - 1 - log r is a valid drift
     kl = drift.check(UpdateRule(no_params, lambda p, x: x.ratio - 1 - x.log_ratio), {}, "kl")
     assert kl.passed, kl.format()

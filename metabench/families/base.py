@@ -34,9 +34,13 @@ class Trainer(NamedTuple):
 
 
 class Check(NamedTuple):
+    """One conformance check. ``required`` checks gate submission; the others (e.g. mirror
+    validity) are reported, since a rule outside a family's theory is still a rule."""
+
     name: str
     passed: bool
     detail: str
+    required: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,7 @@ class CheckReport:
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all(c.passed for c in self.checks if c.required)
 
     def get(self, name: str) -> Check:
         return next(c for c in self.checks if c.name == name)
@@ -57,8 +61,15 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"conformance of {self.rule} ({self.family} family):"]
         for c in self.checks:
-            lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+            mark = "PASS" if c.passed else ("FAIL" if c.required else "NO  ")
+            lines.append(f"  [{mark}] {c.name}: {c.detail}")
+        lines.append("conformance: " + ("passed" if self.passed else "FAILED"))
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        mirror = next((c.passed for c in self.checks if c.name == "mirror_valid"), None)
+        return {"passed": self.passed, "mirror_valid": mirror,
+                "checks": [c._asdict() for c in self.checks]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -347,16 +347,18 @@ def mirror_check(rule: UpdateRule, meta_params, tol: float = 1e-4) -> tuple[Chec
         ones, jnp.asarray(a)))
     worst_neg = float(values.min())
     return (
-        Check("non_negative", worst_neg >= -tol, f"min drift on the grid {worst_neg:.3g}"),
+        Check("non_negative", worst_neg >= -tol, f"min drift on the grid {worst_neg:.3g}",
+              required=False),
         Check("zero_at_ratio_one", float(np.abs(at_one).max()) <= tol,
-              f"max |drift(1, A)| {float(np.abs(at_one).max()):.3g}"),
+              f"max |drift(1, A)| {float(np.abs(at_one).max()):.3g}", required=False),
         Check("zero_gradient_at_ratio_one", float(np.abs(grad_r).max()) <= tol,
-              f"max |d drift/dr (1, A)| {float(np.abs(grad_r).max()):.3g}"),
+              f"max |d drift/dr (1, A)| {float(np.abs(grad_r).max()):.3g}", required=False),
     )
 
 
 def check(rule: UpdateRule, meta_params, name: str = "rule", batch: int = 64) -> CheckReport:
-    """Finite outputs of the right shape, no recompilation on a second call, mirror validity."""
+    """Finite outputs of the right shape and no recompilation on a second call (required), and
+    mirror validity (reported as ``mirror_valid``)."""
     checks = []
     wrapped, traces = count_traces(rule.apply)
     fn = jax.jit(wrapped)
@@ -382,7 +384,8 @@ def check(rule: UpdateRule, meta_params, name: str = "rule", batch: int = 64) ->
         checks.extend(mirror)
         valid = all(c.passed for c in mirror)
         checks.append(Check("mirror_valid", valid,
-                            "a valid mirror drift" if valid else "not a valid mirror drift"))
+                            "a valid mirror drift" if valid else "not a valid mirror drift "
+                            "(reported, not required)", required=False))
     return CheckReport(name, "drift", tuple(checks))
 
 

@@ -1,0 +1,415 @@
+"""The static leaderboard: ranking, ties, probability of improvement, staleness, escaping,
+safe file names, determinism, downloads, the index, and the build-time budget."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import re
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+from rliable import metrics
+
+from leaderboard_fixtures import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record,
+                                  random_scores, submission_block, write_record, write_task)
+from metabench import leaderboard as lb
+from metabench import scoring
+
+REPS = 200  # bootstrap reps for the small sites; the budget test uses the default
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def rank_rows(page: str) -> list[dict]:
+    """The rank table's rows as {column key: (text, data-value)} plus their class and name."""
+    table = re.search(r'<table id="rank-table">(.*?)</table>', page, re.S)
+    assert table, "no rank table"
+    keys = re.findall(r'<th data-key="([^"]+)"', table.group(1))
+    rows = []
+    for cls, name, inner in re.findall(
+            r'<tr class="([^"]*)" data-submission="([^"]*)">(.*?)</tr>', table.group(1), re.S):
+        cells = re.findall(r'<td([^>]*)>(.*?)</td>', inner, re.S)
+        row = {"class": cls.split(), "name": html.unescape(name)}
+        for key, (attrs, content) in zip(keys, cells):
+            dv = re.search(r'data-value="([^"]*)"', attrs)
+            row[key] = (html.unescape(re.sub(r"<[^>]+>", "", content)).strip(),
+                        html.unescape(dv.group(1)) if dv else None)
+        rows.append(row)
+    return rows
+
+
+def site_files(site: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(site)): p.read_bytes() for p in sorted(site.rglob("*"))
+            if p.is_file()}
+
+
+def html_texts(site: Path) -> dict[str, str]:
+    return {k: v.decode() for k, v in site_files(site).items() if k.endswith(".html")}
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A tasks dir with task ``t``, an empty results dir, and a builder."""
+    tasks, res = tmp_path / "tasks", tmp_path / "results"
+    res.mkdir()
+    fp = write_task(tasks, "t", "the test task")
+
+    def build(out: str = "site", reps: int = REPS) -> Path:
+        lb.build(res, tmp_path / out, tasks, bootstrap_reps=reps, seed=0)
+        return tmp_path / out
+
+    return {"tasks": tasks, "results": res, "fp": fp, "build": build, "root": tmp_path}
+
+
+def add(env, name, scores=None, stem=None, **kw):
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    if scores is None:
+        scores = random_scores(rng, 0.5)
+    kw.setdefault("submission", submission_block(name))
+    rec = make_record(kw.pop("task", "t"), kw.pop("fp", env["fp"]), name, scores, **kw)
+    return write_record(env["results"], stem or name, rec), rec
+
+
+# --- ranking ----------------------------------------------------------------------------------
+
+
+def test_ranks_by_iqm_point_not_mean(env):
+    add(env, "alpha", iqm=0.5, iqm_ci=(0.45, 0.55), mean=0.9)
+    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.2)
+    add(env, "charlie", iqm=0.3, iqm_ci=(0.25, 0.35), mean=0.5)
+    site = env["build"]()
+    rows = rank_rows((site / "tasks" / "t.html").read_text())
+    assert [r["name"] for r in rows] == ["bravo", "alpha", "charlie"]
+    assert [r["rank"][1] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["iqm"] == ("0.700 [0.650, 0.750]", "0.7")
+    index = (site / "index.html").read_text()
+    assert index.index("bravo") < index.index("alpha") < index.index("charlie")
+
+
+def test_overlapping_cis_are_marked_tied(env):
+    add(env, "a", iqm=0.80, iqm_ci=(0.75, 0.85))
+    add(env, "b", iqm=0.70, iqm_ci=(0.60, 0.76))   # reaches into a's CI
+    add(env, "c", iqm=0.50, iqm_ci=(0.45, 0.55))   # clear of b's
+    add(env, "d", iqm=0.45, iqm_ci=(0.30, 0.46))   # reaches into c's
+    page = (env["build"]() / "tasks" / "t.html").read_text()
+    rows = rank_rows(page)
+    assert [r["name"] for r in rows] == ["a", "b", "c", "d"]
+    assert ["tied" in r["class"] for r in rows] == [False, True, False, True]
+    assert [r["rank"][0] for r in rows] == ["1", "2tied", "3", "4tied"]
+
+
+# --- probability of improvement ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ny", [16, 10])
+def test_poi_point_equals_rliable_exactly(ny):
+    rng = np.random.default_rng(ny)
+    x = np.round(rng.normal(0.6, 0.2, (16, 3)), 1)  # rounding makes ties
+    y = np.round(rng.normal(0.5, 0.2, (ny, 3)), 1)
+    if ny == 16:
+        y[:, 1] = x[:, 1]  # identical columns take rliable's 0.5 shortcut
+    assert lb.poi_point(x, y) == metrics.probability_of_improvement(x, y)
+    assert lb.poi_point(y, x) == metrics.probability_of_improvement(y, x)
+
+
+def test_poi_interval_agrees_with_rliables_bootstrap():
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(0.6, 0.2, (16, 2)), rng.normal(0.5, 0.2, (12, 2))
+    point, lo, hi = lb.poi_interval(x, y, 2000, np.random.default_rng(0))
+    ref = scoring.probability_of_improvement(x, y, reps=2000, seed=0)
+    assert point == ref.point
+    assert abs(lo - ref.lo) < 0.03 and abs(hi - ref.hi) < 0.03
+    again = lb.poi_interval(x, y, 2000, np.random.default_rng(0))
+    assert again == (point, lo, hi)
+
+
+def test_task_page_shows_poi_against_the_task_baseline(env):
+    rng = np.random.default_rng(3)
+    base_scores, dpo_scores = random_scores(rng, 0.5), random_scores(rng, 0.6)
+    add(env, "ppo_clip", base_scores, submission=submission_block("ppo_clip", baseline=True))
+    add(env, "dpo", dpo_scores)
+    add(env, "tdish", random_scores(rng, 0.55), family="td_loss",
+        submission=submission_block("tdish", family="td_loss"))
+    rows = {r["name"]: r for r in rank_rows((env["build"]() / "tasks" / "t.html").read_text())}
+    expected = metrics.probability_of_improvement(dpo_scores, base_scores)
+    text, value = rows["dpo"]["poi"]
+    assert text.startswith(f"{expected:.3f} [") and float(value) == pytest.approx(expected)
+    lo, hi = map(float, re.findall(r"[\d.]+", text)[1:3])
+    assert lo <= expected <= hi
+    assert rows["ppo_clip"]["poi"][0].startswith("0.500")
+    assert "baseline" in rows["ppo_clip"]["rule"][0]
+    assert rows["tdish"]["poi"] == (lb.DASH, "")  # no baseline for its family
+
+
+# --- staleness --------------------------------------------------------------------------------
+
+
+def test_stale_records_are_listed_not_ranked(env):
+    add(env, "fresh")
+    add(env, "old", fp="0123456789abcdef")
+    fp_gone = write_task(env["tasks"], "gone")
+    add(env, "orphan", task="gone", fp=fp_gone)
+    (env["tasks"] / "gone.yaml").unlink()  # the task was retired after scoring
+    # a train record whose fingerprint is stale does not feed the train-IQM column
+    rec = make_record("t", "ffffffffffffffff", "fresh", random_scores(np.random.default_rng(0),
+                                                                      0.9), split="train")
+    write_record(env["results"], "fresh", rec)
+    site = env["build"]()
+    page = (site / "tasks" / "t.html").read_text()
+    rows = rank_rows(page)
+    assert [r["name"] for r in rows] == ["fresh"]
+    assert rows[0]["train_iqm"][0] == lb.DASH
+    stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
+    assert "old" in stale and "0123456789abcdef" in stale and "differs from the current" in stale
+    gone = (site / "tasks" / "gone.html").read_text()
+    assert 'id="rank-table"' not in gone
+    assert "orphan" in gone and "gone.yaml no longer exists" in gone
+    assert (site / "submissions" / "t" / "old.html").exists()  # still browsable
+
+
+def test_train_split_iqm_is_shown(env):
+    add(env, "r", iqm=0.4, iqm_ci=(0.35, 0.45))
+    add(env, "r", random_scores(np.random.default_rng(1), 0.8), split="train", iqm=0.81,
+        iqm_ci=(0.78, 0.84))
+    add(env, "s", iqm=0.3, iqm_ci=(0.2, 0.35))
+    rows = {r["name"]: r for r in rank_rows((env["build"]() / "tasks" / "t.html").read_text())}
+    assert rows["r"]["train_iqm"] == ("0.810 [0.780, 0.840]", "0.81")
+    assert rows["s"]["train_iqm"] == (lb.DASH, "")
+
+
+def test_malformed_records_are_listed_and_never_break_the_build(env):
+    add(env, "good")
+    folder = env["results"] / "t"
+    (folder / "broken.json").write_text("{not json")
+    (folder / "alien.json").write_text(json.dumps({"kind": "something else"}))
+    _, rec = add(env, "weird")
+    rec["runs"] = [{"env": 3, "seed": [1], "status": "ok", "score": "high",
+                    "curve": {"steps": "x", "returns": [[1], {}]}}, "not a run",
+                   {"env": ENVS[0][0], "seed": 0, "status": "ok", "score": 0.2,
+                    "curve": {"steps": [1, 2, "3"], "returns": [None, "4", 5, 6]}}]
+    rec["envs"] = ["nope", {"name": ENVS[0][0], "random": "x"}]
+    rec["submission"] = {"name": "weird", "authors": "Just One", "disclosure": "none",
+                         "paper": 5, "version": {"major": 1}}
+    rec["provenance"] = {"created": "yesterday", "device": "gpu", "libraries": [1]}
+    rec["check"] = {"checks": "none", "mirror_valid": "maybe"}
+    write_record(env["results"], "weird", rec)
+    _, rec = add(env, "noiqm")
+    rec["aggregates"] = {"iqm": {"point": "0.9"}}
+    write_record(env["results"], "noiqm", rec)
+    _, rec = add(env, "empty")
+    rec["runs"], rec["envs"] = [], []
+    write_record(env["results"], "empty", rec)
+    site = env["build"]()
+    page = (site / "tasks" / "t.html").read_text()
+    assert sorted(r["name"] for r in rank_rows(page)) == ["good", "weird"]
+    stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
+    for text in ("broken.json", "not valid JSON", "alien.json", "missing key",
+                 "no IQM aggregate", "has no runs"):
+        assert text in stale
+    assert "Just One" in (site / "submissions" / "t" / "weird.html").read_text()
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+
+def test_every_text_field_is_escaped(env, tmp_path):
+    write_task(env["tasks"], "t", HOSTILE)  # the task description too
+    fp = lb._load_spec("t", env["tasks"])[0].fingerprint()
+    sub = submission_block(HOSTILE, version=HOSTILE, authors=[HOSTILE], affiliation=HOSTILE,
+                           family="drift", description=HOSTILE, licence=HOSTILE,
+                           paper=HOSTILE, code=HOSTILE, content_hash=HOSTILE,
+                           params_sha256=HOSTILE,
+                           disclosure={"task": HOSTILE, "train_envs": [HOSTILE],
+                                       "env_steps": None, "accelerator_hours": None,
+                                       "notes": HOSTILE})
+    envs = [(HOSTILE + "A", "gymnax/CartPole-v1", 20.0, 500.0),
+            (HOSTILE + "B", "gymnax/Acrobot-v1", -500.0, -80.0)]
+    _, rec = add(env, "evil", fp=fp, submission=sub, envs=envs, note=HOSTILE, failed=[(0, 0)])
+    rec["runs"][0]["reason"] = HOSTILE
+    rec["check"]["checks"][0]["detail"] = HOSTILE
+    rec["provenance"]["command"] = HOSTILE
+    rec["provenance"]["device"]["kind"] = HOSTILE
+    write_record(env["results"], "evil", rec)
+    add(env, "plain", fp=fp)
+    site = env["build"]()
+    pages = html_texts(site)
+    assert len(pages) == 4  # index, task page, two submission pages
+    for name, text in pages.items():
+        assert "<script>alert(1)" not in text, name
+        assert 'onmouseover="' not in text, name
+    assert ESCAPED in pages["index.html"]  # the description
+    task_page = pages["tasks/t.html"]
+    assert task_page.count(ESCAPED) >= 5  # name, env names, plots, legend, device
+    sub_page = next(v for k, v in pages.items() if k.startswith("submissions/t/_script"))
+    # name, version, authors, affiliation, description, licence, paper, code, hashes,
+    # disclosure task/envs/notes, note, env names, reason, check detail, command, device
+    assert sub_page.count(ESCAPED) >= 18
+    # our own script is the only one on every page
+    assert all(text.count("<script>") == 1 for text in pages.values())
+
+
+def test_only_http_links_become_hrefs(env):
+    bad = ["javascript:alert(1)", "JavaScript:alert(1)", " javascript:alert(1)",
+           "java\tscript:alert(1)", "data:text/html,<script>alert(1)</script>",
+           "vbscript:msgbox(1)", "//evil.example/x", "https://ok.example/a b"]
+    for i, url in enumerate(bad):
+        add(env, f"bad{i}", submission=submission_block(f"bad{i}", paper=url, code=url))
+    add(env, "good", submission=submission_block("good", paper="https://ok.example/paper",
+                                                   code="http://ok.example/code?a=1&b=2"))
+    pages = html_texts(env["build"]())
+    hrefs = [h for text in pages.values() for h in re.findall(r'href="([^"]*)"', text)]
+    assert not [h for h in hrefs if re.match(r"\s*[a-z]+:", h, re.I)
+                and not h.startswith(("http://", "https://"))]
+    assert "https://ok.example/paper" in hrefs
+    assert "http://ok.example/code?a=1&amp;b=2" in re.findall(
+        r'href="([^"]*)"', pages["submissions/t/good.html"])
+    bad0 = pages["submissions/t/bad0.html"]
+    assert "javascript:alert(1)" in bad0 and 'href="javascript' not in bad0  # shown as text
+
+
+def test_hostile_names_cannot_leave_the_site(env):
+    root = env["root"]
+    names = ["../../../escaped", "..", "/tmp/abs", "a/../../b", ".hidden", "-rf", "x" * 300,
+             "CON", "A", "a"]
+    for i, name in enumerate(names):
+        add(env, name, stem=f"s{i}", submission=submission_block(name))
+    (env["results"] / "weird <task>..").mkdir()  # a hostile task folder name, no spec
+    add(env, "r", task="weird <task>..")
+    before = {p for p in root.rglob("*")}
+    site = env["build"]("out/site")
+    new = {p for p in root.rglob("*")} - before
+    assert new and all(p == site or site in p.parents or p == site.parent for p in new)
+    subs = sorted((site / "submissions" / "t").iterdir())
+    assert len(subs) == len(names)  # distinct pages, "A" and "a" too
+    for p in subs:
+        assert p.name.endswith(".html") and not p.name.startswith((".", "-"))
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", p.name) and len(p.name) < 90
+    weird = [p for p in (site / "tasks").iterdir() if p.name.startswith("weird")]
+    assert len(weird) == 1 and "weird &lt;task&gt;.." in weird[0].read_text()
+
+
+# --- determinism and the output folder --------------------------------------------------------
+
+
+def test_build_is_deterministic_and_replaces_old_output(env):
+    rng = np.random.default_rng(0)
+    add(env, "ppo_clip", random_scores(rng, 0.5))
+    for i in range(4):
+        add(env, f"r{i}", random_scores(rng, 0.3 + 0.1 * i), failed=[(1, 0)] if i == 2 else ())
+    add(env, "r1", random_scores(rng, 0.7), split="train")
+    first = site_files(env["build"]("one"))
+    second = site_files(env["build"]("two"))
+    assert first == second
+    assert len(first) > 10
+    # rebuilding in place drops the pages of records that are gone
+    (env["results"] / "t" / "r3.json").unlink()
+    site = env["build"]("one")
+    assert not (site / "submissions" / "t" / "r3.html").exists()
+    assert (site / "submissions" / "t" / "r2.html").exists()
+    assert not [p for p in site.parent.iterdir() if p.name.startswith(".one")]
+    # a folder that is not a site is never replaced
+    (env["root"] / "mine").mkdir()
+    (env["root"] / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError):
+        env["build"]("mine")
+    assert (env["root"] / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_downloads_csv_and_raw_json(env):
+    path, rec = add(env, "=cmd|calc", stem="sneaky", failed=[(2, 1)],
+                    submission=submission_block("=cmd|calc"))
+    _, train = add(env, "=cmd|calc", random_scores(np.random.default_rng(2), 0.7), stem="sneaky",
+                   split="train", submission=submission_block("=cmd|calc"))
+    site = env["build"]()
+    data = sorted((site / "data" / "t").iterdir())
+    slug = lb.slugify("=cmd|calc")
+    assert [p.name for p in data] == [f"{slug}.csv", f"{slug}.json", f"{slug}.train.json"]
+    assert (site / "data" / "t" / f"{slug}.json").read_bytes() == path.read_bytes()
+    rows = list(csv.DictReader(io.StringIO((site / "data" / "t" / f"{slug}.csv").read_text())))
+    assert list(rows[0]) == ["task", "submission", "split", "env", "seed", "status", "reason",
+                             "final_return", "score"]
+    assert len(rows) == len(rec["runs"]) + len(train["runs"])
+    assert {r["split"] for r in rows} == {"test", "train"}
+    assert all(r["submission"] == "'=cmd|calc" for r in rows)  # not a spreadsheet formula
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["reason"] == "non-finite loss at update 3"
+    assert failed[0]["score"] == "" and failed[0]["env"] == ENVS[1][0]
+    for r, run in zip(rows, rec["runs"]):
+        assert (r["env"], int(r["seed"])) == (run["env"], run["seed"])
+        if run["score"] is not None:
+            assert float(r["score"]) == run["score"]
+            assert float(r["final_return"]) == run["final_return"]
+    page = (site / "submissions" / "t" / f"{slug}.html").read_text()
+    assert f'href="../../data/t/{slug}.csv"' in page and f'href="../../data/t/{slug}.json"' in page
+
+
+def test_index_lists_every_task(env):
+    fp2 = write_task(env["tasks"], "second", "the other task")
+    write_task(env["tasks"], "empty", "a task nobody has tried")
+    for i, (name, iqm) in enumerate([("w", 0.2), ("x", 0.9), ("y", 0.5), ("z", 0.7)]):
+        add(env, name, iqm=iqm, iqm_ci=(iqm - 0.01, iqm + 0.01),
+            created=f"2026-10-0{i + 1}T08:00:00+00:00")
+    add(env, "solo", task="second", fp=fp2, created="2026-10-09T23:30:00-02:00")
+    index = (env["build"]() / "index.html").read_text()
+    for task, desc in (("t", "the test task"), ("second", "the other task"),
+                       ("empty", "a task nobody has tried")):
+        assert f'href="tasks/{task}.html"' in index and desc in index
+    row = re.search(r'href="tasks/t.html".*?</tr>', index, re.S).group(0)
+    top = re.findall(r'href="submissions/t/([^"]+)\.html"', row)
+    assert top == ["x", "z", "y"]  # top 3 by IQM, w left out
+    assert "4 ranked / 4 total" in row
+    assert "2026-10-10T01:30:00+00:00" in index  # the latest record, in UTC
+    assert "0.1.0" in index and "no ranked results" in index
+
+
+# --- curves and profiles ----------------------------------------------------------------------
+
+
+def test_learning_curve_iqm_skips_null_points():
+    rec = make_record("t", "x", "r", np.full((4, 2), 0.5), curve_points=5)
+    rec["runs"][1]["curve"]["returns"][3] = None
+    steps, mat = lb.curve_matrix(rec, ENVS[0][0])
+    assert steps.tolist() == rec["runs"][0]["curve"]["steps"]
+    iqm = lb.nan_iqm(mat)
+    assert np.isnan(iqm[0])  # every run's first bucket is null
+    for t in range(1, 5):
+        col = mat[:, t][np.isfinite(mat[:, t])]
+        assert iqm[t] == pytest.approx(scipy.stats.trim_mean(col, 0.25))
+    assert np.isfinite(mat[:, 3]).sum() == 3
+
+
+def test_performance_profile_point_and_band():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0.5, 0.3, (16, 2))
+    taus = np.linspace(0, 1.2, 25)
+    point, lo, hi = lb.performance_profile(scores, taus, 500, np.random.default_rng(1))
+    brute = np.array([np.mean([(scores[:, j] > t).mean() for j in range(2)]) for t in taus])
+    np.testing.assert_allclose(point, brute)
+    assert np.all(lo <= point + 1e-12) and np.all(point <= hi + 1e-12)
+    assert np.all(np.diff(point) <= 0) and np.all(np.diff(hi) <= 1e-12)
+    assert np.any(hi - lo > 0.1)  # a real band, not a line
+
+
+# --- the acceptance budget --------------------------------------------------------------------
+
+
+def test_build_50_submissions_x_3_tasks_under_30s(tmp_path):
+    results, tasks = make_bench_set(tmp_path, n_subs=50, n_tasks=3, seeds=16, train_every=2)
+    start = time.perf_counter()
+    index = lb.build(results, tmp_path / "site", tasks)  # default 2000 bootstrap reps
+    elapsed = time.perf_counter() - start
+    print(f"built 50 submissions x 3 tasks in {elapsed:.2f}s")
+    site = index.parent
+    assert len(list(site.glob("submissions/*/*.html"))) == 150
+    assert len(list(site.glob("data/*/*.train.json"))) == 75
+    for t in range(3):
+        assert len(rank_rows((site / "tasks" / f"bench-{t}.html").read_text())) == 50
+    assert elapsed < 30, f"building took {elapsed:.1f}s"
