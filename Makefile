@@ -5,8 +5,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 TASK ?= classic-transfer-v1-quick
+# Each family's baseline and its best-known discovered rule; `make run-all` scores all nine.
+MAIN_BASELINES ?= ppo_clip dpo dqn dqn_reg
 
-.PHONY: run test setup bench clean
+.PHONY: run run-all test setup bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,7 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
+	$(BIN)/metabench submit $(addprefix submissions/baselines/,$(MAIN_BASELINES)) --task $(TASK) --force
+	$(BIN)/metabench leaderboard build
+
+run-all: setup
 	$(BIN)/metabench submit submissions/baselines/* --task $(TASK) --force
+	$(BIN)/metabench submit submissions/baselines/* --task $(TASK) --split train --force
 	$(BIN)/metabench leaderboard build
 
 test: setup

@@ -149,7 +149,7 @@ def cmd_bench(args) -> int:
     from metabench import bench
 
     rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=args.seeds,
-                     quick=args.quick)
+                     quick=args.quick, algos=args.algo or ("ppo", "dqn"))
     print(bench.format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="env id(s) (default gymnax/CartPole-v1 and gymnax/Breakout-MinAtar)")
     bp.add_argument("--timesteps", type=float, default=None, help="env steps per run")
     bp.add_argument("--seeds", type=int, default=1)
+    bp.add_argument("--algo", action="append", choices=["ppo", "dqn"], default=None,
+                    help="ppo (drift family) and/or dqn (td_loss family); default both")
     bp.add_argument("--quick", action="store_true", help="CI-sized budgets")
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
     bp.set_defaults(fn=cmd_bench)

@@ -108,3 +108,20 @@ def entropy(out: jax.Array, continuous: bool) -> jax.Array:
         return jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e), axis=-1)
     logp = jax.nn.log_softmax(out)
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+class QNetwork(nn.Module):
+    """Q-values over actions: an MLP on flattened observations (PureJaxRL's DQN: relu 120, 84)
+    or the MinAtar torso."""
+
+    action_dim: int
+    torso: str = "mlp"
+    hidden: Sequence[int] = (120, 84)
+
+    @nn.compact
+    def __call__(self, obs):
+        if self.torso == "cnn":
+            x = MinAtarTorso(hidden=self.hidden[-1])(obs)
+        else:
+            x = MLPTorso(hidden=tuple(self.hidden), activation="relu")(obs)
+        return nn.Dense(self.action_dim)(x)

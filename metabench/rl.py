@@ -47,3 +47,10 @@ def truncated_gae(
 def normalise(x: Array, eps: float = 1e-8) -> Array:
     """Zero mean, unit standard deviation over all elements."""
     return (x - x.mean()) / (x.std() + eps)
+
+
+def episode_returns(running: Array, reward: Array, done: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Per-env running returns after one step, and (sum, count) of the episodes it finished."""
+    running = running + reward
+    finished = (jnp.sum(jnp.where(done, running, 0.0)), jnp.sum(done))
+    return jnp.where(done, 0.0, running), finished

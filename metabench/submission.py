@@ -88,7 +88,8 @@ class Submission:
     factory: str | None
     """A reference rule name of the family (``rule: {factory: dpo}``), or None."""
     entry: str | None
-    """``rule.py:make_rule`` style entry point inside the folder, or None."""
+    """``rule.py:make_rule`` style entry point inside the folder, ``graph:FILE.yaml`` for a
+    loss graph, or None."""
     kwargs: Mapping[str, Any]
     """Keyword arguments of the factory or entry point."""
     params_file: str | None
@@ -194,21 +195,28 @@ def load(folder: str | os.PathLike) -> Submission:
     rule = raw["rule"]
     if not isinstance(rule, dict):
         raise SubmissionError(file, "rule", "a mapping with `factory` or `entry`")
-    bad = sorted(set(rule) - {"factory", "entry", "kwargs"})
+    bad = sorted(set(rule) - {"factory", "entry", "graph", "kwargs"})
     if bad:
         raise SubmissionError(file, f"rule.{bad[0]}", "unknown key; expected factory, entry, "
-                              "kwargs")
-    if ("factory" in rule) == ("entry" in rule):
-        raise SubmissionError(file, "rule", "exactly one of `factory` (a reference rule name) "
-                              "or `entry` (e.g. rule.py:make_rule)")
+                              "graph, kwargs")
+    if sum(k in rule for k in ("factory", "entry", "graph")) != 1:
+        raise SubmissionError(file, "rule", "exactly one of `factory` (a reference rule name), "
+                              "`entry` (e.g. rule.py:make_rule) or `graph` (a loss graph YAML)")
     factory = entry = None
     extra_files: list[Path] = []
+    if "graph" in rule:
+        if family != "td_loss":
+            raise SubmissionError(file, "rule.graph", "a family with loss graphs (td_loss), "
+                                  f"not {family}")
+        gpath = _inside(folder, text("rule.graph", rule["graph"]), file, "rule.graph")
+        extra_files.append(gpath)
+        entry = f"graph:{rule['graph']}"
     if "factory" in rule:
         factory = text("rule.factory", rule["factory"])
         if factory not in fam.reference_rules:
             raise SubmissionError(file, "rule.factory", f"a {family} reference rule "
                                   f"({', '.join(sorted(fam.reference_rules))}), got {factory!r}")
-    else:
+    elif "entry" in rule:
         entry = text("rule.entry", rule["entry"])
         if entry.count(":") != 1 or not entry.split(":")[1].isidentifier():
             raise SubmissionError(file, "rule.entry", f"FILE.py:FUNCTION, got {entry!r}")
@@ -339,6 +347,14 @@ def build_rule(sub: Submission):
         rule = info.factory(**sub.kwargs)
         origin = f"{sub.family}.{info.factory.__name__}"
         default = info.default_params
+    elif sub.entry.startswith("graph:"):
+        from metabench import graphs
+
+        rel = sub.entry.split(":", 1)[1]
+        graph = graphs.load_graph(_inside(sub.path, rel, file, "rule.graph"))
+        graphs.typecheck(graph)
+        rule, origin, default = graphs.compile_graph(graph), sub.entry, None
+        note = f"loss graph: {graphs.equation(graph)}"
     else:
         rel, fn_name = sub.entry.split(":")
         path = _inside(sub.path, rel, file, "rule.entry")

@@ -28,21 +28,14 @@ class Transition(NamedTuple):
     final_obs: Array
 
 
-class EpisodeStats(NamedTuple):
-    """Per-update episode bookkeeping, computed inside the jitted loop.
-
-    ``returns_sum`` and ``episodes`` are the sum of returns and the count of episodes that
-    finished during the update; together they give exact mean returns over any window.
-    """
-
-    returns_sum: Array
-    episodes: Array
-
-
 class Metrics(NamedTuple):
     """What one training run reports per update (leaves ``[num_updates]``)."""
 
     returns_sum: Array
+    """Sum of the returns of the episodes that finished during the update."""
     episodes: Array
+    """How many episodes finished during the update (sums over counts give exact means)."""
     loss: Array
-    drift: Array
+    """Mean loss of the update; a non-finite loss marks the run failed."""
+    aux: Array
+    """A family-specific diagnostic: the mean drift (drift), the mean Q(s, a) (td_loss)."""

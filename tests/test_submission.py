@@ -292,3 +292,45 @@ def test_failures_while_scoring_become_failed_records(case, tmp_path, task_path)
     assert all(r["status"] == "failed" and reason in r["reason"] for r in res.record["runs"])
     assert res.record["aggregates"]["mean"]["point"] == 0.0  # failures score the floor
     assert json.loads(res.path.read_text())["runs"][0]["reason"]
+
+
+def test_submitted_folder_becomes_a_ranked_row_on_the_site(scored, task_path, tmp_path):
+    from metabench import leaderboard
+
+    results_dir, _, _ = scored
+    index = leaderboard.build(results_dir, tmp_path / "site", tasks_dir=task_path.parent)
+    page = (index.parent / "tasks" / "one.html").read_text()
+    table = page[page.index('id="rank-table"'):]
+    assert 'data-submission="kl-drift"' in table
+
+
+GRAPH_YAML = """
+name: reg-0.2
+nodes:
+  - {id: q_sa, op: select, in: [q_tm1, a_tm1]}
+  - {id: next_v, op: max_list, in: [q_target_t]}
+  - {id: disc_v, op: multiply, in: [discount_t, next_v]}
+  - {id: target, op: add, in: [r_t, disc_v]}
+  - {id: delta, op: subtract, in: [q_sa, target]}
+  - {id: delta_sq, op: square, in: [delta]}
+  - {id: reg, op: multiply, in: [0.2, q_sa]}
+  - {id: loss, op: add, in: [delta_sq, reg]}
+output: loss
+"""
+
+
+def test_a_loss_graph_is_a_submission_without_python(tmp_path):
+    text = yaml_for(name="reg-graph", rule="rule:\n  graph: loss.yaml\n").replace(
+        "family: drift", "family: td_loss")
+    folder = write_sub(tmp_path / "g", text, {"loss.yaml": GRAPH_YAML})
+    res = submission.check(folder, timeout=120)
+    assert res.ok, res.message
+    assert "select(q_tm1, a_tm1)" in res.message  # the equation is shown as the rule's note
+    ill = GRAPH_YAML.replace("in: [q_sa, target]", "in: [q_tm1, a_tm1]")
+    bad = write_sub(tmp_path / "bad", text, {"loss.yaml": ill})
+    res = submission.check(bad, timeout=120)
+    assert not res.ok and "'delta'" in res.message and "subtract" in res.message
+    drift_graph = write_sub(tmp_path / "d", yaml_for(rule="rule:\n  graph: loss.yaml\n"),
+                            {"loss.yaml": GRAPH_YAML})
+    with pytest.raises(submission.SubmissionError, match="rule.graph"):
+        submission.load(drift_graph)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metabench.rules import RuleInfo, UpdateRule
@@ -15,21 +16,23 @@ from metabench.types import Metrics, PRNGKey, PyTree
 class Trainer(NamedTuple):
     """A family's inner loop for one env, config and rule, as pure jittable pieces.
 
-    ``init(rng) -> state`` builds one seed's agent and env state; ``step(state, meta_params)
-    -> (state, Metrics)`` is one update (rollout + learning). The harness maps ``init`` over
-    seeds with ``lax.map`` (a vmapped orthogonal initialiser can deadlock XLA's CPU thread
-    pool) and vmaps chunks of ``step``. ``train`` composes both for a single seed.
+    ``init(rng) -> state`` builds one seed's agent and env state; ``step(state, meta_params,
+    i) -> (state, Metrics)`` is update ``i`` (rollout + learning). The harness maps ``init``
+    over seeds with ``lax.map`` (a vmapped orthogonal initialiser can deadlock XLA's CPU thread
+    pool) and vmaps chunks of ``step``; ``i`` comes from the scan, not the vmapped state, so
+    schedules gated on it (learning starts, target copies) stay real branches under vmap
+    instead of both sides being computed. ``train`` composes both for a single seed.
     """
 
     init: Callable[[PRNGKey], Any]
-    step: Callable[[Any, PyTree], tuple[Any, Metrics]]
+    step: Callable[[Any, PyTree, jax.Array], tuple[Any, Metrics]]
     num_updates: int
     steps_per_update: int
 
     def train(self, rng: PRNGKey, meta_params: PyTree) -> Metrics:
         state = self.init(rng)
-        _, metrics = jax.lax.scan(lambda s, _: self.step(s, meta_params), state, None,
-                                  length=self.num_updates)
+        _, metrics = jax.lax.scan(lambda s, i: self.step(s, meta_params, i), state,
+                                  jnp.arange(self.num_updates))
         return metrics
 
 

@@ -23,7 +23,7 @@ import optax
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
                                      finite_tree, register_family)
-from metabench.rl import normalise, truncated_gae
+from metabench.rl import episode_returns, normalise, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics, Transition
 
@@ -253,9 +253,7 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
             jax.random.split(k_env, config.num_envs), env_state, env_action, env_params)
         reward = reward.astype(jnp.float32)
         done = jnp.logical_or(term, trunc)
-        ep_ret = ep_ret + reward
-        finished = (jnp.sum(jnp.where(done, ep_ret, 0.0)), jnp.sum(done))
-        ep_ret = jnp.where(done, 0.0, ep_ret)
+        ep_ret, finished = episode_returns(ep_ret, reward, done)
         t = Transition(obs, action, logp, value, reward, term, trunc, info["final_observation"])
         return (params, env_state, next_obs, env_params, ep_ret, rng), (t, finished)
 
@@ -279,7 +277,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: RunnerState, meta_params) -> tuple[RunnerState, Metrics]:
+    def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:
+        del i  # PPO has no schedule beyond optax's own step count
         carry = (state.params, state.env_state, state.obs, state.env_params,
                  state.episode_return, state.rng)
         carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(rollout_step, carry, None,
@@ -315,7 +314,7 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
             epoch, (state.params, state.opt_state), jax.random.split(k_epochs, config.epochs))
         new_state = RunnerState(params, opt_state, env_state, obs, env_params, ep_ret, rng)
         metrics = Metrics(returns_sum=jnp.sum(ret_sum), episodes=jnp.sum(n_eps),
-                          loss=jnp.mean(loss), drift=jnp.mean(drift))
+                          loss=jnp.mean(loss), aux=jnp.mean(drift))
         return new_state, metrics
 
     return Trainer(init, step, num_updates, steps_per_update)

@@ -1,0 +1,125 @@
+"""The TD-loss family: reference losses equal their formulas; DQN learns CartPole."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import harness, spec
+from metabench.families import td_loss
+from metabench.rules import UpdateRule, no_params
+
+from conftest import write_task
+
+X = td_loss.random_inputs(jax.random.PRNGKey(7), batch=32, actions=3)
+Q, A, R, D = (np.asarray(X.q_tm1, np.float64), np.asarray(X.a_tm1), np.asarray(X.r_t, np.float64),
+              np.asarray(X.discount_t, np.float64))
+QT, QTT = np.asarray(X.q_t, np.float64), np.asarray(X.q_target_t, np.float64)
+QSA = Q[np.arange(len(A)), A]
+Y = R + D * QTT.max(1)
+
+# one transition by hand: Q(s,.) = [1, 3], a = 1, r = 0.5, discount = 0.9, Q_targ(s',.) = [2, -1]
+HAND = td_loss.Inputs(jnp.array([[1.0, 3.0]]), jnp.array([1]), jnp.array([0.5]),
+                      jnp.array([0.9]), jnp.array([[0.0, 5.0]]), jnp.array([[2.0, -1.0]]))
+# Q(s,a) = 3, Y = 0.5 + 0.9 * 2 = 2.3, delta = 0.7
+
+
+def apply(rule, x=X):
+    return np.asarray(rule.apply({}, x), np.float64)
+
+
+def test_dqn_and_ddqn():
+    np.testing.assert_allclose(apply(td_loss.dqn()), (QSA - Y) ** 2, rtol=1e-5)
+    y_double = R + D * QTT[np.arange(len(A)), QT.argmax(1)]
+    np.testing.assert_allclose(apply(td_loss.ddqn()), (QSA - y_double) ** 2, rtol=1e-5)
+    assert apply(td_loss.dqn(), HAND)[0] == pytest.approx(0.49, abs=1e-6)
+    # double DQN: the online net picks action 1 at s', the target net values it at -1
+    assert apply(td_loss.ddqn(), HAND)[0] == pytest.approx((3 - (0.5 - 0.9)) ** 2, abs=1e-5)
+
+
+def test_dqn_reg_matches_its_formula():
+    np.testing.assert_allclose(apply(td_loss.dqn_reg()), (QSA - Y) ** 2 + 0.1 * QSA, rtol=1e-5)
+    assert apply(td_loss.dqn_reg(), HAND)[0] == pytest.approx(0.49 + 0.3, abs=1e-6)
+
+
+def test_dqn_clipped_matches_its_formula():
+    want = np.maximum(QSA, (QSA - Y) ** 2 + Y) + np.maximum(QSA - Y, D * QTT.max(1) ** 2)
+    np.testing.assert_allclose(apply(td_loss.dqn_clipped()), want, rtol=1e-5)
+    # max(3, 0.49 + 2.3) + max(0.7, 0.9 * 4) = 3 + 3.6
+    assert apply(td_loss.dqn_clipped(), HAND)[0] == pytest.approx(6.6, abs=1e-5)
+
+
+def test_cql_and_munchausen():
+    lse = np.log(np.exp(Q).sum(1))
+    np.testing.assert_allclose(apply(td_loss.cql()), 0.1 * (lse - QSA) + (QSA - Y) ** 2,
+                               rtol=1e-5)
+    tau, alpha = 0.03, 0.9
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    log_pi_sa = log_softmax(Q / tau)[np.arange(len(A)), A]
+    lp = log_softmax(QTT / tau)
+    soft_v = (np.exp(lp) * (QTT - tau * lp)).sum(1)
+    y = R + alpha * tau * np.clip(log_pi_sa, -1, 0) + D * soft_v
+    np.testing.assert_allclose(apply(td_loss.munchausen()), (QSA - y) ** 2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(td_loss.REFERENCE_RULES))
+def test_reference_losses_pass_the_check(name):
+    rule = td_loss.REFERENCE_RULES[name].factory()
+    report = td_loss.check(rule, {}, name)
+    assert report.passed, report.format()
+
+
+def test_check_catches_bad_losses():
+    mean_loss = UpdateRule(no_params, lambda p, x: jnp.mean(x.q_tm1))
+    assert not td_loss.check(mean_loss, {}).get("output_shape").passed
+    log_loss = UpdateRule(no_params, lambda p, x: jnp.log(x.q_tm1[:, 0]))
+    assert not td_loss.check(log_loss, {}).passed
+    constant = UpdateRule(no_params, lambda p, x: x.r_t)
+    report = td_loss.check(constant, {})
+    assert report.passed and not report.get("depends_on_q").passed
+
+
+def test_the_rule_sees_q_values_only():
+    assert set(td_loss.Inputs._fields) == {"q_tm1", "a_tm1", "r_t", "discount_t", "q_t",
+                                           "q_target_t"}
+
+
+DQN_CARTPOLE = """
+id: dqn-cartpole
+total_timesteps: 5e5
+train:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+agents:
+  td_loss: {}
+budget: {seeds: 4, max_seconds_per_env: 1800}
+"""
+
+
+def test_dqn_learns_cartpole_with_purejaxrl_settings(tmp_path):
+    task = spec.load(write_task(tmp_path, DQN_CARTPOLE, "dqn-cartpole"))
+    assert task.agent_config("td_loss") == td_loss.Config()  # the defaults are PureJaxRL's
+    run = harness.train_env(harness.reference_rule("dqn"), task, task.test[0], range(4))
+    assert run.failure is None and run.updates_done == 50_000
+    finals = [r["final_return"] for r in harness.run_records(run, 0.05)]
+    assert np.mean(finals) >= 400, finals  # a random policy gets ~22
+
+
+@pytest.mark.parametrize("name", ["dqn", "dqn_reg", "dqn_clipped"])
+def test_shipped_graphs_equal_the_factories(name):
+    from metabench import graphs
+
+    graph_rule = graphs.library_rule(name)
+    factory = td_loss.REFERENCE_RULES[name].factory()
+    for seed in range(3):
+        x = td_loss.random_inputs(jax.random.PRNGKey(100 + seed), batch=64, actions=5)
+        np.testing.assert_allclose(np.asarray(graph_rule.apply({}, x)),
+                                   np.asarray(factory.apply({}, x)), rtol=1e-5, atol=1e-6)
+    assert td_loss.check(graph_rule, {}, name).passed
