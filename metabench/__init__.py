@@ -11,9 +11,11 @@ from metabench.envs import make as make_env
 from metabench.envs import register as register_env
 from metabench.families import Family, Trainer, find_rule, get_family
 from metabench.families.base import families as list_families
-from metabench.families import drift
+from metabench.families import drift, td_loss
 from metabench.harness import RuleRef, evaluate, reference_rule, train_env
 from metabench.rules import UpdateRule, params_hash
+from metabench.submission import check as check_submission
+from metabench.submission import submit
 from metabench.scoring import aggregates, normalise, probability_of_improvement
 from metabench.spec import SpecError, TaskSpec, list_tasks
 from metabench.spec import load as load_task
@@ -29,6 +31,7 @@ __all__ = [
     "UpdateRule",
     "__version__",
     "aggregates",
+    "check_submission",
     "drift",
     "evaluate",
     "find_rule",
@@ -42,5 +45,7 @@ __all__ = [
     "probability_of_improvement",
     "reference_rule",
     "register_env",
+    "submit",
+    "td_loss",
     "train_env",
 ]
