@@ -1,4 +1,4 @@
-"""``metabench``: list, eval, check, submit, merge, leaderboard, calibrate, bench."""
+"""``metabench``: list, eval, check, submit, merge, leaderboard, calibrate, discover, bench."""
 
 from __future__ import annotations
 
@@ -156,6 +156,63 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_discover_evolve(args) -> int:
+    from metabench import spec
+    from metabench.discover import EvolveConfig, evolve
+
+    task = spec.load(args.task)
+    cfg = EvolveConfig(population=args.population, tournament=args.tournament,
+                       children=args.children, generations=args.generations,
+                       graph_nodes=args.graph_nodes,
+                       bootstrap=None if args.bootstrap == "none" else args.bootstrap,
+                       seeds=args.seeds, timesteps=_int_or_none(args.timesteps),
+                       hurdle_timesteps=_int_or_none(args.hurdle_timesteps),
+                       hurdle_threshold=None if args.no_hurdle else args.hurdle_threshold,
+                       hurdle_env=args.hurdle_env, seed=args.seed)
+    out = Path(args.out) if args.out else RUNS_DIR / "discover" / "evolve" / \
+        f"{task.id}-seed{cfg.seed}"
+    command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
+    res = evolve(task, cfg, out, command=command, author=args.author)
+    s = res.summary
+    print(f"\nbest fitness {res.best.fitness:.3f} (individual {res.best.id}, generation "
+          f"{res.best.generation}): {s['best']['equation']}")
+    print(f"{s['individuals']} individuals, {s['trained']} trained, {s['cached']} cached "
+          f"(duplicate hash), {s['hurdle_failed']} stopped at the hurdle, "
+          f"{s['no_q_gradient']} without a gradient in Q; {s['env_steps']:,} env steps in "
+          f"{s['wall_s']:.0f}s")
+    print(f"history: {out / 'history.jsonl'}\nsubmission: {out / 'submission'}  "
+          f"(metabench submit {out / 'submission'} --task TASK)")
+    return 0
+
+
+def cmd_discover_lpg(args) -> int:
+    from metabench import spec
+    from metabench.discover.lpg import LPGDiscoverConfig, discover
+
+    task = spec.load(args.task)
+    cfg = LPGDiscoverConfig(meta_steps=args.meta_steps, lifetimes=args.lifetimes,
+                            inner_updates=args.inner_updates,
+                            lifetime_updates=_int_or_none(args.lifetime_updates),
+                            meta_lr=args.meta_lr, hidden=args.hidden,
+                            lr_arms=tuple(args.lr_arm or ()), seed=args.seed,
+                            checkpoint_every=args.checkpoint_every)
+    out = Path(args.out) if args.out else RUNS_DIR / "discover" / "lpg" / \
+        f"{task.id}-seed{cfg.seed}"
+    command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
+    res = discover(task, cfg, out, command=command, author=args.author)
+    s = res.summary
+    first, last = s["curve_first"], s["curve_last"]
+    if first and last:
+        print(f"\nmeta-objective {first['objective']:+.4f} -> {last['objective']:+.4f} over "
+              f"{s['meta_steps']} meta-steps; {s['env_steps']:,} env steps in {s['wall_s']:.0f}s")
+    print(f"curve: {out / 'curve.jsonl'}\nsubmission: {out / 'submission'}")
+    return 0
+
+
+def _int_or_none(x):
+    return None if x is None else int(float(x))
+
+
 def cmd_check(args) -> int:
     from metabench import submission
 
@@ -273,6 +330,55 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--force", action="store_true", help="re-measure calibrated envs too")
     cp.set_defaults(fn=cmd_calibrate)
 
+    dp = sub.add_parser("discover", help="meta-train update rules on a task's train split")
+    dsub = dp.add_subparsers(dest="method", required=True)
+    ev = dsub.add_parser("evolve", help="regularised evolution over td_loss loss graphs "
+                         "(Co-Reyes et al. 2021)")
+    ev.add_argument("--task", required=True, help="task id or YAML with a td_loss agent")
+    ev.add_argument("--population", type=int, default=16)
+    ev.add_argument("--tournament", type=int, default=4)
+    ev.add_argument("--children", type=int, default=4,
+                    help="children per generation, trained in one compiled call")
+    ev.add_argument("--generations", type=int, default=8)
+    ev.add_argument("--graph-nodes", type=int, default=10, help="non-input nodes per graph")
+    ev.add_argument("--bootstrap", default="dqn",
+                    help="library graph seeding the population (dqn, dqn_reg, dqn_clipped) "
+                         "or 'none' for random graphs")
+    ev.add_argument("--seeds", type=int, default=2, help="agents per candidate and env")
+    ev.add_argument("--timesteps", default=None, help="env steps per agent (default: task's)")
+    ev.add_argument("--hurdle-timesteps", default=None,
+                    help="env steps on the hurdle (default: a third of --timesteps)")
+    ev.add_argument("--hurdle-threshold", type=float, default=0.05,
+                    help="normalised hurdle score needed for a full evaluation")
+    ev.add_argument("--no-hurdle", action="store_true", help="evaluate every child fully")
+    ev.add_argument("--hurdle-env", default=None, help="train env name (default: the first)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the search")
+    ev.add_argument("--out", default=None,
+                    help="output folder (default runs/discover/evolve/<task>-seed<seed>)")
+    ev.add_argument("--author", default="metabench discover evolve",
+                    help="author named in the written submission")
+    ev.set_defaults(fn=cmd_discover_evolve)
+    lg = dsub.add_parser("lpg", help="meta-gradient training of the Learned Policy Gradient "
+                         "(Oh et al. 2020)")
+    lg.add_argument("--task", required=True, help="task id or YAML with an lpg agent")
+    lg.add_argument("--meta-steps", type=int, default=200)
+    lg.add_argument("--lifetimes", type=int, default=8, help="parallel lifetimes per env")
+    lg.add_argument("--inner-updates", type=int, default=5,
+                    help="K agent updates per meta-step (differentiated through)")
+    lg.add_argument("--lifetime-updates", default=None,
+                    help="agent updates per lifetime (default: the task's budget)")
+    lg.add_argument("--meta-lr", type=float, default=1e-3)
+    lg.add_argument("--hidden", type=int, default=32, help="LSTM units of the rule")
+    lg.add_argument("--lr-arm", type=float, action="append", default=None,
+                    help="an agent learning rate for the balancing bandit (repeat)")
+    lg.add_argument("--checkpoint-every", type=int, default=10)
+    lg.add_argument("--seed", type=int, default=0)
+    lg.add_argument("--out", default=None,
+                    help="output folder (default runs/discover/lpg/<task>-seed<seed>); an "
+                         "existing checkpoint there is resumed")
+    lg.add_argument("--author", default="metabench discover lpg")
+    lg.set_defaults(fn=cmd_discover_lpg)
+
     bp = sub.add_parser("bench", help="harness vs minimal single-file PPO, env steps per second")
     bp.add_argument("--env", action="append", default=None,
                     help="env id(s) (default gymnax/CartPole-v1 and gymnax/Breakout-MinAtar)")
@@ -288,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except (KeyError, ValueError, FileNotFoundError, OSError) as e:

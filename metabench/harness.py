@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,23 +107,36 @@ def _chunk_len(num_updates: int, target_chunks: int = 10) -> int:
 
 
 def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
-             meta_params: Any, total_timesteps: int):
+             meta_params: Any, total_timesteps: int, population: bool = False):
     """``(trainer, init_fn, chunk_fn)`` for this cell, built once; ``chunk_fn(length, states,
-    meta_params)`` returns the compiled chunk, compiling it on first use only."""
+    meta_params)`` returns the compiled chunk, compiling it on first use only.
+
+    With ``population``, meta-parameters carry a leading candidate axis ``K`` and states are
+    ``[K, seeds, ...]``: K rules of one structure train in one call (a search's population).
+    """
     key = (family.name, spec.calibration_key(), config, int(total_timesteps), rule,
-           tree_structure(meta_params))
+           tree_structure(meta_params), population)
     if key not in _CACHE:
         env, _, sampler = spec.make()
         trainer = family.make_train(env, config, rule, total_timesteps=total_timesteps,
                                     sample_params=sampler)
-        init_fn = jax.jit(lambda rngs: jax.lax.map(trainer.init, rngs))
+
+        def init(rngs):
+            flat = rngs.reshape((-1,) + rngs.shape[-1:])
+            states = jax.lax.map(trainer.init, flat)
+            return jax.tree_util.tree_map(lambda x: x.reshape(rngs.shape[:-1] + x.shape[1:]),
+                                          states)
+
+        init_fn = jax.jit(init)
         executables: dict[tuple, Any] = {}
 
         def run(states, mp, start, length):
-            def one(s):
-                return jax.lax.scan(lambda c, i: trainer.step(c, mp, i), s,
-                                    start + jnp.arange(length))
-            return jax.vmap(one)(states)
+            def seeds(s, m):
+                def one(s1):
+                    return jax.lax.scan(lambda c, i: trainer.step(c, m, i), s1,
+                                        start + jnp.arange(length))
+                return jax.vmap(one)(s)
+            return jax.vmap(seeds)(states, mp) if population else seeds(states, mp)
 
         # No buffer donation: on CPU it made every chunk ~15% slower (measured with bench),
         # and the carried state is small next to the rollout buffers anyway.
@@ -148,40 +161,40 @@ def seed_keys(base_seed: int, seeds: Sequence[int]) -> jax.Array:
     return jnp.stack([jax.random.fold_in(base, int(s)) for s in seeds])
 
 
-def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
-              max_seconds: float | None = None,
-              progress: Callable[..., None] | None = None) -> EnvRun:
-    """Trains ``len(seeds)`` fresh agents with the rule on one env in one vmapped call.
+class _Trained(NamedTuple):
+    metrics: Any  # Metrics of numpy arrays [..., updates_done], or None
+    steps_per_update: int
+    num_updates: int
+    compile_s: float
+    run_s: float
+    failure: str | None
 
-    ``progress(env_name, updates_done, num_updates, env_steps_per_seed, seconds)`` is called
-    after every chunk.
-    """
-    family = families_base.get_family(ref.family)
-    config = task.agent_config(ref.family, spec)
-    seeds = list(seeds)
-    empty = np.zeros((len(seeds), 0))
+
+def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
+           meta_params: Any, keys: jax.Array, total_timesteps: int, population: bool,
+           max_seconds: float | None, progress: Callable[..., None] | None) -> _Trained:
     t0 = time.perf_counter()
     try:
-        trainer, init_fn, chunk_fn = compiled(family, spec, config, ref.rule, ref.meta_params,
-                                              task.total_timesteps)
-        states = init_fn(seed_keys(task.seed, seeds))
+        trainer, init_fn, chunk_fn = compiled(family, spec, config, rule, meta_params,
+                                              total_timesteps, population)
+        states = init_fn(keys)
         length = _chunk_len(trainer.num_updates)
         lengths = [length] * (trainer.num_updates // length)
         if trainer.num_updates % length:
             lengths.append(trainer.num_updates % length)
         # AOT-compile every distinct chunk shape now, so compile time is not run time.
-        execs = {n: chunk_fn(n, states, ref.meta_params) for n in set(lengths)}
+        execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
         jax.block_until_ready(states)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
-        return EnvRun(spec, seeds, empty, empty, empty, 1, 0, time.perf_counter() - t0, 0.0,
-                      failure=f"{type(e).__name__} while compiling: {e}")
+        return _Trained(None, 1, 0, time.perf_counter() - t0, 0.0,
+                        f"{type(e).__name__} while compiling: {e}")
     compile_s = time.perf_counter() - t0
     chunks, failure = [], None
     t1 = time.perf_counter()
     done = 0
     for n in lengths:
         try:
-            states, metrics = execs[n](states, ref.meta_params, jnp.int32(done))
+            states, metrics = execs[n](states, meta_params, jnp.int32(done))
             metrics = jax.device_get(metrics)
         except Exception as e:
             failure = f"{type(e).__name__} after {done} of {trainer.num_updates} updates: {e}"
@@ -197,14 +210,55 @@ def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int],
                        f"{trainer.num_updates} updates")
             break
     run_s = time.perf_counter() - t1
+    metrics = None
+    if chunks:
+        metrics = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
+    return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
+                    failure)
 
-    def cat(field):
-        if not chunks:
-            return empty
-        return np.concatenate([np.asarray(getattr(m, field)) for m in chunks], axis=1)
 
-    return EnvRun(spec, seeds, cat("returns_sum"), cat("episodes"), cat("loss"),
-                  trainer.steps_per_update, trainer.num_updates, compile_s, run_s, failure)
+def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> EnvRun:
+    empty = np.zeros((len(seeds), 0))
+
+    def get(field):
+        return empty if t.metrics is None else np.asarray(getattr(t.metrics, field))[index]
+
+    return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
+                  t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure)
+
+
+def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
+              max_seconds: float | None = None,
+              progress: Callable[..., None] | None = None) -> EnvRun:
+    """Trains ``len(seeds)`` fresh agents with the rule on one env in one vmapped call.
+
+    ``progress(env_name, updates_done, num_updates, env_steps_per_seed, seconds)`` is called
+    after every chunk.
+    """
+    family = families_base.get_family(ref.family)
+    seeds = list(seeds)
+    t = _train(family, spec, task.agent_config(ref.family, spec), ref.rule, ref.meta_params,
+               seed_keys(task.seed, seeds), task.total_timesteps, False, max_seconds, progress)
+    return _env_run(spec, seeds, t)
+
+
+def train_population(family: str, rule: UpdateRule, meta_batch: Any, task: TaskSpec,
+                     spec: EnvSpec, seeds: Sequence[int], *, total_timesteps: int | None = None,
+                     max_seconds: float | None = None,
+                     progress: Callable[..., None] | None = None) -> list[EnvRun]:
+    """Trains K rules of one structure (``meta_batch`` has a leading axis K) x seeds on one
+    env in one compiled call; one :class:`EnvRun` per candidate (compile and run times are
+    the shared call's). Every candidate gets the same seed keys, so candidates are compared
+    on common random numbers. ``total_timesteps`` overrides the task's (a search's hurdle)."""
+    fam = families_base.get_family(family)
+    seeds = list(seeds)
+    k = len(jax.tree_util.tree_leaves(meta_batch)[0])
+    base = seed_keys(task.seed, seeds)
+    keys = jnp.broadcast_to(base, (k,) + base.shape)
+    steps = task.total_timesteps if total_timesteps is None else int(total_timesteps)
+    t = _train(fam, spec, task.agent_config(family, spec), rule, meta_batch, keys, steps, True,
+               max_seconds, progress)
+    return [_env_run(spec, seeds, t, i) for i in range(k)]
 
 
 # --- from runs to a record -----------------------------------------------------------------

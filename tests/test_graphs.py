@@ -460,3 +460,20 @@ def test_random_graphs_are_type_correct():
         assert G.load_graph(G.dump_graph(graph)) == graph
         G.equation(graph)
         G.mutate(graph, rng)
+
+
+def test_equation_does_not_fold_ops_that_depend_on_the_action_count():
+    # q_t - q_t is a constant *vector*: softmax of it is 1/A, not 1, and argmax of it is an
+    # action, so neither may be folded into a number.
+    g = G.load_graph("""
+nodes:
+  - {id: z, op: subtract, in: [q_t, q_t]}
+  - {id: p, op: softmax, in: [z]}
+  - {id: h, op: entropy, in: [p]}
+  - {id: a, op: argmax_list, in: [z]}
+  - {id: s, op: select, in: [q_tm1, a]}
+  - {id: loss, op: add, in: [h, s]}
+output: loss
+""")
+    eq = G.equation(g)
+    assert "entropy(softmax(0))" in eq and "argmax(0)" in eq, eq

@@ -1,0 +1,422 @@
+"""Regularised evolution over loss graphs: ``metabench discover evolve``.
+
+Co-Reyes et al. 2021, "Evolving Reinforcement Learning Algorithms" (ICLR), searched the
+space of :mod:`metabench.graphs` losses with regularised evolution (Real et al. 2019): keep a
+population; repeatedly pick the fittest of a random tournament, mutate it, train fresh DQN
+agents with the child's loss, add the child and remove the *oldest* member (not the worst),
+which keeps the search from clinging to lucky evaluations. Their two savings are here:
+
+- **functional equivalence**: a child whose :func:`~metabench.graphs.functional_hash` was seen
+  before is not trained again; it joins the population with the cached fitness;
+- **hurdle**: a child is first trained on a cheap hurdle (the task's first train env at a
+  fraction of the budget); below ``hurdle_threshold`` it is not trained further and keeps its
+  hurdle score as fitness.
+
+A third, free saving: a loss with no gradient in ``q_tm1`` cannot train the agent at all, so
+it gets fitness 0 without training.
+
+Batching. Children are made ``children`` at a time (each from its own tournament) and trained
+together in one compiled call, vmapped over candidates and seeds: the loss graphs go through
+:func:`metabench.graphs.interpreter_rule` as encoded tables, so the whole search compiles the
+training loop once per (env, budget) instead of once per candidate. All candidates share the
+seed keys (common random numbers), which makes their scores more comparable.
+
+Fitness is the mean, over the task's train envs and seeds, of the normalised final return
+(failed or NaN runs score 0). Only the train split is ever used.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from metabench import graphs, harness
+from metabench.results import write_json_atomic
+from metabench.spec import EnvSpec, TaskSpec, require_calibrated
+
+FAMILY = "td_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolveConfig:
+    """Settings of one search (defaults: a CPU-sized demonstration; see the README for a
+    real search)."""
+
+    population: int = 16
+    """Individuals kept; the oldest leaves when a child joins (paper: 300)."""
+    tournament: int = 4
+    """Random members a parent is the fittest of (paper: 25)."""
+    children: int = 4
+    """Children per generation, trained together in one compiled call (also the batch in
+    which the initial population is trained)."""
+    generations: int = 8
+    """Generations after the initial population; children evaluated = generations x
+    children."""
+    graph_nodes: int = 10
+    """Non-input nodes per graph; the bootstrap graph is padded with random unused nodes up
+    to this size so that mutations can wire them in."""
+    bootstrap: str | None = "dqn"
+    """A library graph (``dqn``, ``dqn_reg``, ``dqn_clipped``) that seeds the population
+    (itself plus mutants of it), or None to start from random graphs."""
+    seeds: int = 2
+    """Fresh agents per candidate and env."""
+    timesteps: int | None = None
+    """Env steps per agent in the full evaluation; None uses the task's budget."""
+    hurdle_timesteps: int | None = None
+    """Env steps per agent on the hurdle; None is a third of ``timesteps``."""
+    hurdle_threshold: float | None = 0.05
+    """Normalised hurdle score a child needs to be trained fully; None disables the hurdle."""
+    hurdle_env: str | None = None
+    """Name of the train env used as hurdle; None is the first."""
+    seed: int = 0
+    """Seed of the search's own randomness (tournaments, mutations, initial graphs)."""
+
+    def __post_init__(self):
+        for name in ("population", "tournament", "children", "graph_nodes", "seeds"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.generations < 0:
+            raise ValueError(f"generations must be >= 0, got {self.generations}")
+        if self.tournament > self.population:
+            raise ValueError(f"tournament ({self.tournament}) exceeds population "
+                             f"({self.population})")
+        for name in ("timesteps", "hurdle_timesteps"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be positive, got {v!r}")
+        if self.bootstrap is not None:
+            if self.bootstrap not in graphs.library():
+                raise ValueError(f"bootstrap must be one of {sorted(graphs.library())} or "
+                                 f"None, got {self.bootstrap!r}")
+            g = graphs.library()[self.bootstrap]
+            need = len(g.nodes) - len(graphs.INPUTS)
+            if self.graph_nodes < need:
+                raise ValueError(f"graph_nodes ({self.graph_nodes}) is smaller than the "
+                                 f"bootstrap graph {self.bootstrap!r} ({need} nodes)")
+
+
+class Individual(NamedTuple):
+    """One evaluated (or cache-scored) graph."""
+
+    id: int
+    graph: graphs.Graph
+    hash: str
+    fitness: float
+    status: str
+    """``trained`` (full evaluation), ``hurdle_failed``, ``no_q_gradient`` or ``cached``."""
+    generation: int
+    """-1 for the initial population."""
+    parent: int | None
+
+
+class Evaluation(NamedTuple):
+    """What an evaluator says about one graph."""
+
+    fitness: float
+    status: str
+    """``trained``, ``hurdle_failed`` or ``no_q_gradient``."""
+    hurdle: float | None
+    """The hurdle score, when a hurdle was run."""
+    scores: dict[str, float]
+    """Per train env, the mean normalised score (full evaluations only)."""
+
+
+def pad_graph(graph: graphs.Graph, n_nodes: int, rng: np.random.Generator) -> graphs.Graph:
+    """``graph`` (inputs first, as loaded) with random unused nodes inserted after the inputs
+    until it has ``n_nodes`` non-input nodes; computes the same function."""
+    n_in = len(graphs.INPUTS)
+    body = graph.nodes[n_in:]
+    extra = n_nodes - len(body)
+    if extra <= 0:
+        return graph
+    filler = graphs.random_graph(rng, extra).nodes[n_in:]
+    shift = lambda j: j if j < n_in else j + extra  # noqa: E731
+    moved = tuple(dataclasses.replace(n, inputs=tuple(shift(j) for j in n.inputs))
+                  for n in body)
+    return graphs.Graph(graph.nodes[:n_in] + filler + moved, shift(graph.output),
+                        name=graph.name)
+
+
+def _hash_inputs_jax():
+    return {k: jnp.asarray(v) for k, v in graphs._hash_inputs().items()}
+
+
+@jax.jit
+def _q_gradient_norm(enc: graphs.EncodedGraph, x: dict) -> jax.Array:
+    rule = graphs.interpreter_rule()
+    g = jax.grad(lambda q: jnp.mean(rule.apply(enc, {**x, "q_tm1": q})))(x["q_tm1"])
+    return jnp.max(jnp.abs(g))
+
+
+def _stack(encs: Sequence[graphs.EncodedGraph], size: int) -> graphs.EncodedGraph:
+    # Pad the batch with copies of its last member so that every call has one shape.
+    encs = list(encs) + [encs[-1]] * (size - len(encs))
+    return graphs.EncodedGraph(*(np.stack(xs) for xs in zip(*encs)))
+
+
+def _seed_scores(run: harness.EnvRun, window: float) -> float:
+    recs = harness.run_records(run, window)
+    return float(np.mean([r["score"] if r["score"] is not None else 0.0 for r in recs]))
+
+
+class TrainSplitFitness:
+    """The search's fitness: trains batches of graphs on the task's train split (hurdle
+    first), ``children`` candidates x ``seeds`` per compiled call.
+
+    An evaluator is any callable from a list of graphs to a list of :class:`Evaluation`;
+    ``info()`` (optional) describes it in the search's summary, ``env_steps`` (optional)
+    counts the env steps it simulated (padding included: that compute was spent).
+    """
+
+    def __init__(self, task: TaskSpec, cfg: EvolveConfig):
+        require_calibrated(task, "train")
+        self.task, self.cfg = task, cfg
+        self.train = task.split("train")
+        names = [e.name for e in self.train]
+        if cfg.hurdle_env is not None and cfg.hurdle_env not in names:
+            raise ValueError(f"hurdle_env {cfg.hurdle_env!r} is not a train env of {task.id} "
+                             f"({', '.join(names)})")
+        self.hurdle_spec = self.train[names.index(cfg.hurdle_env) if cfg.hurdle_env else 0]
+        self.timesteps = int(cfg.timesteps or task.total_timesteps)
+        self.hurdle_timesteps = int(cfg.hurdle_timesteps or max(1, self.timesteps // 3))
+        self.env_steps = 0
+        self.x = _hash_inputs_jax()
+
+    def info(self) -> dict:
+        return {"train_envs": [e.name for e in self.train], "seeds": self.cfg.seeds,
+                "timesteps": self.timesteps, "hurdle_env": self.hurdle_spec.name,
+                "hurdle_timesteps": self.hurdle_timesteps,
+                "hurdle_threshold": self.cfg.hurdle_threshold}
+
+    def _run(self, spec: EnvSpec, batch: graphs.EncodedGraph, n: int,
+             timesteps: int) -> list[float]:
+        runs = harness.train_population(FAMILY, graphs.interpreter_rule(), batch, self.task,
+                                        spec, range(self.cfg.seeds), total_timesteps=timesteps)
+        self.env_steps += len(runs) * self.cfg.seeds * runs[0].updates_done \
+            * runs[0].steps_per_update
+        if runs[0].failure and "while compiling" in runs[0].failure:
+            raise RuntimeError(f"the search's training call failed to compile on {spec.name}: "
+                               f"{runs[0].failure}")
+        return [_seed_scores(r, self.task.scoring.window) for r in runs[:n]]
+
+    def __call__(self, graph_list: Sequence[graphs.Graph]) -> list[Evaluation]:
+        k = self.cfg.children
+        encs = [graphs.encode(g, self.cfg.graph_nodes) for g in graph_list]
+        out: list[Evaluation | None] = [None] * len(encs)
+        todo = []
+        for i, e in enumerate(encs):
+            if float(_q_gradient_norm(e, self.x)) == 0.0:
+                out[i] = Evaluation(0.0, "no_q_gradient", None, {})
+            else:
+                todo.append(i)
+        for lo in range(0, len(todo), k):
+            part = todo[lo:lo + k]
+            hurdle: dict[int, float] = {}
+            passed = part
+            if self.cfg.hurdle_threshold is not None:
+                scores = self._run(self.hurdle_spec, _stack([encs[i] for i in part], k),
+                                   len(part), self.hurdle_timesteps)
+                hurdle = dict(zip(part, scores))
+                passed = [i for i in part if hurdle[i] >= self.cfg.hurdle_threshold]
+                for i in part:
+                    if i not in passed:
+                        out[i] = Evaluation(hurdle[i], "hurdle_failed", hurdle[i], {})
+            if not passed:
+                continue
+            per_env = {}
+            for spec in self.train:
+                per_env[spec.name] = self._run(spec, _stack([encs[i] for i in passed], k),
+                                               len(passed), self.timesteps)
+            for j, i in enumerate(passed):
+                scores = {name: s[j] for name, s in per_env.items()}
+                out[i] = Evaluation(float(np.mean(list(scores.values()))), "trained",
+                                    hurdle.get(i), scores)
+        return out  # type: ignore[return-value]
+
+
+def _record(ind: Individual, ev: Evaluation | None, cached_from: int | None) -> dict:
+    return {"id": ind.id, "generation": ind.generation, "parent": ind.parent,
+            "hash": ind.hash, "status": ind.status, "fitness": ind.fitness,
+            "hurdle_score": None if ev is None else ev.hurdle,
+            "scores": {} if ev is None else ev.scores, "cached_from": cached_from,
+            "equation": graphs.equation(ind.graph), "graph": graphs.dump_graph(ind.graph)}
+
+
+class EvolveResult(NamedTuple):
+    best: Individual
+    history: list[dict]
+    summary: dict
+    out_dir: Path
+
+
+def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
+           evaluator: Callable[[list[graphs.Graph]], list[Evaluation]] | None = None,
+           command: str | None = None, log: Callable[[str], None] = print,
+           author: str = "metabench discover evolve") -> EvolveResult:
+    """Runs the search; writes ``history.jsonl`` (every individual: graph, hash, status,
+    scores), ``summary.json`` (config, budget, best-so-far curve, provenance; rewritten each
+    generation) and ``submission/`` (the best loss as a ready ``td_loss`` graph submission
+    with its disclosure filled in) under ``out_dir``. ``evaluator`` defaults to
+    :class:`TrainSplitFitness`."""
+    if FAMILY not in task.families():
+        raise ValueError(f"task {task.id} has no {FAMILY} agent config")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hist_path = out_dir / "history.jsonl"
+    hist_path.write_text("")
+    rng = np.random.default_rng(cfg.seed)
+    evaluate = TrainSplitFitness(task, cfg) if evaluator is None else evaluator
+    info = evaluate.info() if hasattr(evaluate, "info") else {}
+    seen: dict[str, int] = {}  # functional hash -> id of the individual trained for it
+    everyone: dict[int, Individual] = {}
+    history: list[dict] = []
+    curve: list[dict] = []
+    t0 = time.perf_counter()
+    n_trained = 0
+
+    def add(graph_list, parents, generation) -> list[Individual]:
+        nonlocal n_trained
+        hashes = [graphs.functional_hash(g) for g in graph_list]
+        new, first = [], {}
+        for i, h in enumerate(hashes):
+            if h not in seen and h not in first:
+                first[h] = i
+                new.append(i)
+        results = dict(zip(new, evaluate([graph_list[i] for i in new]))) if new else {}
+        made = []
+        for i, (g, h) in enumerate(zip(graph_list, hashes)):
+            ident = len(everyone)
+            if i in results:
+                ev, cached_from = results[i], None
+                ind = Individual(ident, g, h, ev.fitness, ev.status, generation, parents[i])
+                seen[h] = ident
+                n_trained += ev.status != "no_q_gradient"
+            else:
+                # Seen before, or a later copy within this batch (whose first copy was
+                # registered a few iterations ago).
+                ev, cached_from = None, seen[h]
+                ind = Individual(ident, g, h, everyone[cached_from].fitness, "cached",
+                                 generation, parents[i])
+            everyone[ident] = ind
+            rec = _record(ind, ev, cached_from)
+            history.append(rec)
+            with open(hist_path, "a") as f:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+            made.append(ind)
+        return made
+
+    def summary(done: bool, generation: int) -> dict:
+        best = max(everyone.values(), key=lambda d: d.fitness)
+        return {
+            "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+                     "train_envs": [e.name for e in task.split("train")]},
+            "config": dataclasses.asdict(cfg), "evaluation": info,
+            "generation": generation, "done": done,
+            "individuals": len(everyone), "trained": n_trained,
+            "cached": sum(d.status == "cached" for d in everyone.values()),
+            "hurdle_failed": sum(d.status == "hurdle_failed" for d in everyone.values()),
+            "no_q_gradient": sum(d.status == "no_q_gradient" for d in everyone.values()),
+            "env_steps": getattr(evaluate, "env_steps", 0), "wall_s": time.perf_counter() - t0,
+            "best": {"id": best.id, "fitness": best.fitness, "hash": best.hash,
+                     "equation": graphs.equation(best.graph)},
+            "curve": curve,
+            "provenance": harness.provenance(command),
+        }
+
+    if cfg.bootstrap is not None:
+        base = pad_graph(graphs.library()[cfg.bootstrap], cfg.graph_nodes, rng)
+        initial = [base] + [graphs.mutate(base, rng) for _ in range(cfg.population - 1)]
+    else:
+        initial = [graphs.random_graph(rng, cfg.graph_nodes) for _ in range(cfg.population)]
+    log(f"evolve: {task.id} train split, population {cfg.population}, {cfg.generations} "
+        f"generations x {cfg.children} children; fitness "
+        + ", ".join(f"{k} {v}" for k, v in info.items()))
+    population = collections.deque(add(initial, [None] * len(initial), -1))
+
+    def note(generation: int) -> None:
+        best = max(everyone.values(), key=lambda d: d.fitness)
+        curve.append({"generation": generation, "individuals": len(everyone),
+                      "trained": n_trained, "best_fitness": best.fitness,
+                      "population_mean": float(np.mean([p.fitness for p in population])),
+                      "env_steps": getattr(evaluate, "env_steps", 0),
+                      "wall_s": round(time.perf_counter() - t0, 2)})
+        write_json_atomic(out_dir / "summary.json", summary(False, generation))
+        log(f"  generation {generation:3d}: best {best.fitness:.3f}  population mean "
+            f"{curve[-1]['population_mean']:.3f}  trained {n_trained}  "
+            f"individuals {len(everyone)}  {curve[-1]['wall_s']:.0f}s  "
+            f"best = {graphs.equation(best.graph)[:80]}")
+
+    note(-1)
+    interrupted = False
+    try:
+        for gen in range(cfg.generations):
+            children, parents = [], []
+            members = list(population)
+            for _ in range(cfg.children):
+                picks = rng.choice(len(members), cfg.tournament, replace=False)
+                parent = max((members[j] for j in picks), key=lambda d: d.fitness)
+                children.append(graphs.mutate(parent.graph, rng))
+                parents.append(parent.id)
+            for child in add(children, parents, gen):
+                population.append(child)
+                population.popleft()
+            note(gen)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing what was found so far")
+    best = max(everyone.values(), key=lambda d: d.fitness)
+    final = summary(not interrupted, len(curve) - 2)
+    final["interrupted"] = interrupted
+    write_submission(out_dir / "submission", best, task, final, author)
+    write_json_atomic(out_dir / "summary.json", final)
+    return EvolveResult(best, history, final, out_dir)
+
+
+def write_submission(folder: Path, best: Individual, task: TaskSpec, summary: dict,
+                     author: str) -> Path:
+    """The best loss as a ``td_loss`` graph submission, with the search's disclosure and a
+    ``discovery.json`` recording its config, budget and command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"evolved_{best.hash[:8]}"
+    graph = dataclasses.replace(best.graph, name=name)
+    (folder / "loss.yaml").write_text(
+        f"# Found by `{summary['provenance']['command']}`\n# loss = "
+        f"{graphs.equation(graph)}\n" + graphs.dump_graph(graph))
+    hours = summary["wall_s"] / 3600 * summary["provenance"]["device"]["count"]
+    device = summary["provenance"]["device"]
+    sub = {
+        "name": name.replace("_", "-"),
+        "version": "1.0",
+        "authors": [author],
+        "affiliation": "",
+        "family": FAMILY,
+        "description": f"Loss found by regularised evolution on {task.id} (train split): "
+                       f"{graphs.equation(graph)}",
+        "licence": "Apache-2.0",
+        "rule": {"graph": "loss.yaml"},
+        "disclosure": {
+            "task": task.id,
+            "train_envs": [e.env for e in task.split("train")],
+            "env_steps": int(summary["env_steps"]),
+            "accelerator_hours": round(hours, 4),
+            "notes": (f"metabench discover evolve: {summary['individuals']} individuals, "
+                      f"{summary['trained']} trained, best train fitness "
+                      f"{best.fitness:.3f} (mean normalised final return; "
+                      f"{json.dumps(summary['evaluation'])}). "
+                      f"Device hours on {device['platform']} ({device['kind']}). Config, "
+                      "budget and command in discovery.json."),
+        },
+    }
+    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False,
+                                                           allow_unicode=True))
+    write_json_atomic(folder / "discovery.json", {**summary, "best_individual": best.id})
+    return folder

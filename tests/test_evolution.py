@@ -1,0 +1,201 @@
+"""The graph interpreter, population training and ``metabench discover evolve``."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import graphs, harness, spec, submission
+from metabench.cli import main
+from metabench.discover import EvolveConfig, evolve
+from metabench.discover.evolution import Evaluation, pad_graph
+from metabench.families import td_loss
+
+from conftest import write_task
+
+RULE = graphs.interpreter_rule()
+MAX = 14
+APPLY = jax.jit(RULE.apply)
+GRAD = jax.jit(jax.grad(lambda q, e, x: jnp.mean(RULE.apply(e, x._replace(q_tm1=q)))))
+
+# A cheap td_loss task: DQN passes CartPole's hurdle within 4000 steps and learns in 8000.
+CHEAP = """
+id: cheap-td
+description: a cheap CartPole task for searching losses
+total_timesteps: 8000
+seed: 0
+train:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+agents:
+  td_loss: {num_envs: 4, buffer_size: 5000, batch_size: 64, eps_decay_steps: 2000,
+            learning_starts: 500, target_update_period: 200, train_every: 4, lr: 0.001,
+            hidden: [64, 64]}
+budget: {seeds: 2, max_seconds_per_env: 600}
+scoring: {bootstrap_reps: 200}
+"""
+
+
+def _graphs(n: int, seed: int = 0) -> list[graphs.Graph]:
+    rng = np.random.default_rng(seed)
+    return list(graphs.library().values()) + [graphs.random_graph(rng, 10) for _ in range(n)]
+
+
+def test_interpreter_equals_compiled_graphs_in_value_and_gradient():
+    x = td_loss.random_inputs(jax.random.PRNGKey(3), 48, 4)
+    for g in _graphs(40):
+        enc = graphs.encode(g, MAX)
+        rule = graphs.compile_graph(g)
+        want = jax.jit(rule.apply)({}, x)
+        np.testing.assert_allclose(APPLY(enc, x), want, rtol=2e-6, atol=1e-6,
+                                   err_msg=graphs.equation(g))
+        want_g = jax.grad(lambda q: jnp.mean(rule.apply({}, x._replace(q_tm1=q))))(x.q_tm1)
+        np.testing.assert_allclose(GRAD(x.q_tm1, enc, x), want_g, rtol=1e-5, atol=1e-7,
+                                   err_msg=graphs.equation(g))
+
+
+def test_interpreter_vmaps_over_a_population_of_graphs():
+    x = td_loss.random_inputs(jax.random.PRNGKey(4), 16, 3)
+    gs = _graphs(5, seed=1)
+    encs = [graphs.encode(g, MAX) for g in gs]
+    batch = graphs.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
+    out = jax.vmap(RULE.apply, in_axes=(0, None))(batch, x)
+    for g, o in zip(gs, out):
+        np.testing.assert_allclose(o, graphs.compile_graph(g).apply({}, x), rtol=2e-6,
+                                   atol=1e-6)
+
+
+def test_encode_rejects_graphs_larger_than_the_interpreter():
+    g = graphs.library()["dqn_clipped"]
+    live = sum(not g.nodes[i].op.startswith("input:") for i in graphs.live_nodes(g))
+    with pytest.raises(graphs.GraphError, match=f"{live} live nodes.*holds 3"):
+        graphs.encode(g, 3)
+
+
+def test_pad_graph_keeps_the_function_and_reaches_the_size():
+    rng = np.random.default_rng(0)
+    for name, g in graphs.library().items():
+        padded = pad_graph(g, 16, rng)
+        assert len(padded.nodes) == len(graphs.INPUTS) + 16
+        assert graphs.functional_hash(padded) == graphs.functional_hash(g)
+        assert graphs.equation(padded) == graphs.equation(g)
+
+
+def test_population_training_equals_single_rule_training(tmp_path):
+    task = spec.load(write_task(tmp_path, CHEAP.replace("8000", "2000"), "cheap"))
+    gs = [graphs.library()["dqn"], graphs.library()["dqn_reg"]]
+    encs = [graphs.encode(g, MAX) for g in gs]
+    batch = graphs.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
+    env = task.train[0]
+    pop = harness.train_population("td_loss", RULE, batch, task, env, [0, 1])
+    assert len(pop) == 2 and pop[0].updates_done == 500
+    for g, run in zip(gs, pop):
+        ref = harness.RuleRef(g.name, "td_loss", graphs.compile_graph(g), {})
+        single = harness.train_env(ref, task, env, [0, 1])
+        # Same seeds, same rule: the same losses (to float tolerance: vmapping over
+        # candidates may reorder reductions) and the same episodes early on.
+        np.testing.assert_allclose(run.loss[:, :300], single.loss[:, :300], rtol=1e-3,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(run.episodes[:, :100], single.episodes[:, :100])
+
+
+def _distance_fitness(target: graphs.Graph):
+    """A cheap, exact fitness: the correlation of a graph's outputs with ``target``'s on fixed
+    inputs (1 when equal up to scale and shift). It exercises the search itself, not RL."""
+    x = td_loss.random_inputs(jax.random.PRNGKey(0), 64, 4)
+    want = np.asarray(graphs.compile_graph(target).apply({}, x))
+    calls: list[str] = []
+
+    def fitness(gs):
+        out = []
+        for g in gs:
+            calls.append(graphs.functional_hash(g))
+            got = np.asarray(graphs.compile_graph(g).apply({}, x), np.float64)
+            ok = np.all(np.isfinite(got)) and np.std(got) > 1e-9
+            corr = float(np.corrcoef(got, want)[0, 1]) if ok else 0.0
+            out.append(Evaluation(max(corr, 0.0), "trained", None, {}))
+        return out
+
+    return fitness, calls
+
+
+def test_evolution_improves_the_best_score_and_never_retrains_a_hash(tmp_path):
+    task = spec.load(write_task(tmp_path, CHEAP, "cheap"))
+    fitness, calls = _distance_fitness(graphs.library()["dqn_reg"])
+    cfg = EvolveConfig(population=12, tournament=4, children=6, generations=25,
+                       graph_nodes=10, bootstrap=None, seed=3)
+    res = evolve(task, cfg, tmp_path / "run", evaluator=fitness, log=lambda _: None)
+    curve = res.summary["curve"]
+    assert len(curve) == 26 and curve[0]["generation"] == -1
+    best = [c["best_fitness"] for c in curve]
+    assert best == sorted(best)  # best-so-far never drops
+    assert best[-1] > best[0] + 0.1, best  # and the search climbs (0.40 -> 0.66 here)
+    # The paper's first saving: a functional hash is evaluated at most once, and duplicates
+    # (which mutation does produce) join with the cached fitness instead.
+    assert len(calls) == len(set(calls))
+    hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert len(hist) == 12 + 25 * 6 == res.summary["individuals"]
+    cached = [h for h in hist if h["status"] == "cached"]
+    assert cached and res.summary["cached"] == len(cached)
+    by_id = {h["id"]: h for h in hist}
+    for h in cached:
+        assert by_id[h["cached_from"]]["hash"] == h["hash"]
+        assert h["fitness"] == by_id[h["cached_from"]]["fitness"]
+    assert len(calls) == len(hist) - len(cached)
+    # Regularised evolution: children descend from members of the population.
+    assert all(h["parent"] is not None for h in hist if h["generation"] >= 0)
+    assert graphs.load_graph(hist[0]["graph"]).nodes  # the history holds loadable graphs
+
+
+def test_evolve_config_errors():
+    with pytest.raises(ValueError, match="tournament .5. exceeds population .4."):
+        EvolveConfig(population=4, tournament=5)
+    with pytest.raises(ValueError, match="bootstrap must be one of"):
+        EvolveConfig(bootstrap="nope")
+    with pytest.raises(ValueError, match="graph_nodes .3. is smaller than the bootstrap"):
+        EvolveConfig(graph_nodes=3, bootstrap="dqn_clipped")
+
+
+def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
+    path = write_task(tmp_path, CHEAP, "cheap")
+    out = tmp_path / "search"
+    code = main(["discover", "evolve", "--task", str(path), "--population", "6",
+                 "--tournament", "3", "--children", "3", "--generations", "2",
+                 "--graph-nodes", "8", "--timesteps", "8000", "--hurdle-timesteps", "4000",
+                 "--seed", "1", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best fitness" in printed and "submission:" in printed
+    hist = [json.loads(line) for line in (out / "history.jsonl").open()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] and summary["individuals"] == len(hist) == 12
+    status = collections.Counter(h["status"] for h in hist)
+    trained = [h for h in hist if h["status"] in ("trained", "hurdle_failed")]
+    assert len({h["hash"] for h in trained}) == len(trained)
+    # The bootstrap DQN (individual 0) passes the hurdle and learns CartPole.
+    assert hist[0]["status"] == "trained" and hist[0]["equation"].startswith("(select(q_tm1")
+    assert hist[0]["hurdle_score"] >= 0.05 and hist[0]["fitness"] > 0.15
+    assert summary["best"]["fitness"] >= hist[0]["fitness"]
+    # Only trained candidates (and the batch padding) cost env steps: hurdle at 4000 steps,
+    # full runs at 8000, two seeds, batches of 3.
+    assert summary["env_steps"] % (2 * 4000) == 0 and summary["env_steps"] > 0
+    assert sum(status.values()) == 12
+    # The best loss is a ready submission that the checks accept, with its disclosure.
+    sub = submission.load(out / "submission")
+    assert sub.family == "td_loss" and sub.entry == "graph:loss.yaml"
+    assert sub.disclosure.task == "cheap-td" and sub.disclosure.env_steps == summary["env_steps"]
+    assert sub.disclosure.train_envs == ("gymnax/CartPole-v1",)
+    loss = graphs.load_graph(out / "submission" / "loss.yaml")
+    assert graphs.functional_hash(loss) == summary["best"]["hash"]
+    discovery = json.loads((out / "submission" / "discovery.json").read_text())
+    assert discovery["provenance"]["command"].startswith("metabench discover evolve --task")
+    assert discovery["config"]["population"] == 6
+    assert submission.check(out / "submission").ok
