@@ -85,3 +85,5 @@ def _load_backends() -> None:
     if not _LOADED:
         _LOADED = True
         from metabench.envs import gymnax as _gymnax  # noqa: F401
+        from metabench.envs import chains as _chains  # noqa: F401
+        from metabench.envs import grids as _grids  # noqa: F401

@@ -1,0 +1,476 @@
+"""Meta-training the Learned Policy Gradient: ``metabench discover lpg``.
+
+Oh et al. 2020 meta-train LPG's parameters ``eta`` by gradient: a population of agents lives
+lifetimes in environments drawn from the training distribution; every meta-step each agent
+makes ``K`` updates with the rule (a sliding window of its lifetime), and ``eta`` follows the
+gradient, *through those K updates*, of the updated agent's policy-gradient objective on fresh
+experience, plus four regularisers (Oh et al. 2020, section 3.3):
+
+    J(eta) = E[log pi_K(a|s) A]  +  b_pi H(pi_K)  +  b_y H(y_K)
+             -  b_pihat E[pi_hat^2]  -  b_yhat E[||y_hat||^2]
+
+``pi_K`` and ``y_K`` are the agent after its K updates, ``A`` is the advantage of the
+validation rollout (discounted reward-to-go within the rollout, centred and scaled over the
+batch: no critic, so the meta-objective stays rule-agnostic), and ``pi_hat``, ``y_hat`` are
+the rule's outputs during the K updates. Lifetimes continue across meta-steps and are reset
+(fresh agent, new env level) when they reach ``lifetime_updates``; their starts are staggered
+so that the population always spans early and late learning.
+
+Hyperparameter balancing. Good agent learning rates differ across environments, and a rule
+meta-trained at one rate over-fits it. As in the paper, each lifetime draws its agent learning
+rate from a per-environment bandit over ``lr_arms``: arms are scored by the mean return of the
+lifetimes that used them (a running average), and drawn by a softmax over standardised scores
+(``bandit_temperature``).
+
+Everything per environment (K updates of a population of lifetimes and the meta-gradient) is
+one jitted call; environments with different observation spaces need separate agents, so
+their meta-gradients are averaged in Python and one Adam step is taken on ``eta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from metabench import harness
+from metabench.families import lpg as lpg_family
+from metabench.results import write_json_atomic
+from metabench.spec import EnvSpec, TaskSpec
+
+FAMILY = "lpg"
+
+
+@dataclasses.dataclass(frozen=True)
+class LPGDiscoverConfig:
+    """Settings of ``metabench discover lpg`` (defaults: CPU-sized)."""
+
+    meta_steps: int = 200
+    """Meta-gradient steps."""
+    lifetimes: int = 8
+    """Parallel lifetimes per train env."""
+    inner_updates: int = 5
+    """K: agent updates per meta-step that the meta-gradient goes through."""
+    lifetime_updates: int | None = None
+    """Agent updates per lifetime; None uses the task's budget (total_timesteps over the
+    agent's steps per update)."""
+    meta_lr: float = 1e-3
+    """Adam learning rate on eta."""
+    meta_grad_clip: float = 1.0
+    """Global-norm clip of the meta-gradient."""
+    beta_pi_entropy: float = 0.01
+    """Weight of the entropy of the updated policy in the meta-objective."""
+    beta_y_entropy: float = 0.001
+    """Weight of the entropy of the updated prediction y."""
+    beta_pi_hat: float = 0.001
+    """Weight of the L2 penalty on pi_hat."""
+    beta_y_hat: float = 0.001
+    """Weight of the L2 penalty on y_hat."""
+    hidden: int = 32
+    """LSTM units of the rule (the paper uses 256)."""
+    lr_arms: tuple[float, ...] = ()
+    """Agent learning rates the bandit balances over; empty uses only the task's rate."""
+    bandit_temperature: float = 1.0
+    """Softmax temperature over standardised arm scores."""
+    seed: int = 0
+    """Seed of the meta-training."""
+    checkpoint_every: int = 10
+    """Meta-steps between checkpoints (a stopped run resumes from the last one)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "lr_arms", tuple(float(a) for a in self.lr_arms))
+        for name in ("meta_steps", "lifetimes", "inner_updates", "hidden", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.lifetime_updates is not None and self.lifetime_updates < self.inner_updates:
+            raise ValueError(f"lifetime_updates ({self.lifetime_updates}) must be at least "
+                             f"inner_updates ({self.inner_updates})")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
+        if any(a <= 0 for a in self.lr_arms):
+            raise ValueError(f"lr_arms must be positive, got {self.lr_arms}")
+
+
+class Lifetimes(NamedTuple):
+    """A population of agents mid-lifetime (leaves have a leading lifetime axis)."""
+
+    agent: lpg_family.RunnerState
+    age: jax.Array
+    """Agent updates done in the current lifetime."""
+    arm: jax.Array
+    """Index of the learning-rate arm this lifetime uses."""
+    ret_sum: jax.Array
+    """Sum of returns of episodes finished in this lifetime (for the bandit)."""
+    episodes: jax.Array
+    """Episodes finished in this lifetime."""
+
+
+class MetaStats(NamedTuple):
+    objective: jax.Array
+    """The policy-gradient surrogate of the updated agents (its gradient is the meta-grad)."""
+    validation_return: jax.Array
+    """Mean undiscounted reward per step of the validation rollouts."""
+    pi_entropy: jax.Array
+    y_entropy: jax.Array
+    pi_hat_sq: jax.Array
+    y_hat_sq: jax.Array
+    finished_return: jax.Array
+    """Sum of returns of lifetimes that ended this meta-step, per arm ``[arms]``."""
+    finished_count: jax.Array
+    """How many lifetimes ended this meta-step, per arm ``[arms]``."""
+
+
+def _reward_to_go(reward: jax.Array, done: jax.Array, gamma: float) -> jax.Array:
+    """Discounted return within the rollout (``[T, N]``), cut at episode ends."""
+    def back(acc, xs):
+        r, d = xs
+        acc = r + gamma * (1.0 - d) * acc
+        return acc, acc
+
+    _, g = jax.lax.scan(back, jnp.zeros_like(reward[0]), (reward, done), reverse=True)
+    return g
+
+
+def meta_objective(logits, y_logits, actions, adv, pi_hat_sq, y_hat_sq,
+                   cfg: LPGDiscoverConfig):
+    """``J`` of the module docstring for one batch of the updated agent's outputs
+    (``logits [N, A]``, ``y_logits [N, m]``, ``actions [N]``, advantages ``[N]``, treated as
+    constants) and the mean squares of the rule's outputs. Returns ``(J, (pg, H(pi), H(y)))``."""
+    logp_all = jax.nn.log_softmax(logits)
+    logp = jnp.take_along_axis(logp_all, actions[:, None].astype(jnp.int32), 1)[:, 0]
+    pg = jnp.mean(logp * jax.lax.stop_gradient(adv))
+    pi_ent = -jnp.mean(jnp.sum(jnp.exp(logp_all) * logp_all, -1))
+    log_y = jax.nn.log_softmax(y_logits)
+    y_ent = -jnp.mean(jnp.sum(jnp.exp(log_y) * log_y, -1))
+    objective = (pg + cfg.beta_pi_entropy * pi_ent + cfg.beta_y_entropy * y_ent
+                 - cfg.beta_pi_hat * pi_hat_sq - cfg.beta_y_hat * y_hat_sq)
+    return objective, (pg, pi_ent, y_ent)
+
+
+class _EnvMeta:
+    """Per train env: the agent, the jitted meta-gradient over its lifetimes, resets."""
+
+    def __init__(self, spec: EnvSpec, task: TaskSpec, rule, cfg: LPGDiscoverConfig):
+        self.spec = spec
+        env, _, sampler = spec.make()
+        self.config = task.agent_config(FAMILY, spec)
+        self.arms = cfg.lr_arms or (self.config.lr,)
+        config = dataclasses.replace(self.config, lr=1.0)  # the arm's rate scales the update
+        self.agent = lpg_family.make_agent(env, config, rule, sample_params=sampler)
+        self.steps_per_update = config.num_envs * config.rollout_len
+        self.lifetime_updates = int(cfg.lifetime_updates or max(
+            cfg.inner_updates, task.total_timesteps // self.steps_per_update))
+        self.cfg = cfg
+        agent, k = self.agent, cfg.inner_updates
+        gamma = config.gamma
+
+        def scaled_update(state, mp, traj, lr):
+            # The agent's optimiser runs at rate 1; the arm's rate scales its step, which is
+            # the same as building the optimiser at that rate (adam, rmsprop and sgd alike).
+            (value, target), grads = jax.value_and_grad(agent.loss, has_aux=True)(
+                state.params, mp, traj)
+            updates, opt_state = agent.optimiser.update(grads, state.opt_state, state.params)
+            updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
+            params = optax.apply_updates(state.params, updates)
+            return state._replace(params=params, opt_state=opt_state), target
+
+        def one_lifetime(mp, lt: Lifetimes, lr):
+            def body(state, _):
+                frozen = state._replace(params=jax.lax.stop_gradient(state.params))
+                frozen, traj, finished = agent.rollout(frozen)
+                state = state._replace(env_state=frozen.env_state, obs=frozen.obs,
+                                       episode_return=frozen.episode_return, rng=frozen.rng)
+                state, target = scaled_update(state, mp, traj, lr)
+                sq = (jnp.mean(target.pi_hat ** 2), jnp.mean(jnp.sum(target.y_hat ** 2, -1)))
+                return state, (finished, sq)
+
+            state, (finished, sq) = jax.lax.scan(body, lt.agent, None, length=k)
+            # Validation rollout with the updated agent: its policy-gradient objective.
+            frozen = state._replace(params=jax.lax.stop_gradient(state.params))
+            frozen, traj, fin_v = agent.rollout(frozen)
+            done = jnp.logical_or(traj.terminated, traj.truncated).astype(jnp.float32)
+            g = _reward_to_go(traj.reward, done, gamma)
+            adv = (g - g.mean()) / (g.std() + 1e-8)
+            logits, y_logits = agent.network.apply(
+                state.params, traj.obs.reshape((-1, *traj.obs.shape[2:])).astype(jnp.float32))
+            pi_hat_sq, y_hat_sq = jnp.mean(sq[0]), jnp.mean(sq[1])
+            objective, (pg, pi_ent, y_ent) = meta_objective(
+                logits, y_logits, traj.action.reshape(-1), adv.reshape(-1), pi_hat_sq,
+                y_hat_sq, cfg)
+            state = frozen._replace(params=jax.lax.stop_gradient(state.params),
+                                    opt_state=jax.lax.stop_gradient(state.opt_state))
+            ret_sum = lt.ret_sum + jnp.sum(finished[0]) + fin_v[0]
+            episodes = lt.episodes + jnp.sum(finished[1]) + fin_v[1]
+            new = Lifetimes(state, lt.age + k, lt.arm, ret_sum, episodes)
+            stats = (objective, jnp.mean(traj.reward), pi_ent, y_ent, pi_hat_sq, y_hat_sq)
+            return objective, (new, stats)
+
+        def population(mp, lts: Lifetimes, arm_lrs):
+            lrs = arm_lrs[lts.arm]
+            objs, (new, stats) = jax.vmap(one_lifetime, in_axes=(None, 0, 0))(mp, lts, lrs)
+            return jnp.mean(objs), (new, jax.tree_util.tree_map(jnp.mean, stats))
+
+        grad = jax.grad(population, has_aux=True)
+
+        def meta_grad(mp, lts: Lifetimes, arm_lrs, arm_probs, key):
+            g, (new, stats) = grad(mp, lts, arm_lrs)
+            # Lifetimes that reached their end: record their return for the bandit, restart.
+            ended = new.age >= self.lifetime_updates
+            mean_ret = new.ret_sum / jnp.maximum(new.episodes, 1.0)
+            n_arms = arm_lrs.shape[0]
+            onehot = jax.nn.one_hot(new.arm, n_arms) * ended[:, None]
+            fin_ret = jnp.sum(onehot * mean_ret[:, None], 0)
+            fin_cnt = jnp.sum(onehot, 0)
+            k_init, k_arm = jax.random.split(key)
+            fresh = self.fresh(jax.random.split(k_init, ended.shape[0]), k_arm, arm_probs)
+            pick = lambda a, b: jnp.where(  # noqa: E731
+                ended.reshape(ended.shape + (1,) * (a.ndim - 1)), b, a)
+            new = jax.tree_util.tree_map(pick, new, fresh)
+            return g, new, MetaStats(*stats, fin_ret, fin_cnt)
+
+        self.meta_grad = jax.jit(meta_grad)
+
+    def fresh(self, keys, arm_key, arm_probs) -> Lifetimes:
+        agent = jax.lax.map(self.agent.init, keys)
+        n = keys.shape[0]
+        arm = jax.random.choice(arm_key, arm_probs.shape[0], (n,), p=arm_probs)
+        z = jnp.zeros(n)
+        return Lifetimes(agent, jnp.zeros(n, jnp.int32), arm.astype(jnp.int32), z, z)
+
+    def start(self, key) -> Lifetimes:
+        """A population whose ages are staggered over the lifetime."""
+        n = self.cfg.lifetimes
+        probs = jnp.full(len(self.arms), 1.0 / len(self.arms))
+        k1, k2 = jax.random.split(key)
+        lts = jax.jit(self.fresh)(jax.random.split(k1, n), k2, probs)
+        # Staggered ages: a lifetime at age a ends after (lifetime - a) more updates.
+        span = self.lifetime_updates
+        ages = (jnp.arange(n) * span // n // self.cfg.inner_updates) * self.cfg.inner_updates
+        return lts._replace(age=ages.astype(jnp.int32))
+
+
+class Bandit:
+    """Per env, a running mean return per learning-rate arm and a softmax over them."""
+
+    def __init__(self, n_arms: int, temperature: float):
+        self.sums = np.zeros(n_arms)
+        self.counts = np.zeros(n_arms)
+        self.temperature = temperature
+
+    def update(self, ret_sum: np.ndarray, count: np.ndarray) -> None:
+        self.sums += ret_sum
+        self.counts += count
+
+    def probs(self) -> np.ndarray:
+        n = len(self.sums)
+        if n == 1:
+            return np.ones(1)
+        means = np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan)
+        if np.all(np.isnan(means)):
+            return np.full(n, 1.0 / n)
+        known = means[~np.isnan(means)]
+        z = (means - known.mean()) / (known.std() + 1e-8)
+        z = np.where(np.isnan(z), z[~np.isnan(z)].max(), z)  # untried arms look promising
+        p = np.exp((z - z.max()) / self.temperature)
+        return p / p.sum()
+
+    def state(self) -> dict:
+        return {"sums": self.sums.tolist(), "counts": self.counts.tolist()}
+
+    def load(self, d: dict) -> None:
+        self.sums, self.counts = np.asarray(d["sums"], float), np.asarray(d["counts"], float)
+
+
+def evaluate_objective(task: TaskSpec, cfg: LPGDiscoverConfig, eta: Any, seed: int = 0,
+                       repeats: int = 1) -> float:
+    """The meta-objective of ``eta`` on fixed lifetimes (drawn from ``seed``), averaged over
+    train envs and ``repeats`` meta-steps: comparable across ``eta`` (common random numbers),
+    so it shows what meta-training bought."""
+    rule = lpg_family.lpg(hidden=cfg.hidden)
+    out = []
+    for spec in task.split("train"):
+        e = _EnvMeta(spec, task, rule, cfg)
+        key = jax.random.PRNGKey(seed)
+        key, k = jax.random.split(key)
+        pop = e.start(k)
+        probs = jnp.full(len(e.arms), 1.0 / len(e.arms))
+        for _ in range(repeats):
+            key, k = jax.random.split(key)
+            _, pop, stats = e.meta_grad(eta, pop, jnp.asarray(e.arms, jnp.float32), probs, k)
+            out.append(float(stats.objective))
+    return float(np.mean(out))
+
+
+class DiscoverResult(NamedTuple):
+    meta_params: Any
+    curve: list[dict]
+    summary: dict
+    out_dir: Path
+
+
+def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
+             command: str | None = None, log: Callable[[str], None] = print,
+             author: str = "metabench discover lpg") -> DiscoverResult:
+    """Meta-trains LPG on ``task``'s train split; writes ``curve.jsonl``, checkpoints
+    (``checkpoint.npz`` + ``checkpoint.json``, resumed from when present and compatible),
+    ``summary.json`` and ``submission/`` (parameters + disclosure) under ``out_dir``."""
+    if FAMILY not in task.families():
+        raise ValueError(f"task {task.id} has no {FAMILY} agent config")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rule = lpg_family.lpg(hidden=cfg.hidden)
+    envs = [_EnvMeta(spec, task, rule, cfg) for spec in task.split("train")]
+    key = jax.random.PRNGKey(cfg.seed)
+    key, k_eta = jax.random.split(key)
+    eta = rule.init(k_eta)
+    opt = optax.chain(optax.clip_by_global_norm(cfg.meta_grad_clip), optax.adam(cfg.meta_lr))
+    opt_state = opt.init(eta)
+    bandits = [Bandit(len(e.arms), cfg.bandit_temperature) for e in envs]
+    pops = []
+    for e in envs:
+        key, k = jax.random.split(key)
+        pops.append(e.start(k))
+    start_step, curve, env_steps, wall_prev = 0, [], 0, 0.0
+    ckpt_json, ckpt_npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
+    config_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if ckpt_json.exists() and ckpt_npz.exists():
+        meta = json.loads(ckpt_json.read_text())
+        same = {k: v for k, v in meta["config"].items() if k != "meta_steps"} == \
+            {k: v for k, v in config_json.items() if k != "meta_steps"}
+        if same and meta["task"] == task.fingerprint() and meta["step"] <= cfg.meta_steps:
+            eta, opt_state, pops, key = _load_tree(ckpt_npz, (eta, opt_state, pops, key))
+            for b, d in zip(bandits, meta["bandits"]):
+                b.load(d)
+            start_step, curve = meta["step"], meta["curve"]
+            env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
+            log(f"resuming from meta-step {start_step} ({ckpt_json})")
+        else:
+            log(f"ignoring {ckpt_json}: it is from another config or task version")
+    update_eta = jax.jit(lambda g, s, p: _adam_step(opt, g, s, p))
+    t0 = time.perf_counter()
+    log(f"discover lpg: {task.id} train split ({', '.join(e.spec.name for e in envs)}), "
+        f"{cfg.lifetimes} lifetimes x {cfg.inner_updates} updates per meta-step, lifetimes of "
+        f"{', '.join(str(e.lifetime_updates) for e in envs)} updates, {cfg.meta_steps} "
+        f"meta-steps")
+
+    def save(step: int) -> None:
+        _save_tree(ckpt_npz, (eta, opt_state, pops, key))
+        write_json_atomic(ckpt_json, {
+            "config": config_json, "task": task.fingerprint(), "step": step, "curve": curve,
+            "bandits": [b.state() for b in bandits], "env_steps": env_steps,
+            "wall_s": wall_prev + time.perf_counter() - t0})
+
+    for step in range(start_step, cfg.meta_steps):
+        grads, rows = [], {}
+        for i, (e, b) in enumerate(zip(envs, bandits)):
+            key, k = jax.random.split(key)
+            probs = jnp.asarray(b.probs(), jnp.float32)
+            g, pops[i], stats = e.meta_grad(eta, pops[i], jnp.asarray(e.arms, jnp.float32),
+                                            probs, k)
+            stats = jax.device_get(stats)
+            b.update(np.asarray(stats.finished_return), np.asarray(stats.finished_count))
+            grads.append(g)
+            env_steps += cfg.lifetimes * (cfg.inner_updates + 1) * e.steps_per_update
+            rows[e.spec.name] = {"objective": float(stats.objective),
+                                 "validation_reward": float(stats.validation_return),
+                                 "pi_entropy": float(stats.pi_entropy),
+                                 "y_entropy": float(stats.y_entropy),
+                                 "arm_probs": [round(float(p), 4) for p in b.probs()]}
+        g = jax.tree_util.tree_map(lambda *xs: -sum(xs) / len(xs), *grads)  # ascend J
+        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g))
+        if not finite:
+            raise FloatingPointError(f"non-finite meta-gradient at meta-step {step}")
+        eta, opt_state = update_eta(g, opt_state, eta)
+        row = {"step": step + 1, "env_steps": env_steps,
+               "wall_s": round(wall_prev + time.perf_counter() - t0, 2), "envs": rows,
+               "objective": float(np.mean([r["objective"] for r in rows.values()])),
+               "validation_reward": float(np.mean([r["validation_reward"]
+                                                   for r in rows.values()]))}
+        curve.append(row)
+        with open(out_dir / "curve.jsonl", "a" if step else "w") as f:
+            f.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.meta_steps:
+            save(step + 1)
+            log(f"  meta-step {step + 1:4d}: objective {row['objective']:+.4f}  validation "
+                f"reward/step {row['validation_reward']:.4f}  {row['wall_s']:.0f}s")
+    summary = {
+        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+                 "train_envs": [e.spec.name for e in envs]},
+        "config": config_json,
+        "lifetime_updates": {e.spec.name: e.lifetime_updates for e in envs},
+        "env_steps": env_steps, "wall_s": wall_prev + time.perf_counter() - t0,
+        "meta_steps": cfg.meta_steps, "provenance": harness.provenance(command),
+        "curve_first": curve[0] if curve else None, "curve_last": curve[-1] if curve else None,
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    write_submission(out_dir / "submission", eta, task, summary, author)
+    return DiscoverResult(eta, curve, summary, out_dir)
+
+
+def _save_tree(path: Path, tree: Any) -> None:
+    # Leaves in flattening order; the structure comes from a freshly built tree on load.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, *[np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
+    tmp.replace(path)
+
+
+def _load_tree(path: Path, like: Any) -> Any:
+    with np.load(path, allow_pickle=False) as z:
+        leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
+    treedef = jax.tree_util.tree_structure(like)
+    if treedef.num_leaves != len(leaves):
+        raise ValueError(f"{path} does not match this run's state")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _adam_step(opt, g, s, p):
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+
+def write_submission(folder: Path, eta: Any, task: TaskSpec, summary: dict,
+                     author: str) -> Path:
+    """LPG's meta-parameters as a ready ``lpg`` submission (``factory: lpg`` with the
+    parameter file), disclosure filled in, ``discovery.json`` beside it."""
+    from metabench.submission import save_params
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = save_params(folder / "params.npz", jax.device_get(eta))
+    device = summary["provenance"]["device"]
+    hours = summary["wall_s"] / 3600 * device["count"]
+    sub = {
+        "name": f"lpg-{task.id}",
+        "version": "1.0",
+        "authors": [author],
+        "affiliation": "",
+        "family": FAMILY,
+        "description": f"LPG meta-trained by `metabench discover lpg` on {task.id} (train "
+                       "split).",
+        "paper": "https://arxiv.org/abs/2007.08794",
+        "licence": "Apache-2.0",
+        "rule": {"factory": "lpg", "kwargs": {"hidden": summary["config"]["hidden"]}},
+        "params": {"file": "params.npz", "sha256": sha},
+        "disclosure": {
+            "task": task.id,
+            "train_envs": [e.env for e in task.split("train")],
+            "env_steps": int(summary["env_steps"]),
+            "accelerator_hours": round(hours, 4),
+            "notes": (f"metabench discover lpg: {summary['meta_steps']} meta-steps, "
+                      f"{summary['config']['lifetimes']} lifetimes per env, K = "
+                      f"{summary['config']['inner_updates']}. Device hours on "
+                      f"{device['platform']} ({device['kind']}). Config, budget, command "
+                      "and curve in discovery.json."),
+        },
+    }
+    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False))
+    write_json_atomic(folder / "discovery.json", summary)
+    return folder

@@ -1,0 +1,565 @@
+"""The grid worlds of Oh et al. 2020 (LPG), as jittable gymnax-style envs: ``grid/<name>``.
+
+Every grid is a 2-D board of cells, some of them walls, with a few *objects*. An object has
+a reward, a probability of ending the episode when it is collected, and a probability of
+respawning on each step after it was collected. The agent has 4 actions (0 up, 1 down,
+2 left, 3 right); moving into a wall or off the board leaves it in place. Walking onto an
+object collects it: its reward is given, the episode ends with its termination probability,
+and it disappears until it respawns. Episodes are truncated at ``max_steps_in_episode``.
+
+Two kinds (Oh et al. 2020, appendix A):
+
+* **tabular** grids: objects have fixed cells (they respawn where they were) and the agent
+  starts each episode in the same cell. The observation is the one-hot of the agent's cell
+  index (``[H*W]``), so a tabular agent indexes its table by ``argmax(obs)``. Object presence
+  is *not* part of the observation (a table over positions only), so respawning objects make
+  the problem partially observable; one public JAX re-implementation (groove, Jackson et al.
+  2023, github.com/EmptyJackson/groove) indexes the table by (cell, object-presence bits)
+  instead, which makes the state Markov.
+* **random** grids: objects are placed at random free cells at every reset and respawn at a
+  random free cell; the agent starts at a random free cell. The observation is a binary map
+  ``[H, W, T + 2]`` (float32): one channel per object *type* (objects with the same reward,
+  termination and respawn probabilities share a type), one for the agent, one for walls.
+
+Settings (size; objects as (reward, termination prob, respawn prob) x count; episode length).
+These are the settings commonly used to reproduce the paper (Oh et al. 2020, appendix);
+where we are unsure they match it we say so below:
+
+=========================  =====  ===========================================  =====
+id                          size   objects                                      steps
+=========================  =====  ===========================================  =====
+grid/tabular-dense          11x11  (+1, 0, .05)x2, (-1, .5, .1), (-1, 0, .5)    500
+grid/tabular-sparse         13x13  (+1, 1, 0), (-1, 1, 0)                       50
+grid/tabular-long           11x11  (+1, 0, .01)x2, (-1, .5, 1)x2                1000
+grid/tabular-longer         9x9    (+1, .1, .01)x2, (-1, .8, 1)x5; centre wall  2000
+grid/tabular-long_dense     11x11  (+1, 0, .005)x4; cross walls                 2000
+grid/random-dense           11x11  as tabular-dense                             500
+grid/random-long            11x11  as tabular-long                              1000
+grid/random-small           7x7    (+1, 0, .05)x2, (-1, .5, .1)x2               500
+grid/random-small_sparse    7x7    (+1, 1, 1), (-1, 1, 1)x2                     50
+grid/random-very_dense      11x11  (+1, 0, 1)                                   2000
+=========================  =====  ===========================================  =====
+
+Uncertain details, chosen here and documented:
+
+* The exact object cells and start cell of the tabular grids are not reproduced from the
+  paper's figures: they are drawn from level seed 0 (see *levels* below), fixed forever.
+* ``tabular-longer``: a wall down the centre column with two one-cell gaps (rows 1 and 7).
+  ``tabular-long_dense``: a cross of walls through the centre row and column (four rooms)
+  with one gap in each arm. The paper's figures may place walls and gaps elsewhere (groove
+  puts the horizontal arm one row higher), and groove's ``longer`` has 2 + 3 objects where
+  its own comment says the reference has 2 + 5 (we use 2 + 5).
+* ``random-small`` has no interior walls here; groove adds two wall cells.
+* 4 moves, no no-op (groove uses 5 actions). Respawn is checked from the step after a
+  collection on; a tabular object whose cell holds the agent waits until the agent leaves.
+
+**Params and levels.** ``GridParams`` (a flax struct of arrays, shapes static per env id)
+holds everything that defines a level: walls, each object slot's reward / termination /
+respawn probability / type / active flag, fixed cells, start cell, episode length and
+``level_seed``. Params can be vmapped, overridden (``envs.make("grid/tabular-dense",
+max_steps_in_episode=100)``) or sampled per seed. ``level_seed`` is the level-distribution
+hook: ``-1`` (the default) uses the params as given; ``>= 0`` makes ``finalise_params``
+(which the task's param sampler calls, jitted, once per seed) redraw the level's random parts
+from that seed:
+
+* tabular grids: the object cells and the start cell;
+* random grids: nothing (their placements are already random every episode);
+* ``grid/procgen``: everything (see below).
+
+Every env's ``default_params`` is level 0 (stored with ``level_seed = -1``), so
+``level_seed: 0`` reproduces the default. A task draws one level per seed with::
+
+    - env: grid/procgen
+      params: {level_seed: {uniform: [0, 1000000000]}}   # a fresh level per seed
+      # or {choice: [0, 1, ..., 9]} for a fixed set; disjoint ranges for train / test levels
+
+which needs no change to ``metabench/spec.py``: ``make_param_sampler`` casts the draw to the
+field's int32 dtype and calls ``finalise_params``. ``env.sample_params(key)`` and
+``sample_procgen_params(key)`` do the same from a PRNG key. When ``level_seed >= 0`` the
+fields it redraws overwrite any override of theirs; the factory rejects that combination
+when both are constants.
+
+**``grid/procgen``** (for held-out testing): a random grid of height and width in [5, 11],
+padded to 11x11 with the unused area walled; interior walls with a per-level density in
+[0, 0.25] (free cells not connected to a random root cell become walls, so every free cell
+is reachable; if fewer than 7 cells remain the level has no interior walls); 1 to 5 objects
+(a mask over 5 slots, each slot its own type/channel) with rewards U(-1, 1) (the first made
+positive), termination probability 0 with probability 1/2 else log-uniform in [0.01, 1],
+respawn probability log-uniform in [0.005, 1]; episode length log-uniform in [50, 1000].
+Objects and start are random every episode, as in the random grids; observation
+``[11, 11, 7]``. These ranges are ours (the paper has no such distribution; groove samples
+similar ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from gymnax.environments import spaces
+
+from metabench.envs.registry import EnvEntry, register
+
+NUM_ACTIONS = 4
+_DR = np.array([-1, 1, 0, 0], np.int32)  # up, down, left, right
+_DC = np.array([0, 0, -1, 1], np.int32)
+
+DEFAULT_LEVEL_SEED = 0
+
+
+@struct.dataclass
+class GridParams:
+    """One level. Shapes are static per env id: ``[H, W]`` walls, ``[K]`` object slots."""
+
+    walls: jax.Array
+    """bool ``[H, W]``: wall cells (a padded env walls its unused area)."""
+    obj_reward: jax.Array
+    """float32 ``[K]``: reward for collecting each object."""
+    obj_term: jax.Array
+    """float32 ``[K]``: probability that collecting it ends the episode."""
+    obj_respawn: jax.Array
+    """float32 ``[K]``: per-step probability that a collected object comes back."""
+    obj_type: jax.Array
+    """int32 ``[K]``: observation channel of each object (random grids)."""
+    obj_active: jax.Array
+    """bool ``[K]``: which slots hold an object in this level."""
+    obj_pos: jax.Array
+    """int32 ``[K]``: fixed cell index ``row * W + col`` of each object (tabular grids)."""
+    start_pos: jax.Array
+    """int32: the agent's start cell, or -1 for a random free cell each episode."""
+    max_steps_in_episode: jax.Array
+    """int32: episodes are truncated after this many steps."""
+    level_seed: jax.Array
+    """int32: -1 uses these params as given; >= 0 redraws the level from this seed."""
+
+
+@struct.dataclass
+class GridState:
+    agent: jax.Array     # int32 cell index
+    obj_pos: jax.Array   # int32 [K] cell index of each object
+    present: jax.Array   # bool [K] whether each object is on the board
+    time: jax.Array      # int32 steps taken this episode
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GridSetting:
+    """A fixed grid setting of the paper."""
+
+    size: tuple[int, int]
+    objects: tuple[tuple[float, float, float, int], ...]
+    """(reward, termination prob, respawn prob, count) per object type."""
+    max_steps: int
+    tabular: bool
+    walls: tuple[str, ...] = ()
+    """Rows of ``#`` (wall) and ``.`` (free); empty for no walls."""
+
+
+def _cross(n: int, gaps: Sequence[int]) -> tuple[str, ...]:
+    """A wall through the centre row and column of an n x n board, with gaps at the offsets
+    ``gaps`` along each arm (four rooms)."""
+    c = n // 2
+    rows = [["."] * n for _ in range(n)]
+    for i in range(n):
+        rows[c][i] = "#"
+        rows[i][c] = "#"
+    for g in gaps:
+        rows[c][g] = rows[g][c] = "."
+    return tuple("".join(r) for r in rows)
+
+
+def _centre_wall(n: int, gaps: Sequence[int]) -> tuple[str, ...]:
+    c = n // 2
+    return tuple("".join("#" if (j == c and i not in gaps) else "." for j in range(n))
+                 for i in range(n))
+
+
+_DENSE = ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 1), (-1.0, 0.0, 0.5, 1))
+_LONG = ((1.0, 0.0, 0.01, 2), (-1.0, 0.5, 1.0, 2))
+
+SETTINGS: dict[str, GridSetting] = {
+    "tabular-dense": GridSetting((11, 11), _DENSE, 500, True),
+    "tabular-sparse": GridSetting((13, 13), ((1.0, 1.0, 0.0, 1), (-1.0, 1.0, 0.0, 1)), 50, True),
+    "tabular-long": GridSetting((11, 11), _LONG, 1000, True),
+    "tabular-longer": GridSetting((9, 9), ((1.0, 0.1, 0.01, 2), (-1.0, 0.8, 1.0, 5)), 2000, True,
+                                  _centre_wall(9, gaps=(1, 7))),
+    "tabular-long_dense": GridSetting((11, 11), ((1.0, 0.0, 0.005, 4),), 2000, True,
+                                      _cross(11, gaps=(2, 8))),
+    "random-dense": GridSetting((11, 11), _DENSE, 500, False),
+    "random-long": GridSetting((11, 11), _LONG, 1000, False),
+    "random-small": GridSetting((7, 7), ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 2)), 500, False),
+    "random-small_sparse": GridSetting((7, 7), ((1.0, 1.0, 1.0, 1), (-1.0, 1.0, 1.0, 2)), 50,
+                                       False),
+    "random-very_dense": GridSetting((11, 11), ((1.0, 0.0, 1.0, 1),), 2000, False),
+}
+
+# grid/procgen
+PROCGEN_MAX_SIZE = 11
+PROCGEN_MIN_SIZE = 5
+PROCGEN_MAX_OBJECTS = 5
+PROCGEN_MAX_WALL_DENSITY = 0.25
+PROCGEN_STEPS = (50, 1000)
+
+
+def _setting_params(s: GridSetting) -> GridParams:
+    """The setting's params with placeholder cells (level generation fills them in)."""
+    h, w = s.size
+    walls = np.zeros((h, w), bool)
+    if s.walls:
+        walls = np.array([[ch == "#" for ch in row] for row in s.walls], bool)
+        assert walls.shape == (h, w), (s, walls.shape)
+    reward, term, respawn, types = [], [], [], []
+    for t, (r, p_term, p_resp, count) in enumerate(s.objects):
+        reward += [r] * count
+        term += [p_term] * count
+        respawn += [p_resp] * count
+        types += [t] * count
+    k = len(reward)
+    return GridParams(
+        walls=jnp.asarray(walls),
+        obj_reward=jnp.asarray(reward, jnp.float32),
+        obj_term=jnp.asarray(term, jnp.float32),
+        obj_respawn=jnp.asarray(respawn, jnp.float32),
+        obj_type=jnp.asarray(types, jnp.int32),
+        obj_active=jnp.ones(k, bool),
+        obj_pos=jnp.zeros(k, jnp.int32),
+        start_pos=jnp.int32(0 if s.tabular else -1),
+        max_steps_in_episode=jnp.int32(s.max_steps),
+        level_seed=jnp.int32(-1),
+    )
+
+
+# --- level generation (jittable) ---------------------------------------------------------
+
+
+def _tabular_level(key: jax.Array, p: GridParams) -> GridParams:
+    """Distinct random free cells for the start and every object slot (walls kept)."""
+    k = p.obj_pos.shape[0]
+    free = ~p.walls.reshape(-1)
+    # argsort of uniform scores: a uniformly random ordering of the free cells (exact ints
+    # and comparisons, so identical eagerly and under jit)
+    scores = jnp.where(free, jax.random.uniform(key, free.shape), 2.0)
+    cells = jnp.argsort(scores)[: k + 1].astype(jnp.int32)
+    return p.replace(start_pos=cells[0], obj_pos=cells[1:])
+
+
+def _no_level(key: jax.Array, p: GridParams) -> GridParams:
+    del key
+    return p
+
+
+def _loguniform(u, lo, hi):
+    """Maps uniform [0, 1) draws to log-uniform [lo, hi)."""
+    return jnp.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+
+def _shift_or(m: jax.Array) -> jax.Array:
+    """``m`` OR its four neighbours (no wrap-around)."""
+    out = m
+    out = out.at[1:, :].set(out[1:, :] | m[:-1, :])
+    out = out.at[:-1, :].set(out[:-1, :] | m[1:, :])
+    out = out.at[:, 1:].set(out[:, 1:] | m[:, :-1])
+    out = out.at[:, :-1].set(out[:, :-1] | m[:, 1:])
+    return out
+
+
+def _procgen_level(key: jax.Array, p: GridParams) -> GridParams:
+    n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
+    # one uniform draw, cut into pieces (fewer PRNG calls compile faster)
+    u = jax.random.uniform(key, (5 + 4 * k + 2 * n * n,))
+    u_size, u_density, u_count, u_steps = u[0:2], u[2], u[3], u[4]
+    u_reward, u_zero, u_term, u_resp = (u[5 + i * k: 5 + (i + 1) * k] for i in range(4))
+    u_walls = u[5 + 4 * k: 5 + 4 * k + n * n].reshape(n, n)
+    u_root = u[5 + 4 * k + n * n:]
+
+    span = n - PROCGEN_MIN_SIZE + 1
+    h, w = PROCGEN_MIN_SIZE + jnp.minimum(jnp.floor(u_size * span), span - 1).astype(jnp.int32)
+    rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    inside = (rows < h) & (cols < w)
+    free = inside & ~(u_walls < u_density * PROCGEN_MAX_WALL_DENSITY)
+    # keep only the region of a random free root cell, so every free cell is reachable
+    root = jnp.argmax(jnp.where(free.reshape(-1), u_root, -1.0))
+    reach = (jnp.arange(n * n) == root).reshape(n, n) & free
+    reach = jax.lax.fori_loop(0, n * n, lambda _, r: _shift_or(r) & free, reach)
+    free = jnp.where(reach.sum() >= k + 2, reach, inside)
+
+    count = 1 + jnp.minimum(jnp.floor(u_count * k), k - 1).astype(jnp.int32)
+    reward = u_reward * 2.0 - 1.0
+    reward = reward.at[0].set(jnp.abs(reward[0]))
+    term = jnp.where(u_zero < 0.5, 0.0, _loguniform(u_term, 0.01, 1.0))
+    respawn = _loguniform(u_resp, 0.005, 1.0)
+    steps = jnp.round(_loguniform(u_steps, *PROCGEN_STEPS)).astype(jnp.int32)
+    return p.replace(
+        walls=~free,
+        obj_reward=reward.astype(jnp.float32),
+        obj_term=term.astype(jnp.float32),
+        obj_respawn=respawn.astype(jnp.float32),
+        obj_type=jnp.arange(k, dtype=jnp.int32),
+        obj_active=jnp.arange(k) < count,
+        obj_pos=jnp.zeros(k, jnp.int32),
+        start_pos=jnp.int32(-1),
+        max_steps_in_episode=steps,
+    )
+
+
+def _procgen_base() -> GridParams:
+    n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
+    return GridParams(
+        walls=jnp.zeros((n, n), bool), obj_reward=jnp.zeros(k, jnp.float32),
+        obj_term=jnp.zeros(k, jnp.float32), obj_respawn=jnp.zeros(k, jnp.float32),
+        obj_type=jnp.arange(k, dtype=jnp.int32), obj_active=jnp.ones(k, bool),
+        obj_pos=jnp.zeros(k, jnp.int32), start_pos=jnp.int32(-1),
+        max_steps_in_episode=jnp.int32(PROCGEN_STEPS[1]), level_seed=jnp.int32(-1))
+
+
+def _level_key(seed: jax.Array) -> jax.Array:
+    return jax.random.PRNGKey(jnp.maximum(jnp.asarray(seed, jnp.int32), 0))
+
+
+def sample_procgen_params(key: jax.Array) -> GridParams:
+    """A random ``grid/procgen`` level (jittable, vmappable); ``level_seed`` is kept at -1
+    so the result can be used, and overridden, as is."""
+    return _procgen_level(key, _procgen_base())
+
+
+# --- the environment ---------------------------------------------------------------------
+
+
+class GridEnv:
+    """A grid world: ``reset(key, params)``, ``step(key, state, action, params)``.
+
+    ``step`` returns ``(obs, state, reward, terminated, truncated, info)``, auto-resets when
+    the episode ends, and puts the pre-reset observation in ``info["final_observation"]``.
+    """
+
+    jittable = True
+
+    def __init__(self, name: str, *, height: int, width: int, num_objects: int,
+                 num_types: int, tabular: bool, base: Callable[[], GridParams],
+                 level: Callable[[jax.Array, GridParams], GridParams],
+                 level_fields: tuple[str, ...]):
+        self.name = name
+        self.id = f"grid/{name}"
+        self.height, self.width = height, width
+        self.num_objects, self.num_types = num_objects, num_types
+        self.tabular = tabular
+        self._base = base
+        self._level = level
+        self.level_fields = level_fields
+        """Fields that ``level_seed >= 0`` redraws."""
+        self._default: GridParams | None = None
+
+    # -- params --
+
+    @property
+    def default_params(self) -> GridParams:
+        """Level ``DEFAULT_LEVEL_SEED`` of this env, stored with ``level_seed = -1``."""
+        if self._default is None:
+            base = self._base()
+            self._default = jax.jit(self._level)(_level_key(DEFAULT_LEVEL_SEED), base)
+        return self._default
+
+    @partial(jax.jit, static_argnums=0)
+    def finalise_params(self, params: GridParams) -> GridParams:
+        """Redraws the level from ``level_seed`` when it is >= 0 (jittable)."""
+        drawn = self._level(_level_key(params.level_seed), params)
+        use = jnp.asarray(params.level_seed) >= 0
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(use, a, b), drawn, params)
+
+    def sample_params(self, key: jax.Array) -> GridParams:
+        """A random level: the default params with a random ``level_seed`` (jittable)."""
+        seed = jax.random.randint(key, (), 0, np.iinfo(np.int32).max)
+        return self.finalise_params(self.default_params.replace(level_seed=seed))
+
+    # -- dynamics --
+
+    def _obs(self, state: GridState, params: GridParams) -> jax.Array:
+        cells = self.height * self.width
+        agent = jax.nn.one_hot(state.agent, cells, dtype=jnp.float32)
+        if self.tabular:
+            return agent
+        objs = jnp.zeros((cells, self.num_types), jnp.float32)
+        objs = objs.at[state.obj_pos, params.obj_type].add(state.present.astype(jnp.float32))
+        walls = params.walls.reshape(-1).astype(jnp.float32)
+        obs = jnp.concatenate([jnp.minimum(objs, 1.0), agent[:, None], walls[:, None]], axis=1)
+        return obs.reshape(self.height, self.width, self.num_types + 2)
+
+    def _place(self, scores, params, agent, obj_pos, present, place):
+        """Puts each slot with ``place`` on a random free cell (not a wall, the agent or
+        another object; distinct cells); a slot with no room stays absent. ``scores``:
+        uniform ``[H*W]``, the free cells with the highest scores are used."""
+        cells, k = self.height * self.width, self.num_objects
+        occupied = jnp.zeros(cells, jnp.int32).at[obj_pos].add(present.astype(jnp.int32)) > 0
+        allowed = ~params.walls.reshape(-1) & ~occupied & (jnp.arange(cells) != agent)
+        best, cell = jax.lax.top_k(jnp.where(allowed, scores, -1.0), k)
+        rank = jnp.clip(jnp.cumsum(place) - 1, 0, k - 1)  # the i-th slot placed gets cell i
+        ok = place & (best[rank] >= 0.0)
+        return jnp.where(ok, cell[rank].astype(jnp.int32), obj_pos), present | ok
+
+    def _reset(self, key: jax.Array, params: GridParams) -> tuple[jax.Array, GridState]:
+        cells = self.height * self.width
+        # one draw for everything (fewer PRNG calls compile faster)
+        u = jax.random.uniform(key, (1 if self.tabular else 2, cells))
+        free = ~params.walls.reshape(-1)
+        if self.tabular:
+            on_obj = jnp.zeros(cells, jnp.int32).at[params.obj_pos].add(
+                params.obj_active.astype(jnp.int32)) > 0
+            free = free & ~on_obj
+        random_start = jnp.argmax(jnp.where(free, u[0], -1.0))
+        agent = jnp.where(params.start_pos >= 0, params.start_pos, random_start).astype(jnp.int32)
+        if self.tabular:
+            obj_pos = params.obj_pos.astype(jnp.int32)
+            present = params.obj_active & (obj_pos != agent)
+        else:
+            obj_pos, present = self._place(u[1], params, agent,
+                                           jnp.zeros(self.num_objects, jnp.int32),
+                                           jnp.zeros(self.num_objects, bool), params.obj_active)
+        state = GridState(agent=agent, obj_pos=obj_pos, present=present, time=jnp.int32(0))
+        return self._obs(state, params), state
+
+    @partial(jax.jit, static_argnums=0)
+    def reset(self, key: jax.Array, params: GridParams) -> tuple[jax.Array, GridState]:
+        return self._reset(key, params)
+
+    @partial(jax.jit, static_argnums=0)
+    def step(self, key, state: GridState, action, params: GridParams):
+        k_step, k_reset = jax.random.split(key)
+        cells, k = self.height * self.width, self.num_objects
+        u = jax.random.uniform(k_step, (2 * k + (0 if self.tabular else cells),))
+        u_term, u_resp = u[:k], u[k:2 * k]
+        h, w = self.height, self.width
+        action = jnp.asarray(action, jnp.int32)
+        r, c = state.agent // w, state.agent % w
+        nr = jnp.clip(r + jnp.asarray(_DR)[action], 0, h - 1)
+        nc = jnp.clip(c + jnp.asarray(_DC)[action], 0, w - 1)
+        target = (nr * w + nc).astype(jnp.int32)
+        agent = jnp.where(params.walls.reshape(-1)[target], state.agent, target)
+
+        hit = state.present & (state.obj_pos == agent)
+        reward = jnp.sum(jnp.where(hit, params.obj_reward, 0.0)).astype(jnp.float32)
+        terminated = jnp.any(hit & (u_term < params.obj_term))
+        present = state.present & ~hit
+        # objects gone since an earlier step come back with their respawn probability
+        respawn = (~state.present & params.obj_active
+                   & (u_resp < params.obj_respawn))
+        if self.tabular:
+            obj_pos = state.obj_pos
+            present = present | (respawn & (obj_pos != agent))
+        else:
+            obj_pos, present = self._place(u[2 * k:], params, agent,
+                                           state.obj_pos, present, respawn)
+        time = state.time + 1
+        truncated = (time >= params.max_steps_in_episode) & ~terminated
+        state_st = GridState(agent=agent, obj_pos=obj_pos, present=present, time=time)
+        obs_st = self._obs(state_st, params)
+
+        obs_re, state_re = self._reset(k_reset, params)
+        done = terminated | truncated
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), state_re, state_st)
+        obs = jnp.where(done, obs_re, obs_st)
+        return obs, state, reward, terminated, truncated, {"final_observation": obs_st}
+
+    # -- spaces --
+
+    def observation_space(self, params: GridParams | None = None) -> spaces.Box:
+        if self.tabular:
+            shape = (self.height * self.width,)
+        else:
+            shape = (self.height, self.width, self.num_types + 2)
+        return spaces.Box(0.0, 1.0, shape, jnp.float32)
+
+    def action_space(self, params: GridParams | None = None) -> spaces.Discrete:
+        return spaces.Discrete(NUM_ACTIONS)
+
+    def __repr__(self) -> str:
+        return f"GridEnv({self.name!r})"
+
+
+# --- construction and registration -------------------------------------------------------
+
+
+def override_params(env_id: str, params: Any, overrides: dict[str, Any],
+                    level_fields: Sequence[str] = ()) -> Any:
+    """``params.replace(**overrides)``, checking names, shapes, and that ``level_seed >= 0``
+    is not combined with fields it would redraw."""
+    fields = {f.name for f in dataclasses.fields(params)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{env_id} has no parameter(s) {', '.join(unknown)}; "
+                         f"its parameters are: {', '.join(sorted(fields))}")
+    seed = overrides.get("level_seed")
+    clash = sorted(set(overrides) & set(level_fields))
+    if seed is not None and int(np.asarray(seed)) >= 0 and clash:
+        raise ValueError(f"{env_id}: level_seed={int(np.asarray(seed))} redraws "
+                         f"{', '.join(clash)}; set them with level_seed=-1 instead")
+    cast = {}
+    for name, value in overrides.items():
+        default = jnp.asarray(getattr(params, name))
+        v = jnp.asarray(value, dtype=default.dtype)
+        if v.shape != default.shape:
+            raise ValueError(f"{env_id}: parameter {name} must have shape {default.shape}, "
+                             f"got {v.shape}")
+        cast[name] = v
+    return params.replace(**cast)
+
+
+def _env_for_setting(name: str) -> GridEnv:
+    s = SETTINGS[name]
+    k = sum(o[3] for o in s.objects)
+    return GridEnv(name, height=s.size[0], width=s.size[1], num_objects=k,
+                   num_types=len(s.objects), tabular=s.tabular,
+                   base=lambda: _setting_params(s),
+                   level=_tabular_level if s.tabular else _no_level,
+                   level_fields=("obj_pos", "start_pos") if s.tabular else ())
+
+
+def _procgen_env() -> GridEnv:
+    n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
+    level_fields = tuple(f.name for f in dataclasses.fields(GridParams) if f.name != "level_seed")
+    return GridEnv("procgen", height=n, width=n, num_objects=k, num_types=k, tabular=False,
+                   base=_procgen_base, level=_procgen_level, level_fields=level_fields)
+
+
+_ENVS: dict[str, GridEnv] = {}
+
+
+def make_env(name: str) -> GridEnv:
+    """The (cached) env instance for ``grid/<name>``: one instance per id, so jitted
+    ``reset``/``step`` compile once."""
+    if name not in _ENVS:
+        _ENVS[name] = _procgen_env() if name == "procgen" else _env_for_setting(name)
+    return _ENVS[name]
+
+
+def _factory(name: str) -> Callable[..., tuple[GridEnv, GridParams]]:
+    def make(**overrides: Any) -> tuple[GridEnv, GridParams]:
+        env = make_env(name)
+        params = env.default_params
+        if overrides:
+            params = override_params(env.id, params, overrides, env.level_fields)
+            params = env.finalise_params(params)
+        return env, params
+
+    return make
+
+
+def _note(name: str) -> str:
+    if name == "procgen":
+        return ("LPG-style procedurally generated grid (held-out levels): set level_seed "
+                "to draw a level per seed")
+    s = SETTINGS[name]
+    kind = "tabular (one-hot cell obs)" if s.tabular else "random objects (map obs)"
+    return f"LPG grid world, {kind}, {s.size[0]}x{s.size[1]}, {s.max_steps} steps"
+
+
+for _name in (*SETTINGS, "procgen"):
+    register(EnvEntry(id=f"grid/{_name}", factory=_factory(_name), jittable=True,
+                      note=_note(_name)), overwrite=True)

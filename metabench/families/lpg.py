@@ -1,0 +1,475 @@
+"""The LPG family: an agent whose policy and prediction targets come from the rule.
+
+Oh et al. 2020, "Discovering Reinforcement Learning Algorithms" (NeurIPS), meta-learn the
+*Learned Policy Gradient*: a backward recurrent network that reads a trajectory of the agent's
+own outputs and emits, per step, a policy target ``pi_hat`` and a prediction target ``y_hat``.
+The agent has a policy ``pi(a|s)`` and a prediction vector ``y(s)`` in the simplex over
+``m = 30`` entries whose meaning is not fixed: the rule decides what ``y`` comes to predict.
+The agent's update is fixed (Oh et al. 2020, eq. 2)::
+
+    theta <- theta + lr * E[ grad log pi(a|s) * pi_hat  -  alpha_y * grad KL(y(s) || y_hat) ]
+
+(with an optional entropy bonus set by the task, equal for every rule). The rule sees, per
+step, ``[r_t, d_t, gamma, pi(a_t|s_t), y(s_t), y(s_t+1)]`` (time-major ``[T, N]``), never an
+observation or an action id, so it transfers across observation and action spaces.
+
+Reference rules in the slot:
+
+- ``lpg``: the paper's network (an embedding ``phi`` of ``y``, an LSTM run backwards in time
+  and reset at episode ends, heads for ``pi_hat`` and ``y_hat``); parameters from
+  ``metabench discover lpg``, else an untrained initialisation that says so.
+- ``actor_critic``: hand-designed A2C in the same slot: ``y`` is read as a categorical value
+  distribution over fixed bins, ``pi_hat`` is the GAE advantage and ``y_hat`` the two-hot
+  projection of the lambda-return, so A2C is scored through exactly the same agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from metabench import nets
+from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
+                                     finite_tree, register_family)
+from metabench.rl import episode_returns, truncated_gae
+from metabench.rules import RuleInfo, UpdateRule
+from metabench.types import Metrics
+
+PRED_DIM = 30
+"""``m``, the size of the prediction vector (Oh et al. 2020)."""
+
+
+class Inputs(NamedTuple):
+    """What the rule sees for a rollout, time-major (``T`` steps, ``N`` envs, ``m`` = y size)."""
+
+    reward: jax.Array
+    """``[T, N]`` r_t."""
+    terminated: jax.Array
+    """``[T, N]`` 1.0 where the episode ended in a terminal state at t (the paper's d_t)."""
+    done: jax.Array
+    """``[T, N]`` 1.0 where the episode ended at t for any reason (terminal or time limit):
+    what comes after belongs to another episode."""
+    gamma: jax.Array
+    """``[T, N]`` the discount."""
+    pi_a: jax.Array
+    """``[T, N]`` pi(a_t | s_t) of the action taken."""
+    y: jax.Array
+    """``[T, N, m]`` y(s_t)."""
+    y_next: jax.Array
+    """``[T, N, m]`` y(s_t+1) of the true next state (before any auto-reset)."""
+
+
+class Outputs(NamedTuple):
+    pi_hat: jax.Array
+    """``[T, N]`` the policy target (a scalar weight on grad log pi(a_t|s_t))."""
+    y_hat: jax.Array
+    """``[T, N, m]`` the prediction target, a distribution (KL(y || y_hat) is minimised)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The LPG agent's fixed hyperparameters (a task sets them per environment family)."""
+
+    num_envs: int = 16
+    """Parallel environments per seed (the paper's agents use a batch of trajectories)."""
+    rollout_len: int = 20
+    """Steps per environment per update (the rule's window, T)."""
+    lr: float = 1e-3
+    """Agent learning rate."""
+    optimiser: str = "adam"
+    """``adam``, ``rmsprop`` or ``sgd``."""
+    alpha_y: float = 0.5
+    """Weight of the prediction update KL(y || y_hat)."""
+    ent_coef: float = 0.0
+    """Entropy bonus on the policy (0 is the paper's agent update)."""
+    gamma: float = 0.99
+    """Discount handed to the rule."""
+    max_grad_norm: float = 0.0
+    """Global gradient-norm clip; 0 disables it."""
+    network: str = "tabular"
+    """``tabular`` (a linear map without bias of the flattened observation: a table per state
+    for one-hot observations, as in the paper's tabular grids), ``mlp`` or ``cnn`` (MinAtar)."""
+    hidden: tuple[int, ...] = (64,)
+    """Hidden layer sizes of the ``mlp`` torso (relu); for ``cnn`` the last is the dense layer."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        for name in ("num_envs", "rollout_len", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.optimiser not in ("adam", "rmsprop", "sgd"):
+            raise ValueError(f"optimiser must be adam, rmsprop or sgd, got {self.optimiser!r}")
+        if self.network not in ("tabular", "mlp", "cnn"):
+            raise ValueError(f"network must be tabular, mlp or cnn, got {self.network!r}")
+
+
+# --- reference rules ---------------------------------------------------------------------
+
+
+def two_hot(x: jax.Array, bins: jax.Array) -> jax.Array:
+    """Scalars ``[...]`` as distributions ``[..., m]`` over sorted ``bins`` whose mean is
+    ``clip(x, bins[0], bins[-1])`` (mass split between the two nearest bins)."""
+    x = jnp.clip(x, bins[0], bins[-1])
+    hi = jnp.clip(jnp.searchsorted(bins, x, side="right"), 1, len(bins) - 1)
+    lo = hi - 1
+    w_hi = (x - bins[lo]) / (bins[hi] - bins[lo])
+    return (jax.nn.one_hot(lo, len(bins)) * (1.0 - w_hi)[..., None]
+            + jax.nn.one_hot(hi, len(bins)) * w_hi[..., None])
+
+
+H_EPS = 1e-3
+
+
+def value_transform(x: jax.Array) -> jax.Array:
+    """``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x`` (Pohlen et al. 2018): squashes large
+    values so that a few bins cover returns from -1 to 1000."""
+    return jnp.sign(x) * (jnp.sqrt(jnp.abs(x) + 1.0) - 1.0) + H_EPS * x
+
+
+def inverse_value_transform(x: jax.Array) -> jax.Array:
+    """The inverse of :func:`value_transform`."""
+    root = (jnp.sqrt(1.0 + 4.0 * H_EPS * (jnp.abs(x) + 1.0 + H_EPS)) - 1.0) / (2.0 * H_EPS)
+    return jnp.sign(x) * (root ** 2 - 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def actor_critic(gae_lambda: float = 0.95, v_max: float = 1000.0) -> UpdateRule:
+    """A2C in the LPG slot: ``y`` is a categorical distribution over ``m`` bins evenly spaced
+    in ``h``-space (:func:`value_transform`) on ``[-h(v_max), h(v_max)]``, read as the value
+    ``v = h^-1(E_y[bin])``; ``pi_hat`` is the GAE(lambda) advantage and ``y_hat`` the
+    two-hot projection of ``h(lambda-return)``. Truncated episodes bootstrap from
+    ``y(s_t+1)``; terminated ones do not."""
+
+    if not v_max > 0:
+        raise ValueError(f"v_max must be positive, got {v_max}")
+
+    def apply(meta_params, x: Inputs) -> Outputs:
+        edge = math.sqrt(v_max + 1.0) - 1.0 + H_EPS * v_max  # h(v_max), v_max > 0
+        bins = jnp.linspace(-edge, edge, x.y.shape[-1])
+        v = inverse_value_transform(x.y @ bins)
+        v_next = inverse_value_transform(x.y_next @ bins)
+        term = x.terminated > 0.5
+        trunc = jnp.logical_and(x.done > 0.5, ~term)
+        adv, target = truncated_gae(x.reward, v, v_next, term, trunc, x.gamma, gae_lambda)
+        return Outputs(adv, two_hot(value_transform(target), bins))
+
+    return UpdateRule(lambda _: {}, apply)
+
+
+class _Phi(nn.Module):
+    embed: int
+
+    @nn.compact
+    def __call__(self, y):
+        return nn.Dense(1)(nn.relu(nn.Dense(self.embed)(y)))
+
+
+@functools.lru_cache(maxsize=None)
+def lpg(hidden: int = 256, embed: int = 16) -> UpdateRule:
+    """The Learned Policy Gradient network (Oh et al. 2020): ``phi`` (a 2-layer MLP with
+    ``embed`` then 1 unit, shared between y(s_t) and y(s_t+1)), an LSTM of ``hidden`` units
+    run backwards in time and reset where an episode ends, and linear heads for ``pi_hat``
+    and the logits of ``y_hat``."""
+    phi = _Phi(embed)
+    cell = nn.LSTMCell(hidden)
+    pi_head, y_head = nn.Dense(1), nn.Dense(PRED_DIM)
+
+    def features(phi_params, x: Inputs) -> jax.Array:
+        e, e_next = phi.apply(phi_params, x.y)[..., 0], phi.apply(phi_params, x.y_next)[..., 0]
+        return jnp.stack([x.reward, x.terminated, x.gamma, x.pi_a, e, e_next], axis=-1)
+
+    def init(rng):
+        k = jax.random.split(rng, 4)
+        phi_params = phi.init(k[0], jnp.zeros((1, PRED_DIM)))
+        carry = cell.initialize_carry(k[1], (1, 6))
+        cell_params = cell.init(k[1], carry, jnp.zeros((1, 6)))
+        return {"phi": phi_params, "lstm": cell_params,
+                "pi": pi_head.init(k[2], jnp.zeros((1, hidden))),
+                "y": y_head.init(k[3], jnp.zeros((1, hidden)))}
+
+    def apply(meta_params, x: Inputs) -> Outputs:
+        feats = features(meta_params["phi"], x)  # [T, N, 6]
+        n = feats.shape[1]
+        zeros = (jnp.zeros((n, hidden), feats.dtype), jnp.zeros((n, hidden), feats.dtype))
+
+        def backward(carry, inp):
+            f, done = inp
+            # The carry holds the future; after an episode end it is another episode's.
+            carry = jax.tree_util.tree_map(lambda c: jnp.where(done[:, None] > 0.5, 0.0, c),
+                                           carry)
+            carry, h = cell.apply(meta_params["lstm"], carry, f)
+            return carry, h
+
+        _, hs = jax.lax.scan(backward, zeros, (feats, x.done), reverse=True)
+        pi_hat = pi_head.apply(meta_params["pi"], hs)[..., 0]
+        y_hat = jax.nn.softmax(y_head.apply(meta_params["y"], hs), axis=-1)
+        return Outputs(pi_hat, y_hat)
+
+    return UpdateRule(init, apply)
+
+
+def _lpg_default_params(rule: UpdateRule):
+    # Meta-trained parameters arrive with `metabench discover lpg`; until a file is shipped
+    # the rule runs at a random initialisation, and every output says so.
+    return rule.init(jax.random.PRNGKey(0)), "untrained: LPG at a random initialisation"
+
+
+REFERENCE_RULES = {
+    "lpg": RuleInfo("lpg", "lpg", lpg, "Learned Policy Gradient: backward LSTM emitting the "
+                    "agent's policy and prediction targets", "Oh et al. 2020",
+                    default_params=_lpg_default_params),
+    "actor_critic": RuleInfo("actor_critic", "lpg", actor_critic,
+                             "A2C in the LPG slot: GAE advantage and two-hot lambda-return "
+                             "into a categorical value", "Mnih et al. 2016; Oh et al. 2020"),
+}
+
+
+# --- the agent ---------------------------------------------------------------------------
+
+
+class LPGNetwork(nn.Module):
+    """Policy logits ``[N, A]`` and prediction logits ``[N, m]`` from one torso."""
+
+    action_dim: int
+    torso: str = "tabular"
+    hidden: tuple[int, ...] = (64,)
+
+    @nn.compact
+    def __call__(self, obs):
+        if self.torso == "tabular":
+            # A table per state for one-hot observations: no bias, zero init (uniform pi and y).
+            x = obs.reshape((obs.shape[0], -1))
+            dense = functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.zeros)
+        else:
+            x = (nets.MinAtarTorso(hidden=self.hidden[-1])(obs) if self.torso == "cnn"
+                 else nets.MLPTorso(hidden=self.hidden, activation="relu")(obs))
+            dense = nn.Dense
+        return dense(self.action_dim)(x), dense(PRED_DIM)(x)
+
+
+class Rollout(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    final_obs: jax.Array
+
+
+class RunnerState(NamedTuple):
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: jax.Array
+    env_params: Any
+    episode_return: jax.Array
+    rng: jax.Array
+
+
+class Agent(NamedTuple):
+    """The LPG agent's pure pieces, shared by training and by ``discover lpg``."""
+
+    network: LPGNetwork
+    optimiser: optax.GradientTransformation
+    init: Callable[[jax.Array], RunnerState]
+    rollout: Callable[[RunnerState], tuple[RunnerState, Rollout, tuple]]
+    """``rollout(state) -> (state, traj [T, N], (returns_sum, episodes))``."""
+    rule_inputs: Callable[[Any, Rollout], Inputs]
+    """``rule_inputs(params, traj) -> Inputs`` (no gradient to the agent's parameters)."""
+    loss: Callable[[Any, Any, Rollout], tuple[jax.Array, Outputs]]
+    """``loss(params, meta_params, traj) -> (agent loss, rule outputs)``."""
+    update: Callable[[RunnerState, Any, Rollout], tuple[RunnerState, jax.Array, Outputs]]
+    """One agent update on a rollout; differentiable in ``meta_params``."""
+
+
+def make_agent(env, config: Config, rule: UpdateRule, *,
+               sample_params: Callable[[jax.Array], Any]) -> Agent:
+    probe = sample_params(jax.random.PRNGKey(0))
+    space = env.action_space(probe)
+    if not hasattr(space, "n"):
+        raise ValueError("the lpg family needs a discrete action space; "
+                         f"{getattr(env, 'id', env)} has continuous actions")
+    n_actions = int(space.n)
+    obs_shape = tuple(env.observation_space(probe).shape)
+    network = LPGNetwork(n_actions, config.network, config.hidden)
+    # eps_root keeps Adam differentiable where a gradient is exactly zero (sqrt'(0) is
+    # infinite), which meta-gradients through the update need; 1e-12 leaves it unchanged.
+    optimiser = {"adam": lambda lr: optax.adam(lr, eps_root=1e-12), "rmsprop": optax.rmsprop,
+                 "sgd": optax.sgd}[config.optimiser](config.lr)
+    if config.max_grad_norm > 0:
+        optimiser = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimiser)
+    n = config.num_envs
+    env_reset = jax.vmap(env.reset, in_axes=(0, None))
+    env_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def apply(params, obs):
+        return network.apply(params, obs.astype(jnp.float32))
+
+    def init(rng) -> RunnerState:
+        rng, k_net, k_env, k_params = jax.random.split(rng, 4)
+        env_params = sample_params(k_params)
+        params = network.init(k_net, jnp.zeros((1, *obs_shape), jnp.float32))
+        obs, env_state = env_reset(jax.random.split(k_env, n), env_params)
+        return RunnerState(params, optimiser.init(params), env_state, obs, env_params,
+                           jnp.zeros(n), rng)
+
+    def env_step_fn(carry, _):
+        params, env_state, obs, env_params, ep_ret, rng = carry
+        rng, k_act, k_env = jax.random.split(rng, 3)
+        logits, _ = apply(params, obs)
+        action = jax.random.categorical(k_act, logits)
+        next_obs, env_state, reward, term, trunc, info = env_step(
+            jax.random.split(k_env, n), env_state, action, env_params)
+        reward = reward.astype(jnp.float32)
+        ep_ret, finished = episode_returns(ep_ret, reward, jnp.logical_or(term, trunc))
+        t = Rollout(obs, action, reward, term, trunc, info["final_observation"])
+        return (params, env_state, next_obs, env_params, ep_ret, rng), (t, finished)
+
+    def rollout(state: RunnerState):
+        carry = (state.params, state.env_state, state.obs, state.env_params,
+                 state.episode_return, state.rng)
+        carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(env_step_fn, carry, None,
+                                                       length=config.rollout_len)
+        _, env_state, obs, env_params, ep_ret, rng = carry
+        state = state._replace(env_state=env_state, obs=obs, episode_return=ep_ret, rng=rng)
+        return state, traj, (jnp.sum(ret_sum), jnp.sum(n_eps))
+
+    def outputs(params, traj: Rollout):
+        flat = lambda x: x.reshape((-1, *obs_shape))  # noqa: E731
+        logits, y_logits = apply(params, flat(traj.obs))
+        tn = traj.reward.shape
+        logits = logits.reshape(tn + (n_actions,))
+        y = jax.nn.softmax(y_logits.reshape(tn + (PRED_DIM,)), axis=-1)
+        return logits, y
+
+    def rule_inputs(params, traj: Rollout) -> Inputs:
+        logits, y = outputs(params, traj)
+        _, y_next_logits = apply(params, traj.final_obs.reshape((-1, *obs_shape)))
+        y_next = jax.nn.softmax(y_next_logits.reshape(y.shape), axis=-1)
+        pi_a = jnp.exp(nets.log_prob(logits, traj.action, False))
+        term = traj.terminated.astype(jnp.float32)
+        done = jnp.logical_or(traj.terminated, traj.truncated).astype(jnp.float32)
+        x = Inputs(traj.reward, term, done, jnp.full_like(term, config.gamma), pi_a, y, y_next)
+        return jax.lax.stop_gradient(x)
+
+    def loss(params, meta_params, traj: Rollout):
+        # The targets come from the agent's outputs without gradient (they are targets), but
+        # keep their dependence on meta_params (meta-gradients flow through them).
+        target = rule.apply(meta_params, rule_inputs(params, traj))
+        logits, y = outputs(params, traj)
+        logp = nets.log_prob(logits, traj.action, False)
+        pg = jnp.mean(logp * target.pi_hat)
+        y_hat = target.y_hat
+        kl = jnp.mean(jnp.sum(y * (jnp.log(jnp.maximum(y, 1e-30))
+                                   - jnp.log(jnp.maximum(y_hat, 1e-30))), axis=-1))
+        ent = jnp.mean(nets.entropy(logits, False))
+        return -pg + config.alpha_y * kl - config.ent_coef * ent, target
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def update(state: RunnerState, meta_params, traj: Rollout):
+        (value, target), grads = grad_fn(state.params, meta_params, traj)
+        updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state._replace(params=params, opt_state=opt_state), value, target
+
+    return Agent(network, optimiser, init, rollout, rule_inputs, loss, update)
+
+
+def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
+               sample_params: Callable[[jax.Array], Any] | None = None,
+               env_params: Any = None) -> Trainer:
+    """The LPG agent on ``env``: one update = a rollout of ``rollout_len`` steps in each of
+    ``num_envs`` envs, then one agent update with the rule's targets."""
+    if sample_params is None:
+        fixed = env.default_params if env_params is None else env_params
+        sample_params = lambda _: fixed  # noqa: E731
+    steps_per_update = config.num_envs * config.rollout_len
+    num_updates = int(total_timesteps) // steps_per_update
+    if num_updates < 1:
+        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
+                         f"({steps_per_update} = num_envs x rollout_len)")
+    agent = make_agent(env, config, rule, sample_params=sample_params)
+
+    def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:
+        del i
+        state, traj, (ret_sum, n_eps) = agent.rollout(state)
+        state, loss, target = agent.update(state, meta_params, traj)
+        return state, Metrics(returns_sum=ret_sum, episodes=n_eps, loss=loss,
+                              aux=jnp.mean(target.pi_hat))
+
+    return Trainer(agent.init, step, num_updates, steps_per_update)
+
+
+# --- conformance -------------------------------------------------------------------------
+
+
+def random_inputs(key: jax.Array, t: int = 12, n: int = 4, m: int = PRED_DIM) -> Inputs:
+    k = jax.random.split(key, 6)
+    term = (jax.random.uniform(k[1], (t, n)) < 0.1).astype(jnp.float32)
+    done = jnp.maximum(term, (jax.random.uniform(k[2], (t, n)) < 0.05).astype(jnp.float32))
+    return Inputs(jax.random.normal(k[0], (t, n)), term, done, jnp.full((t, n), 0.99),
+                  jax.random.uniform(k[3], (t, n), minval=0.05, maxval=1.0),
+                  jax.nn.softmax(jax.random.normal(k[4], (t, n, m))),
+                  jax.nn.softmax(jax.random.normal(k[5], (t, n, m))))
+
+
+def check(rule: UpdateRule, meta_params, name: str = "rule") -> CheckReport:
+    """Outputs of the right shapes, finite, ``y_hat`` a distribution, no recompilation
+    (required); whether targets at t ignore later episodes (reported)."""
+    wrapped, traces = count_traces(rule.apply)
+    fn = jax.jit(wrapped)
+    t, n = 12, 4
+    try:
+        outs = [jax.block_until_ready(fn(meta_params, random_inputs(jax.random.PRNGKey(s), t, n)))
+                for s in (0, 1)]
+        x = random_inputs(jax.random.PRNGKey(2), t, n)
+        x = x._replace(done=x.done.at[5, 0].set(1.0))
+        # Perturb only what follows the episode end at t=5 in env 0.
+        x2 = x._replace(reward=x.reward.at[6:, 0].add(3.0))
+        a, b = fn(meta_params, x), fn(meta_params, x2)
+    except Exception as e:  # a submitted rule may fail in any way; report it, don't crash
+        return CheckReport(name, "lpg", (Check("runs", False, f"{type(e).__name__}: {e}"),))
+    checks = []
+    shapes = [(np.shape(o.pi_hat), np.shape(o.y_hat)) if isinstance(o, tuple) and len(o) == 2
+              else None for o in outs]
+    want = ((t, n), (t, n, PRED_DIM))
+    shape_ok = all(s == want for s in shapes)
+    checks.append(Check("output_shape", shape_ok, f"expected (pi_hat, y_hat) of shapes {want}, "
+                        f"got {shapes[0]}"))
+    checks.append(Check("finite", all(finite_tree(o) for o in outs),
+                        "outputs on random inputs are finite"))
+    if shape_ok:
+        y_hat = np.asarray(outs[0][1])
+        dist = bool(np.all(y_hat >= 0) and np.allclose(y_hat.sum(-1), 1.0, atol=1e-4))
+        checks.append(Check("y_hat_distribution", dist,
+                            "y_hat is non-negative and sums to one over its last axis"))
+        same = bool(np.allclose(np.asarray(a[0])[:6, 0], np.asarray(b[0])[:6, 0], atol=1e-6)
+                    and np.allclose(np.asarray(a[1])[:6, 0], np.asarray(b[1])[:6, 0],
+                                    atol=1e-6))
+        checks.append(Check("episode_boundaries", same,
+                            "targets up to an episode end do not depend on the next episode",
+                            required=False))
+    checks.append(Check("no_recompilation", traces[0] == 1,
+                        f"traced {traces[0]} time(s) for two calls of the same shapes"))
+    return CheckReport(name, "lpg", tuple(checks))
+
+
+FAMILY = register_family(Family(
+    name="lpg",
+    description="LPG agent (policy + prediction vector); the rule emits their targets",
+    Inputs=Inputs,
+    Config=Config,
+    make_train=make_train,
+    reference_rules=REFERENCE_RULES,
+    check=check,
+    baseline="actor_critic",
+))

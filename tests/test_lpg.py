@@ -1,0 +1,190 @@
+"""The LPG family: targets, the backward LSTM, the agent update and learning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import harness, spec
+from metabench.families import lpg
+from metabench.rl import truncated_gae
+
+from conftest import write_task
+
+M = lpg.PRED_DIM
+
+
+def test_two_hot_is_exact_in_expectation_and_clips():
+    bins = jnp.array([-1.0, 0.0, 2.0])
+    np.testing.assert_allclose(lpg.two_hot(jnp.array(0.5), bins), [0.0, 0.75, 0.25])
+    np.testing.assert_allclose(lpg.two_hot(jnp.array(-1.0), bins), [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(lpg.two_hot(jnp.array(7.0), bins), [0.0, 0.0, 1.0])
+    x = jnp.linspace(-0.99, 1.99, 17)
+    np.testing.assert_allclose(lpg.two_hot(x, bins) @ bins, x, rtol=1e-6, atol=1e-6)
+
+
+def test_value_transform_round_trips():
+    x = jnp.array([-1000.0, -3.0, -0.5, 0.0, 0.2, 1.0, 42.0, 500.0])
+    np.testing.assert_allclose(lpg.inverse_value_transform(lpg.value_transform(x)), x,
+                               rtol=1e-4, atol=1e-4)
+    # h(3) = sqrt(4) - 1 + 0.003
+    assert float(lpg.value_transform(jnp.float32(3.0))) == pytest.approx(1.003, abs=1e-6)
+
+
+def _inputs_with_values(values, values_next, reward, terminated, done):
+    """Inputs whose y encodes the given values exactly under actor_critic's bins."""
+    edge = float(lpg.value_transform(jnp.float32(1000.0)))
+    bins = jnp.linspace(-edge, edge, M)
+    enc = lambda v: lpg.two_hot(lpg.value_transform(jnp.asarray(v, jnp.float32)), bins)  # noqa
+    f = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return lpg.Inputs(f(reward), f(terminated), f(done), jnp.full(np.shape(reward), 0.9),
+                      jnp.full(np.shape(reward), 0.5), enc(values), enc(values_next))
+
+
+def test_actor_critic_targets_are_gae_and_the_lambda_return():
+    # Two envs, four steps; env 0 terminates at t=1, env 1 is truncated at t=2.
+    v = [[1.0, 2.0], [3.0, -1.0], [0.5, 4.0], [2.0, 2.0]]
+    v_next = [[3.0, -1.0], [9.0, 4.0], [2.0, 7.0], [1.0, 5.0]]
+    r = [[1.0, 0.0], [1.0, 2.0], [0.0, 1.0], [-1.0, 1.0]]
+    term = [[0, 0], [1, 0], [0, 0], [0, 0]]
+    done = [[0, 0], [1, 0], [0, 1], [0, 0]]
+    x = _inputs_with_values(v, v_next, r, term, done)
+    out = lpg.actor_critic(gae_lambda=0.8).apply({}, x)
+    adv, target = truncated_gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(v_next),
+                                jnp.asarray(term, bool),
+                                jnp.asarray(np.array(done) * (1 - np.array(term)), bool),
+                                0.9, 0.8)
+    np.testing.assert_allclose(out.pi_hat, adv, rtol=1e-3, atol=1e-3)
+    # By hand for env 0: t=1 terminates, so A_1 = r_1 - v_1 = 1 - 3 = -2.
+    assert float(out.pi_hat[1, 0]) == pytest.approx(-2.0, abs=1e-3)
+    # Truncation at t=2 in env 1 bootstraps: A_2 = 1 + 0.9 * 7 - 4 = 3.3.
+    assert float(out.pi_hat[2, 1]) == pytest.approx(3.3, abs=1e-3)
+    edge = float(lpg.value_transform(jnp.float32(1000.0)))
+    bins = jnp.linspace(-edge, edge, M)
+    decoded = lpg.inverse_value_transform(out.y_hat @ bins)
+    np.testing.assert_allclose(decoded, target, rtol=1e-3, atol=1e-3)
+
+
+def test_lpg_network_runs_backwards_and_resets_at_episode_ends():
+    rule = lpg.lpg(hidden=16)
+    mp = rule.init(jax.random.PRNGKey(0))
+    x = lpg.random_inputs(jax.random.PRNGKey(1), t=10, n=3)
+    x = x._replace(done=jnp.zeros_like(x.done).at[4, 1].set(1.0),
+                   terminated=jnp.zeros_like(x.done))
+    base = rule.apply(mp, x)
+    assert base.pi_hat.shape == (10, 3) and base.y_hat.shape == (10, 3, M)
+    np.testing.assert_allclose(base.y_hat.sum(-1), 1.0, rtol=1e-5)
+    # Backwards in time: changing the reward at t=7 changes targets at t <= 7 only...
+    moved = rule.apply(mp, x._replace(reward=x.reward.at[7, 0].add(1.0)))
+    diff = np.abs(np.asarray(moved.pi_hat - base.pi_hat))[:, 0]
+    assert np.all(diff[8:] == 0) and np.all(diff[:8] > 0)
+    # ...and in env 1 the episode ending at t=4 shields t <= 4 from what comes after.
+    moved = rule.apply(mp, x._replace(reward=x.reward.at[6, 1].add(1.0)))
+    diff = np.abs(np.asarray(moved.pi_hat - base.pi_hat))[:, 1]
+    assert np.all(diff[:5] == 0) and np.all(diff[5:7] > 0) and np.all(diff[7:] == 0)
+    # Other envs are untouched.
+    assert np.all(np.asarray(moved.pi_hat - base.pi_hat)[:, [0, 2]] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(lpg.REFERENCE_RULES))
+def test_reference_rules_pass_the_check(name):
+    rule = lpg.REFERENCE_RULES[name].factory()
+    report = lpg.check(rule, rule.init(jax.random.PRNGKey(0)), name)
+    assert report.passed, report.format()
+    assert report.get("episode_boundaries").passed
+
+
+def test_check_catches_bad_rules():
+    def not_a_distribution(p, x):
+        return lpg.Outputs(x.reward, x.y * 2.0)
+
+    report = lpg.check(lpg.UpdateRule(lambda _: {}, not_a_distribution), {})
+    assert not report.passed and not report.get("y_hat_distribution").passed
+
+    def forward_sum(p, x):  # leaks the next episode into earlier targets
+        return lpg.Outputs(jnp.broadcast_to(x.reward.sum(0), x.reward.shape), x.y)
+
+    report = lpg.check(lpg.UpdateRule(lambda _: {}, forward_sum), {})
+    assert report.passed and not report.get("episode_boundaries").passed
+
+    report = lpg.check(lpg.UpdateRule(lambda _: {}, lambda p, x: x.reward), {})
+    assert not report.passed and not report.get("output_shape").passed
+
+
+def test_agent_update_follows_the_targets():
+    """With pi_hat > 0 on every step the update raises log pi of the actions taken, and it
+    moves y towards y_hat (KL falls)."""
+    from metabench.envs import make
+
+    env, params = make("gymnax/CartPole-v1")
+    cfg = lpg.Config(num_envs=4, rollout_len=8, lr=0.05, optimiser="sgd", network="mlp",
+                     hidden=(16,))
+    target_y = jax.nn.one_hot(3, M)
+
+    def fixed(p, x):
+        return lpg.Outputs(jnp.ones_like(x.reward), jnp.broadcast_to(target_y, x.y.shape))
+
+    agent = lpg.make_agent(env, cfg, lpg.UpdateRule(lambda _: {}, fixed),
+                           sample_params=lambda _: params)
+    state = agent.init(jax.random.PRNGKey(0))
+    state, traj, _ = agent.rollout(state)
+
+    def stats(p):
+        x = agent.rule_inputs(p, traj)
+        kl = jnp.sum(x.y * (jnp.log(x.y) - jnp.log(jnp.maximum(target_y, 1e-30))), -1)
+        return float(jnp.mean(jnp.log(x.pi_a))), float(jnp.mean(kl))
+
+    logp0, kl0 = stats(state.params)
+    new, loss, out = agent.update(state, {}, traj)
+    logp1, kl1 = stats(new.params)
+    assert logp1 > logp0 and kl1 < kl0
+    assert np.isfinite(float(loss)) and out.pi_hat.shape == (8, 4)
+
+
+def test_meta_gradient_flows_through_the_agent_update():
+    from metabench.envs import make
+
+    env, params = make("gymnax/CartPole-v1")
+    cfg = lpg.Config(num_envs=4, rollout_len=8, network="mlp", hidden=(16,))
+    rule = lpg.lpg(hidden=8)
+    agent = lpg.make_agent(env, cfg, rule, sample_params=lambda _: params)
+    state = agent.init(jax.random.PRNGKey(0))
+    state, traj, _ = agent.rollout(state)
+    mp = rule.init(jax.random.PRNGKey(1))
+
+    def after(mp):
+        new, _, _ = agent.update(state, mp, traj)
+        logits, _ = agent.network.apply(new.params, traj.obs.reshape((-1, 4)))
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+
+    g = jax.grad(after)(mp)
+    norms = [float(jnp.abs(leaf).max()) for leaf in jax.tree_util.tree_leaves(g)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+A2C_TASK = """
+id: lpg-cartpole
+description: the LPG agent on CartPole
+total_timesteps: 200000
+seed: 0
+train:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+agents:
+  lpg: {num_envs: 16, rollout_len: 20, lr: 0.001, network: mlp, hidden: [64, 64],
+        ent_coef: 0.01}
+budget: {seeds: 2, max_seconds_per_env: 600}
+scoring: {bootstrap_reps: 200}
+"""
+
+
+def test_actor_critic_in_the_lpg_slot_learns_cartpole(tmp_path):
+    task = spec.load(write_task(tmp_path, A2C_TASK, "lpg-cartpole"))
+    run = harness.train_env(harness.reference_rule("actor_critic"), task, task.test[0], [0, 1])
+    finals = [r["final_return"] for r in harness.run_records(run, 0.05)]
+    assert run.failure is None and min(finals) > 300, finals  # random: about 22
