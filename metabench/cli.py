@@ -194,7 +194,8 @@ def cmd_discover_lpg(args) -> int:
                             inner_updates=args.inner_updates,
                             lifetime_updates=_int_or_none(args.lifetime_updates),
                             meta_lr=args.meta_lr, hidden=args.hidden,
-                            lr_arms=tuple(args.lr_arm or ()), seed=args.seed,
+                            lr_arms=tuple(args.lr_arm or ()),
+                            alpha_y_arms=tuple(args.alpha_y_arm or ()), seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
     out = Path(args.out) if args.out else RUNS_DIR / "discover" / "lpg" / \
         f"{task.id}-seed{cfg.seed}"
@@ -205,6 +206,29 @@ def cmd_discover_lpg(args) -> int:
     if first and last:
         print(f"\nmeta-objective {first['objective']:+.4f} -> {last['objective']:+.4f} over "
               f"{s['meta_steps']} meta-steps; {s['env_steps']:,} env steps in {s['wall_s']:.0f}s")
+    print(f"curve: {out / 'curve.jsonl'}\nsubmission: {out / 'submission'}")
+    return 0
+
+
+def cmd_discover_lpo(args) -> int:
+    from metabench import spec
+    from metabench.discover.es import ESConfig, discover_lpo
+
+    task = spec.load(args.task)
+    cfg = ESConfig(generations=args.generations, population=args.population,
+                   sigma_init=args.sigma, sigma_decay=args.sigma_decay,
+                   sigma_limit=args.sigma_limit, lr=args.lr, seeds=args.seeds,
+                   timesteps=_int_or_none(args.timesteps), seed=args.seed,
+                   checkpoint_every=args.checkpoint_every)
+    out = Path(args.out) if args.out else RUNS_DIR / "discover" / "lpo" / \
+        f"{task.id}-seed{cfg.seed}"
+    command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
+    res = discover_lpo(task, cfg, out, command=command, author=args.author)
+    s = res.summary
+    if s["curve_first"] and s["curve_last"]:
+        print(f"\nfitness (population mean) {s['curve_first']['fitness_mean']:.3f} -> "
+              f"{s['curve_last']['fitness_mean']:.3f} over {s['generations']} generations; "
+              f"{s['env_steps']:,} env steps in {s['wall_s']:.0f}s")
     print(f"curve: {out / 'curve.jsonl'}\nsubmission: {out / 'submission'}")
     return 0
 
@@ -238,6 +262,17 @@ def cmd_submit(args) -> int:
     command = "metabench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     failed = 0
     for folder in _submission_order(args.dirs, task):
+        if len(args.dirs) > 1:
+            # A glob over submissions/ spans families; the task's own are scored, the rest
+            # are named and skipped rather than failing the batch.
+            try:
+                family = submission.load(folder).family
+            except submission.SubmissionError:
+                family = None
+            if family is not None and family not in task.families():
+                print(f"{folder}: skipped, task {task.id} has no {family} agent "
+                      f"(it scores {', '.join(task.families())})")
+                continue
         res = submission.submit(folder, args.task, args.split, results_dir=Path(args.results),
                                 force=args.force, shard=shard, seeds=args.seeds,
                                 timeout=args.timeout, command=command)
@@ -371,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--hidden", type=int, default=32, help="LSTM units of the rule")
     lg.add_argument("--lr-arm", type=float, action="append", default=None,
                     help="an agent learning rate for the balancing bandit (repeat)")
+    lg.add_argument("--alpha-y-arm", type=float, action="append", default=None,
+                    help="an agent alpha_y for the balancing bandit (repeat)")
     lg.add_argument("--checkpoint-every", type=int, default=10)
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--out", default=None,
@@ -378,6 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
                          "existing checkpoint there is resumed")
     lg.add_argument("--author", default="metabench discover lpg")
     lg.set_defaults(fn=cmd_discover_lpg)
+    lo = dsub.add_parser("lpo", help="OpenAI-ES on LPO's drift network (Lu et al. 2022)")
+    lo.add_argument("--task", required=True, help="task id or YAML with a drift agent")
+    lo.add_argument("--generations", type=int, default=50)
+    lo.add_argument("--population", type=int, default=16, help="even; the paper used 32")
+    lo.add_argument("--sigma", type=float, default=0.04, help="initial perturbation scale")
+    lo.add_argument("--sigma-decay", type=float, default=0.999)
+    lo.add_argument("--sigma-limit", type=float, default=0.01)
+    lo.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on the mean")
+    lo.add_argument("--seeds", type=int, default=2, help="agents per candidate and env")
+    lo.add_argument("--timesteps", default=None, help="env steps per agent (default: task's)")
+    lo.add_argument("--checkpoint-every", type=int, default=1)
+    lo.add_argument("--seed", type=int, default=0)
+    lo.add_argument("--out", default=None,
+                    help="output folder (default runs/discover/lpo/<task>-seed<seed>); an "
+                         "existing checkpoint there is resumed")
+    lo.add_argument("--author", default="metabench discover lpo")
+    lo.set_defaults(fn=cmd_discover_lpo)
 
     bp = sub.add_parser("bench", help="harness vs minimal single-file PPO, env steps per second")
     bp.add_argument("--env", action="append", default=None,

@@ -16,11 +16,11 @@ the rule's outputs during the K updates. Lifetimes continue across meta-steps an
 (fresh agent, new env level) when they reach ``lifetime_updates``; their starts are staggered
 so that the population always spans early and late learning.
 
-Hyperparameter balancing. Good agent learning rates differ across environments, and a rule
-meta-trained at one rate over-fits it. As in the paper, each lifetime draws its agent learning
-rate from a per-environment bandit over ``lr_arms``: arms are scored by the mean return of the
-lifetimes that used them (a running average), and drawn by a softmax over standardised scores
-(``bandit_temperature``).
+Hyperparameter balancing. Good agent hyperparameters differ across environments, and a rule
+meta-trained at one setting over-fits it. As in the paper, each lifetime draws its agent
+learning rate and ``alpha_y`` from a per-environment bandit over ``lr_arms x alpha_y_arms``:
+arms are scored by the mean return of the lifetimes that used them (a running average), and
+drawn by a softmax over standardised scores (``bandit_temperature``).
 
 Everything per environment (K updates of a population of lifetimes and the meta-gradient) is
 one jitted call; environments with different observation spaces need separate agents, so
@@ -42,6 +42,7 @@ import optax
 import yaml
 
 from metabench import harness
+from metabench.discover.checkpoint import load_tree, save_tree
 from metabench.families import lpg as lpg_family
 from metabench.results import write_json_atomic
 from metabench.spec import EnvSpec, TaskSpec
@@ -78,6 +79,8 @@ class LPGDiscoverConfig:
     """LSTM units of the rule (the paper uses 256)."""
     lr_arms: tuple[float, ...] = ()
     """Agent learning rates the bandit balances over; empty uses only the task's rate."""
+    alpha_y_arms: tuple[float, ...] = ()
+    """Agent ``alpha_y`` values the bandit balances over; empty uses only the task's."""
     bandit_temperature: float = 1.0
     """Softmax temperature over standardised arm scores."""
     seed: int = 0
@@ -87,6 +90,7 @@ class LPGDiscoverConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "lr_arms", tuple(float(a) for a in self.lr_arms))
+        object.__setattr__(self, "alpha_y_arms", tuple(float(a) for a in self.alpha_y_arms))
         for name in ("meta_steps", "lifetimes", "inner_updates", "hidden", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -97,6 +101,8 @@ class LPGDiscoverConfig:
             raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
         if any(a <= 0 for a in self.lr_arms):
             raise ValueError(f"lr_arms must be positive, got {self.lr_arms}")
+        if any(a < 0 for a in self.alpha_y_arms):
+            raise ValueError(f"alpha_y_arms must be non-negative, got {self.alpha_y_arms}")
 
 
 class Lifetimes(NamedTuple):
@@ -106,7 +112,7 @@ class Lifetimes(NamedTuple):
     age: jax.Array
     """Agent updates done in the current lifetime."""
     arm: jax.Array
-    """Index of the learning-rate arm this lifetime uses."""
+    """Index of the (learning rate, alpha_y) arm this lifetime uses."""
     ret_sum: jax.Array
     """Sum of returns of episodes finished in this lifetime (for the bandit)."""
     episodes: jax.Array
@@ -162,7 +168,8 @@ class _EnvMeta:
         self.spec = spec
         env, _, sampler = spec.make()
         self.config = task.agent_config(FAMILY, spec)
-        self.arms = cfg.lr_arms or (self.config.lr,)
+        self.arms = [(lr, ay) for lr in (cfg.lr_arms or (self.config.lr,))
+                     for ay in (cfg.alpha_y_arms or (self.config.alpha_y,))]
         config = dataclasses.replace(self.config, lr=1.0)  # the arm's rate scales the update
         self.agent = lpg_family.make_agent(env, config, rule, sample_params=sampler)
         self.steps_per_update = config.num_envs * config.rollout_len
@@ -172,23 +179,24 @@ class _EnvMeta:
         agent, k = self.agent, cfg.inner_updates
         gamma = config.gamma
 
-        def scaled_update(state, mp, traj, lr):
+        def scaled_update(state, mp, traj, arm):
             # The agent's optimiser runs at rate 1; the arm's rate scales its step, which is
             # the same as building the optimiser at that rate (adam, rmsprop and sgd alike).
+            lr, alpha_y = arm[0], arm[1]
             (value, target), grads = jax.value_and_grad(agent.loss, has_aux=True)(
-                state.params, mp, traj)
+                state.params, mp, traj, alpha_y)
             updates, opt_state = agent.optimiser.update(grads, state.opt_state, state.params)
             updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
             params = optax.apply_updates(state.params, updates)
             return state._replace(params=params, opt_state=opt_state), target
 
-        def one_lifetime(mp, lt: Lifetimes, lr):
+        def one_lifetime(mp, lt: Lifetimes, arm):
             def body(state, _):
                 frozen = state._replace(params=jax.lax.stop_gradient(state.params))
                 frozen, traj, finished = agent.rollout(frozen)
                 state = state._replace(env_state=frozen.env_state, obs=frozen.obs,
                                        episode_return=frozen.episode_return, rng=frozen.rng)
-                state, target = scaled_update(state, mp, traj, lr)
+                state, target = scaled_update(state, mp, traj, arm)
                 sq = (jnp.mean(target.pi_hat ** 2), jnp.mean(jnp.sum(target.y_hat ** 2, -1)))
                 return state, (finished, sq)
 
@@ -213,19 +221,19 @@ class _EnvMeta:
             stats = (objective, jnp.mean(traj.reward), pi_ent, y_ent, pi_hat_sq, y_hat_sq)
             return objective, (new, stats)
 
-        def population(mp, lts: Lifetimes, arm_lrs):
-            lrs = arm_lrs[lts.arm]
-            objs, (new, stats) = jax.vmap(one_lifetime, in_axes=(None, 0, 0))(mp, lts, lrs)
+        def population(mp, lts: Lifetimes, arm_values):
+            objs, (new, stats) = jax.vmap(one_lifetime, in_axes=(None, 0, 0))(
+                mp, lts, arm_values[lts.arm])
             return jnp.mean(objs), (new, jax.tree_util.tree_map(jnp.mean, stats))
 
         grad = jax.grad(population, has_aux=True)
 
-        def meta_grad(mp, lts: Lifetimes, arm_lrs, arm_probs, key):
-            g, (new, stats) = grad(mp, lts, arm_lrs)
+        def meta_grad(mp, lts: Lifetimes, arm_values, arm_probs, key):
+            g, (new, stats) = grad(mp, lts, arm_values)
             # Lifetimes that reached their end: record their return for the bandit, restart.
             ended = new.age >= self.lifetime_updates
             mean_ret = new.ret_sum / jnp.maximum(new.episodes, 1.0)
-            n_arms = arm_lrs.shape[0]
+            n_arms = arm_values.shape[0]
             onehot = jax.nn.one_hot(new.arm, n_arms) * ended[:, None]
             fin_ret = jnp.sum(onehot * mean_ret[:, None], 0)
             fin_cnt = jnp.sum(onehot, 0)
@@ -237,6 +245,7 @@ class _EnvMeta:
             return g, new, MetaStats(*stats, fin_ret, fin_cnt)
 
         self.meta_grad = jax.jit(meta_grad)
+        self.arm_values = jnp.asarray(self.arms, jnp.float32)  # [arms, (lr, alpha_y)]
 
     def fresh(self, keys, arm_key, arm_probs) -> Lifetimes:
         agent = jax.lax.map(self.agent.init, keys)
@@ -304,7 +313,7 @@ def evaluate_objective(task: TaskSpec, cfg: LPGDiscoverConfig, eta: Any, seed: i
         probs = jnp.full(len(e.arms), 1.0 / len(e.arms))
         for _ in range(repeats):
             key, k = jax.random.split(key)
-            _, pop, stats = e.meta_grad(eta, pop, jnp.asarray(e.arms, jnp.float32), probs, k)
+            _, pop, stats = e.meta_grad(eta, pop, e.arm_values, probs, k)
             out.append(float(stats.objective))
     return float(np.mean(out))
 
@@ -346,7 +355,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         same = {k: v for k, v in meta["config"].items() if k != "meta_steps"} == \
             {k: v for k, v in config_json.items() if k != "meta_steps"}
         if same and meta["task"] == task.fingerprint() and meta["step"] <= cfg.meta_steps:
-            eta, opt_state, pops, key = _load_tree(ckpt_npz, (eta, opt_state, pops, key))
+            eta, opt_state, pops, key = load_tree(ckpt_npz, (eta, opt_state, pops, key))
             for b, d in zip(bandits, meta["bandits"]):
                 b.load(d)
             start_step, curve = meta["step"], meta["curve"]
@@ -362,7 +371,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         f"meta-steps")
 
     def save(step: int) -> None:
-        _save_tree(ckpt_npz, (eta, opt_state, pops, key))
+        save_tree(ckpt_npz, (eta, opt_state, pops, key))
         write_json_atomic(ckpt_json, {
             "config": config_json, "task": task.fingerprint(), "step": step, "curve": curve,
             "bandits": [b.state() for b in bandits], "env_steps": env_steps,
@@ -373,8 +382,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         for i, (e, b) in enumerate(zip(envs, bandits)):
             key, k = jax.random.split(key)
             probs = jnp.asarray(b.probs(), jnp.float32)
-            g, pops[i], stats = e.meta_grad(eta, pops[i], jnp.asarray(e.arms, jnp.float32),
-                                            probs, k)
+            g, pops[i], stats = e.meta_grad(eta, pops[i], e.arm_values, probs, k)
             stats = jax.device_get(stats)
             b.update(np.asarray(stats.finished_return), np.asarray(stats.finished_count))
             grads.append(g)
@@ -406,6 +414,8 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
                  "train_envs": [e.spec.name for e in envs]},
         "config": config_json,
         "lifetime_updates": {e.spec.name: e.lifetime_updates for e in envs},
+        "bandit": {e.spec.name: {"arms (lr, alpha_y)": e.arms, "probs": b.probs().tolist(),
+                                 **b.state()} for e, b in zip(envs, bandits)},
         "env_steps": env_steps, "wall_s": wall_prev + time.perf_counter() - t0,
         "meta_steps": cfg.meta_steps, "provenance": harness.provenance(command),
         "curve_first": curve[0] if curve else None, "curve_last": curve[-1] if curve else None,
@@ -413,23 +423,6 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
     write_json_atomic(out_dir / "summary.json", summary)
     write_submission(out_dir / "submission", eta, task, summary, author)
     return DiscoverResult(eta, curve, summary, out_dir)
-
-
-def _save_tree(path: Path, tree: Any) -> None:
-    # Leaves in flattening order; the structure comes from a freshly built tree on load.
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, *[np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
-    tmp.replace(path)
-
-
-def _load_tree(path: Path, like: Any) -> Any:
-    with np.load(path, allow_pickle=False) as z:
-        leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
-    treedef = jax.tree_util.tree_structure(like)
-    if treedef.num_leaves != len(leaves):
-        raise ValueError(f"{path} does not match this run's state")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _adam_step(opt, g, s, p):

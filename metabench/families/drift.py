@@ -22,7 +22,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     finite_tree, register_family)
+                                     finite_tree, register_family, shipped_params)
 from metabench.rl import episode_returns, normalise, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics, Transition
@@ -158,9 +158,9 @@ def lpo(hidden: int = 128, shift: float = 1e-4, epsilon: float = 0.2) -> UpdateR
 
 
 def _lpo_default_params(rule: UpdateRule):
-    # Discovered LPO parameters arrive with `metabench discover lpo` (the ES issue); until a
-    # file is shipped the rule runs at its initialisation, which is PPO-clip, and says so.
-    return rule.init(jax.random.PRNGKey(0)), "untrained: LPO at its PPO-clip initialisation"
+    # Until `metabench discover lpo` parameters are shipped the rule runs at its
+    # initialisation, which is PPO-clip, and says so.
+    return shipped_params("lpo", rule, "untrained: LPO at its PPO-clip initialisation")
 
 
 REFERENCE_RULES = {

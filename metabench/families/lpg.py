@@ -38,7 +38,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     finite_tree, register_family)
+                                     finite_tree, register_family, shipped_params)
 from metabench.rl import episode_returns, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
 from metabench.types import Metrics
@@ -173,11 +173,12 @@ class _Phi(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def lpg(hidden: int = 256, embed: int = 16) -> UpdateRule:
+def lpg(hidden: int = 32, embed: int = 16) -> UpdateRule:
     """The Learned Policy Gradient network (Oh et al. 2020): ``phi`` (a 2-layer MLP with
     ``embed`` then 1 unit, shared between y(s_t) and y(s_t+1)), an LSTM of ``hidden`` units
     run backwards in time and reset where an episode ends, and linear heads for ``pi_hat``
-    and the logits of ``y_hat``."""
+    and the logits of ``y_hat``. The paper uses 256 LSTM units; the default here is a
+    CPU-sized 32, the size of the shipped parameters."""
     phi = _Phi(embed)
     cell = nn.LSTMCell(hidden)
     pi_head, y_head = nn.Dense(1), nn.Dense(PRED_DIM)
@@ -217,9 +218,7 @@ def lpg(hidden: int = 256, embed: int = 16) -> UpdateRule:
 
 
 def _lpg_default_params(rule: UpdateRule):
-    # Meta-trained parameters arrive with `metabench discover lpg`; until a file is shipped
-    # the rule runs at a random initialisation, and every output says so.
-    return rule.init(jax.random.PRNGKey(0)), "untrained: LPG at a random initialisation"
+    return shipped_params("lpg", rule, "untrained: LPG at a random initialisation")
 
 
 REFERENCE_RULES = {
@@ -284,8 +283,9 @@ class Agent(NamedTuple):
     """``rollout(state) -> (state, traj [T, N], (returns_sum, episodes))``."""
     rule_inputs: Callable[[Any, Rollout], Inputs]
     """``rule_inputs(params, traj) -> Inputs`` (no gradient to the agent's parameters)."""
-    loss: Callable[[Any, Any, Rollout], tuple[jax.Array, Outputs]]
-    """``loss(params, meta_params, traj) -> (agent loss, rule outputs)``."""
+    loss: Callable[..., tuple[jax.Array, Outputs]]
+    """``loss(params, meta_params, traj, alpha_y=None) -> (agent loss, rule outputs)``
+    (``alpha_y`` defaults to the config's)."""
     update: Callable[[RunnerState, Any, Rollout], tuple[RunnerState, jax.Array, Outputs]]
     """One agent update on a rollout; differentiable in ``meta_params``."""
 
@@ -360,7 +360,7 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
         x = Inputs(traj.reward, term, done, jnp.full_like(term, config.gamma), pi_a, y, y_next)
         return jax.lax.stop_gradient(x)
 
-    def loss(params, meta_params, traj: Rollout):
+    def loss(params, meta_params, traj: Rollout, alpha_y=None):
         # The targets come from the agent's outputs without gradient (they are targets), but
         # keep their dependence on meta_params (meta-gradients flow through them).
         target = rule.apply(meta_params, rule_inputs(params, traj))
@@ -371,7 +371,8 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
         kl = jnp.mean(jnp.sum(y * (jnp.log(jnp.maximum(y, 1e-30))
                                    - jnp.log(jnp.maximum(y_hat, 1e-30))), axis=-1))
         ent = jnp.mean(nets.entropy(logits, False))
-        return -pg + config.alpha_y * kl - config.ent_coef * ent, target
+        alpha_y = config.alpha_y if alpha_y is None else alpha_y
+        return -pg + alpha_y * kl - config.ent_coef * ent, target
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 

@@ -1,0 +1,247 @@
+"""Evolution-strategy discovery: ``metabench discover lpo`` (and any rule with parameters).
+
+Lu et al. 2022 ("Discovered Policy Optimisation") meta-train LPO's drift network with
+OpenAI-ES (Salimans et al. 2017): antithetic Gaussian perturbations of the parameters,
+centred-rank fitness shaping, Adam on the mean and a decaying perturbation scale. evosax's
+``Open_ES`` does the ES arithmetic; this module supplies the fitness and the bookkeeping.
+
+Fitness of a candidate: the mean, over the task's train envs and ``seeds`` fresh agents, of the
+normalised final return (so envs weigh alike; failed or NaN runs score 0). The whole
+population x seeds trains in one compiled call per env (``harness.train_population``), with
+every candidate on the same seed keys (common random numbers). Only the train split is used.
+
+Every ``checkpoint_every`` generations the ES state, key and curve are saved; re-running the
+same command resumes from there to identical results. The mean of the final search
+distribution is written as a ready submission folder with its disclosure filled in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from metabench import harness
+from metabench.discover.checkpoint import load_tree, save_tree
+from metabench.families import base as families_base
+from metabench.results import write_json_atomic
+from metabench.rules import UpdateRule
+from metabench.spec import TaskSpec, require_calibrated
+
+
+@dataclasses.dataclass(frozen=True)
+class ESConfig:
+    """Settings of an ES search (defaults: the DPO paper's LPO settings where they apply,
+    CPU-sized otherwise)."""
+
+    generations: int = 50
+    """ES generations."""
+    population: int = 16
+    """Candidates per generation (even: antithetic pairs; the paper's LPO used 32)."""
+    sigma_init: float = 0.04
+    """Initial perturbation scale (Lu et al. 2022: 0.04)."""
+    sigma_decay: float = 0.999
+    """Per-generation multiplicative decay of the scale (Lu et al. 2022: 0.999)."""
+    sigma_limit: float = 0.01
+    """Floor of the scale (Lu et al. 2022: 0.01)."""
+    lr: float = 0.01
+    """Adam learning rate on the mean."""
+    seeds: int = 2
+    """Fresh agents per candidate and env."""
+    timesteps: int | None = None
+    """Env steps per agent; None uses the task's budget."""
+    seed: int = 0
+    """Seed of the search."""
+    checkpoint_every: int = 1
+    """Generations between checkpoints."""
+
+    def __post_init__(self):
+        for name in ("generations", "population", "seeds", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.population % 2:
+            raise ValueError(f"population must be even (antithetic pairs), got "
+                             f"{self.population}")
+        for name in ("sigma_init", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.timesteps is not None and int(self.timesteps) < 1:
+            raise ValueError(f"timesteps must be positive, got {self.timesteps!r}")
+
+
+def make_es(cfg: ESConfig, like: Any):
+    """evosax's OpenAI-ES over parameter trees shaped like ``like``."""
+    from evosax.algorithms import Open_ES
+
+    schedule = optax.exponential_decay(cfg.sigma_init, transition_steps=1,
+                                       decay_rate=cfg.sigma_decay, end_value=cfg.sigma_limit)
+    return Open_ES(population_size=cfg.population, solution=like,
+                   optimizer=optax.adam(cfg.lr), std_schedule=schedule)
+
+
+class TrainFitness:
+    """Mean normalised final return over the task's train envs, population x seeds per call."""
+
+    def __init__(self, task: TaskSpec, family: str, rule: UpdateRule, cfg: ESConfig):
+        require_calibrated(task, "train")
+        self.task, self.family, self.rule, self.cfg = task, family, rule, cfg
+        self.timesteps = int(cfg.timesteps or task.total_timesteps)
+        self.env_steps = 0
+
+    def __call__(self, population: Any) -> tuple[np.ndarray, dict[str, list[float]]]:
+        per_env = {}
+        for spec in self.task.split("train"):
+            runs = harness.train_population(self.family, self.rule, population, self.task,
+                                            spec, range(self.cfg.seeds),
+                                            total_timesteps=self.timesteps)
+            if runs[0].failure and "while compiling" in runs[0].failure:
+                raise RuntimeError(f"the ES training call failed to compile on {spec.name}: "
+                                   f"{runs[0].failure}")
+            self.env_steps += sum(len(r.seeds) * r.updates_done * r.steps_per_update
+                                  for r in runs)
+            window = self.task.scoring.window
+            per_env[spec.name] = [
+                float(np.mean([x["score"] if x["score"] is not None else 0.0
+                               for x in harness.run_records(r, window)])) for r in runs]
+        fitness = np.mean(np.array(list(per_env.values())), axis=0)
+        return fitness, per_env
+
+
+class ESResult(NamedTuple):
+    mean: Any
+    curve: list[dict]
+    summary: dict
+    out_dir: Path
+
+
+def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, cfg: ESConfig,
+              out_dir: str | Path, *,
+              fitness: Callable[[Any], tuple[np.ndarray, dict]] | None = None,
+              command: str | None = None, log: Callable[[str], None] = print) -> ESResult:
+    """Runs OpenAI-ES from ``init_params`` (maximising ``fitness``, by default
+    :class:`TrainFitness`); writes ``curve.jsonl``, ``checkpoint.{npz,json}`` and
+    ``summary.json`` under ``out_dir`` and returns the final mean."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fit = fitness or TrainFitness(task, family, rule, cfg)
+    es = make_es(cfg, init_params)
+    params = es.default_params
+    key = jax.random.PRNGKey(cfg.seed)
+    key, k0 = jax.random.split(key)
+    state = es.init(k0, init_params, params)
+    config_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    start, curve, env_steps, wall_prev = 0, [], 0, 0.0
+    ckpt_json, ckpt_npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
+    if ckpt_json.exists() and ckpt_npz.exists():
+        meta = json.loads(ckpt_json.read_text())
+        same = {k: v for k, v in meta["config"].items() if k != "generations"} == \
+            {k: v for k, v in config_json.items() if k != "generations"}
+        if same and meta["task"] == task.fingerprint() and meta["generation"] <= cfg.generations:
+            state, key = load_tree(ckpt_npz, (state, key))
+            start, curve = meta["generation"], meta["curve"]
+            env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
+            log(f"resuming from generation {start} ({ckpt_json})")
+        else:
+            log(f"ignoring {ckpt_json}: it is from another config or task version")
+    t0 = time.perf_counter()
+    ask, tell = jax.jit(es.ask), jax.jit(es.tell)
+    for gen in range(start, cfg.generations):
+        key, k_ask, k_tell = jax.random.split(key, 3)
+        population, state = ask(k_ask, state, params)
+        f, per_env = fit(population)
+        if not np.all(np.isfinite(f)):
+            f = np.where(np.isfinite(f), f, 0.0)  # a NaN candidate scores the floor
+        # evosax minimises.
+        state, _ = tell(k_tell, population, jnp.asarray(-f, jnp.float32), state, params)
+        env_steps = getattr(fit, "env_steps", env_steps)
+        row = {"generation": gen + 1, "fitness_mean": float(np.mean(f)),
+               "fitness_max": float(np.max(f)), "fitness_min": float(np.min(f)),
+               "per_env_mean": {k: float(np.mean(v)) for k, v in per_env.items()},
+               "sigma": float(state.std), "env_steps": int(env_steps),
+               "wall_s": round(wall_prev + time.perf_counter() - t0, 2)}
+        curve.append(row)
+        with open(out_dir / "curve.jsonl", "a" if gen else "w") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log(f"  generation {gen + 1:4d}: fitness mean {row['fitness_mean']:.3f} max "
+            f"{row['fitness_max']:.3f}  sigma {row['sigma']:.4f}  {row['wall_s']:.0f}s")
+        if (gen + 1) % cfg.checkpoint_every == 0 or gen + 1 == cfg.generations:
+            save_tree(ckpt_npz, (state, key))
+            write_json_atomic(ckpt_json, {
+                "config": config_json, "task": task.fingerprint(), "generation": gen + 1,
+                "curve": curve, "env_steps": int(env_steps),
+                "wall_s": wall_prev + time.perf_counter() - t0})
+    mean = es.get_mean(state)
+    summary = {
+        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+                 "train_envs": [e.name for e in task.split("train")]},
+        "family": family, "config": config_json,
+        "timesteps": getattr(fit, "timesteps", None),
+        "env_steps": int(env_steps), "wall_s": wall_prev + time.perf_counter() - t0,
+        "generations": cfg.generations, "provenance": harness.provenance(command),
+        "curve_first": curve[0] if curve else None, "curve_last": curve[-1] if curve else None,
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+    return ESResult(mean, curve, summary, out_dir)
+
+
+def write_submission(folder: Path, name: str, family: str, factory: str, kwargs: dict,
+                     params: Any, task: TaskSpec, summary: dict, author: str,
+                     description: str, paper: str = "") -> Path:
+    """Meta-parameters as a ready submission (``factory`` + parameter file), disclosure
+    filled in, ``discovery.json`` (config, budget, command, curve ends) beside them."""
+    from metabench.submission import save_params
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = save_params(folder / "params.npz", jax.device_get(params))
+    device = summary["provenance"]["device"]
+    hours = summary["wall_s"] / 3600 * device["count"]
+    method = summary["provenance"]["command"].split(" --")[0]
+    sub = {
+        "name": name, "version": "1.0", "authors": [author], "affiliation": "",
+        "family": family, "description": description, "paper": paper,
+        "licence": "Apache-2.0",
+        "rule": {"factory": factory, **({"kwargs": kwargs} if kwargs else {})},
+        "params": {"file": "params.npz", "sha256": sha},
+        "disclosure": {
+            "task": task.id,
+            "train_envs": [e.env for e in task.split("train")],
+            "env_steps": int(summary["env_steps"]),
+            "accelerator_hours": round(hours, 4),
+            "notes": (f"{method}: device hours on {device['platform']} ({device['kind']}). "
+                      "Config, budget, command and curve in discovery.json."),
+        },
+    }
+    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False))
+    write_json_atomic(folder / "discovery.json", summary)
+    return folder
+
+
+def discover_lpo(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
+                 command: str | None = None, log: Callable[[str], None] = print,
+                 author: str = "metabench discover lpo") -> ESResult:
+    """LPO's drift network by OpenAI-ES from its PPO-clip initialisation (Lu et al. 2022)."""
+    from metabench.families import drift
+
+    if "drift" not in task.families():
+        raise ValueError(f"task {task.id} has no drift agent config")
+    families_base.get_family("drift")
+    rule = drift.lpo()
+    init = rule.init(jax.random.PRNGKey(0))
+    log(f"discover lpo: {task.id} train split "
+        f"({', '.join(e.name for e in task.split('train'))}), population {cfg.population} x "
+        f"{cfg.seeds} seeds, {cfg.generations} generations")
+    res = es_search(task, "drift", rule, init, cfg, out_dir, command=command, log=log)
+    write_submission(Path(out_dir) / "submission", f"lpo-{task.id}", "drift", "lpo", {},
+                     res.mean, task, res.summary, author,
+                     f"LPO's drift network meta-trained by `metabench discover lpo` (OpenAI-ES) "
+                     f"on {task.id} (train split), from its PPO-clip initialisation.",
+                     "https://arxiv.org/abs/2210.05639")
+    return res

@@ -1,0 +1,116 @@
+"""ES discovery: OpenAI-ES on a toy fitness, and ``metabench discover lpo`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import harness, spec, submission
+from metabench.cli import main
+from metabench.discover import es as es_mod
+from metabench.families import drift
+
+from conftest import write_task
+
+TASK = """
+id: lpo-tiny
+description: a tiny CartPole task for ES on LPO's drift
+total_timesteps: 8192
+seed: 0
+train:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+agents:
+  drift: {num_envs: 4, rollout_len: 64, epochs: 2, minibatches: 2}
+budget: {seeds: 2, max_seconds_per_env: 600}
+scoring: {bootstrap_reps: 200}
+"""
+
+
+def test_open_es_converges_on_a_toy_fitness(tmp_path):
+    task = spec.load(write_task(tmp_path, TASK, "lpo-tiny"))
+    target = {"w": jnp.array([0.5, -0.3, 0.2]), "b": jnp.array(0.4)}
+
+    def fitness(pop):
+        d = sum(jnp.sum((p - t) ** 2, axis=tuple(range(1, p.ndim)))
+                for p, t in zip(jax.tree_util.tree_leaves(pop),
+                                jax.tree_util.tree_leaves(target)))
+        return -np.asarray(d), {}
+
+    cfg = es_mod.ESConfig(generations=150, population=16, sigma_init=0.1, sigma_limit=0.02,
+                          lr=0.02)
+    init = {"w": jnp.zeros(3), "b": jnp.array(0.0)}
+    res = es_mod.es_search(task, "drift", None, init, cfg, tmp_path / "toy", fitness=fitness,
+                           log=lambda _: None)
+    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+              zip(jax.tree_util.tree_leaves(res.mean), jax.tree_util.tree_leaves(target)))
+    assert err < 0.05, res.mean
+    assert res.curve[-1]["fitness_mean"] > res.curve[0]["fitness_mean"]
+    assert res.curve[-1]["sigma"] < res.curve[0]["sigma"]  # the scale decays
+
+
+def test_es_config_errors():
+    with pytest.raises(ValueError, match="population must be even"):
+        es_mod.ESConfig(population=7)
+    with pytest.raises(ValueError, match="sigma_init must be positive"):
+        es_mod.ESConfig(sigma_init=0.0)
+
+
+@pytest.fixture(scope="module")
+def lpo_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lpo")
+    path = write_task(tmp, TASK, "lpo-tiny")
+    args = ["discover", "lpo", "--task", str(path), "--population", "4", "--seeds", "2",
+            "--sigma", "0.1"]
+    before = len(harness._CACHE)
+    assert main(args + ["--generations", "3", "--out", str(tmp / "full")]) == 0
+    compiled = len(harness._CACHE) - before
+    assert main(args + ["--generations", "2", "--out", str(tmp / "resumed")]) == 0
+    assert main(args + ["--generations", "3", "--out", str(tmp / "resumed")]) == 0
+    return tmp, compiled
+
+
+def test_discover_lpo_trains_the_population_in_one_compiled_call(lpo_runs):
+    tmp, compiled = lpo_runs
+    # One cached compiled training function (population x seeds) served all generations.
+    assert compiled == 1
+    curve = [json.loads(line) for line in (tmp / "full" / "curve.jsonl").open()]
+    assert [c["generation"] for c in curve] == [1, 2, 3]
+    assert all(np.isfinite(c["fitness_mean"]) for c in curve)
+    # PPO-clip-initialised LPO learns CartPole a little in 8192 steps: positive fitness.
+    assert curve[0]["fitness_max"] > 0.0
+    assert curve[-1]["env_steps"] == 3 * 4 * 2 * 8192
+
+
+def test_discover_lpo_resumes_to_identical_results(lpo_runs):
+    tmp, _ = lpo_runs
+    a = np.load(tmp / "full" / "submission" / "params.npz")
+    b = np.load(tmp / "resumed" / "submission" / "params.npz")
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+    full = [json.loads(line) for line in (tmp / "full" / "curve.jsonl").open()]
+    resumed = [json.loads(line) for line in (tmp / "resumed" / "curve.jsonl").open()]
+    assert [c["fitness_mean"] for c in full] == [c["fitness_mean"] for c in resumed]
+
+
+def test_discover_lpo_writes_a_submission_the_checks_accept(lpo_runs):
+    tmp, _ = lpo_runs
+    folder = tmp / "full" / "submission"
+    sub = submission.load(folder)
+    assert sub.family == "drift" and sub.factory == "lpo" and sub.params_file == "params.npz"
+    assert sub.disclosure.task == "lpo-tiny" and sub.disclosure.env_steps == 3 * 4 * 2 * 8192
+    result = submission.check(folder)
+    assert result.ok, result.message
+    # The parameters moved away from the PPO-clip initialisation.
+    init = drift.lpo().init(jax.random.PRNGKey(0))
+    moved = submission.load_params(folder / "params.npz")
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+               zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(moved)))
+    assert diff > 0
