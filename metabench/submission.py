@@ -4,7 +4,7 @@ A submission is a folder with ``submission.yaml`` (metadata, the entry point, an
 parameters file with its sha256, and a meta-training disclosure), an optional ``rule.py``
 and an optional parameters file (``.npz`` or flax ``.msgpack``). Loading the YAML never runs
 submitted code; building the rule imports ``rule.py`` and is done in a child process
-(``python -m metabench.submission``) by :func:`check` and :func:`submit`, so that a rule that
+(``python -m metabench._child``) by :func:`check` and :func:`submit`, so that a rule that
 crashes, hangs or exhausts memory harms nothing but its own record.
 """
 
@@ -407,10 +407,10 @@ def build_rule(sub: Submission):
 
 
 def _child(args: Sequence[str], timeout: float, capture: bool = True) -> tuple[int | None, str]:
-    """Runs ``python -m metabench.submission ARGS`` in its own process group; returns (exit
+    """Runs ``python -m metabench._child ARGS`` in its own process group; returns (exit
     code, or None when it was killed at ``timeout``, and the tail of its stderr). With
     ``capture=False`` stderr (progress) goes straight to ours."""
-    cmd = [sys.executable, "-m", "metabench.submission", *args]
+    cmd = [sys.executable, "-m", "metabench._child", *args]
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
                                 stderr=err if capture else None, text=True,
