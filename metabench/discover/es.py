@@ -27,11 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from metabench import harness
-from metabench.discover.checkpoint import load_tree, save_tree
-from metabench.families import base as families_base
+from metabench.discover.common import load_tree, save_tree, write_submission
 from metabench.results import write_json_atomic
 from metabench.rules import UpdateRule
 from metabench.spec import TaskSpec, require_calibrated
@@ -192,38 +190,6 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
     return ESResult(mean, curve, summary, out_dir)
 
 
-def write_submission(folder: Path, name: str, family: str, factory: str, kwargs: dict,
-                     params: Any, task: TaskSpec, summary: dict, author: str,
-                     description: str, paper: str = "") -> Path:
-    """Meta-parameters as a ready submission (``factory`` + parameter file), disclosure
-    filled in, ``discovery.json`` (config, budget, command, curve ends) beside them."""
-    from metabench.submission import save_params
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sha = save_params(folder / "params.npz", jax.device_get(params))
-    device = summary["provenance"]["device"]
-    hours = summary["wall_s"] / 3600 * device["count"]
-    method = summary["provenance"]["command"].split(" --")[0]
-    sub = {
-        "name": name, "version": "1.0", "authors": [author], "affiliation": "",
-        "family": family, "description": description, "paper": paper,
-        "licence": "Apache-2.0",
-        "rule": {"factory": factory, **({"kwargs": kwargs} if kwargs else {})},
-        "params": {"file": "params.npz", "sha256": sha},
-        "disclosure": {
-            "task": task.id,
-            "train_envs": [e.env for e in task.split("train")],
-            "env_steps": int(summary["env_steps"]),
-            "accelerator_hours": round(hours, 4),
-            "notes": (f"{method}: device hours on {device['platform']} ({device['kind']}). "
-                      "Config, budget, command and curve in discovery.json."),
-        },
-    }
-    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False))
-    write_json_atomic(folder / "discovery.json", summary)
-    return folder
-
-
 def discover_lpo(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
                  command: str | None = None, log: Callable[[str], None] = print,
                  author: str = "metabench discover lpo") -> ESResult:
@@ -232,16 +198,19 @@ def discover_lpo(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
 
     if "drift" not in task.families():
         raise ValueError(f"task {task.id} has no drift agent config")
-    families_base.get_family("drift")
     rule = drift.lpo()
     init = rule.init(jax.random.PRNGKey(0))
     log(f"discover lpo: {task.id} train split "
         f"({', '.join(e.name for e in task.split('train'))}), population {cfg.population} x "
         f"{cfg.seeds} seeds, {cfg.generations} generations")
     res = es_search(task, "drift", rule, init, cfg, out_dir, command=command, log=log)
-    write_submission(Path(out_dir) / "submission", f"lpo-{task.id}", "drift", "lpo", {},
-                     res.mean, task, res.summary, author,
-                     f"LPO's drift network meta-trained by `metabench discover lpo` (OpenAI-ES) "
-                     f"on {task.id} (train split), from its PPO-clip initialisation.",
-                     "https://arxiv.org/abs/2210.05639")
+    write_submission(
+        Path(out_dir) / "submission", name=f"lpo-{task.id}", family="drift",
+        rule={"factory": "lpo"}, params=res.mean, task=task, summary=res.summary,
+        author=author, paper="https://arxiv.org/abs/2210.05639",
+        description=(f"LPO's drift network meta-trained by `metabench discover lpo` "
+                     f"(OpenAI-ES) on {task.id} (train split), from its PPO-clip "
+                     "initialisation."),
+        notes=(f"metabench discover lpo: {cfg.generations} generations of "
+               f"{cfg.population} candidates x {cfg.seeds} seeds."))
     return res

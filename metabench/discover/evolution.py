@@ -32,14 +32,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
 from metabench import graphs, harness
+from metabench.discover import common
 from metabench.results import write_json_atomic
 from metabench.spec import EnvSpec, TaskSpec, require_calibrated
 
@@ -383,40 +383,19 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
 
 def write_submission(folder: Path, best: Individual, task: TaskSpec, summary: dict,
                      author: str) -> Path:
-    """The best loss as a ``td_loss`` graph submission, with the search's disclosure and a
-    ``discovery.json`` recording its config, budget and command."""
+    """The best loss as a ``td_loss`` graph submission (``loss.yaml``), with the search's
+    disclosure and a ``discovery.json`` recording its config, budget and command."""
     folder.mkdir(parents=True, exist_ok=True)
     name = f"evolved_{best.hash[:8]}"
     graph = dataclasses.replace(best.graph, name=name)
     (folder / "loss.yaml").write_text(
         f"# Found by `{summary['provenance']['command']}`\n# loss = "
         f"{graphs.equation(graph)}\n" + graphs.dump_graph(graph))
-    hours = summary["wall_s"] / 3600 * summary["provenance"]["device"]["count"]
-    device = summary["provenance"]["device"]
-    sub = {
-        "name": name.replace("_", "-"),
-        "version": "1.0",
-        "authors": [author],
-        "affiliation": "",
-        "family": FAMILY,
-        "description": f"Loss found by regularised evolution on {task.id} (train split): "
-                       f"{graphs.equation(graph)}",
-        "licence": "Apache-2.0",
-        "rule": {"graph": "loss.yaml"},
-        "disclosure": {
-            "task": task.id,
-            "train_envs": [e.env for e in task.split("train")],
-            "env_steps": int(summary["env_steps"]),
-            "accelerator_hours": round(hours, 4),
-            "notes": (f"metabench discover evolve: {summary['individuals']} individuals, "
-                      f"{summary['trained']} trained, best train fitness "
-                      f"{best.fitness:.3f} (mean normalised final return; "
-                      f"{json.dumps(summary['evaluation'])}). "
-                      f"Device hours on {device['platform']} ({device['kind']}). Config, "
-                      "budget and command in discovery.json."),
-        },
-    }
-    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False,
-                                                           allow_unicode=True))
-    write_json_atomic(folder / "discovery.json", {**summary, "best_individual": best.id})
-    return folder
+    return common.write_submission(
+        folder, name=name.replace("_", "-"), family=FAMILY, rule={"graph": "loss.yaml"},
+        description=(f"Loss found by regularised evolution on {task.id} (train split): "
+                     f"{graphs.equation(graph)}"),
+        task=task, summary={**summary, "best_individual": best.id}, author=author,
+        notes=(f"metabench discover evolve: {summary['individuals']} individuals, "
+               f"{summary['trained']} trained, best train fitness {best.fitness:.3f} (mean "
+               f"normalised final return; {json.dumps(summary['evaluation'])})."))

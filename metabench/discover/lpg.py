@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from metabench import harness
-from metabench.discover.checkpoint import load_tree, save_tree
+from metabench.discover import common
+from metabench.discover.common import load_tree, save_tree
 from metabench.families import lpg as lpg_family
 from metabench.results import write_json_atomic
 from metabench.spec import EnvSpec, TaskSpec
@@ -434,36 +434,11 @@ def write_submission(folder: Path, eta: Any, task: TaskSpec, summary: dict,
                      author: str) -> Path:
     """LPG's meta-parameters as a ready ``lpg`` submission (``factory: lpg`` with the
     parameter file), disclosure filled in, ``discovery.json`` beside it."""
-    from metabench.submission import save_params
-
-    folder.mkdir(parents=True, exist_ok=True)
-    sha = save_params(folder / "params.npz", jax.device_get(eta))
-    device = summary["provenance"]["device"]
-    hours = summary["wall_s"] / 3600 * device["count"]
-    sub = {
-        "name": f"lpg-{task.id}",
-        "version": "1.0",
-        "authors": [author],
-        "affiliation": "",
-        "family": FAMILY,
-        "description": f"LPG meta-trained by `metabench discover lpg` on {task.id} (train "
-                       "split).",
-        "paper": "https://arxiv.org/abs/2007.08794",
-        "licence": "Apache-2.0",
-        "rule": {"factory": "lpg", "kwargs": {"hidden": summary["config"]["hidden"]}},
-        "params": {"file": "params.npz", "sha256": sha},
-        "disclosure": {
-            "task": task.id,
-            "train_envs": [e.env for e in task.split("train")],
-            "env_steps": int(summary["env_steps"]),
-            "accelerator_hours": round(hours, 4),
-            "notes": (f"metabench discover lpg: {summary['meta_steps']} meta-steps, "
-                      f"{summary['config']['lifetimes']} lifetimes per env, K = "
-                      f"{summary['config']['inner_updates']}. Device hours on "
-                      f"{device['platform']} ({device['kind']}). Config, budget, command "
-                      "and curve in discovery.json."),
-        },
-    }
-    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False))
-    write_json_atomic(folder / "discovery.json", summary)
-    return folder
+    cfg = summary["config"]
+    return common.write_submission(
+        folder, name=f"lpg-{task.id}", family=FAMILY,
+        rule={"factory": "lpg", "kwargs": {"hidden": cfg["hidden"]}},
+        description=f"LPG meta-trained by `metabench discover lpg` on {task.id} (train split).",
+        paper="https://arxiv.org/abs/2007.08794", task=task, summary=summary, author=author,
+        params=eta, notes=(f"metabench discover lpg: {summary['meta_steps']} meta-steps, "
+                           f"{cfg['lifetimes']} lifetimes per env, K = {cfg['inner_updates']}."))

@@ -1,0 +1,67 @@
+"""What every discovery method shares: checkpoints and the submission folder it writes.
+
+Checkpoints hold any pytree as the leaves of one ``.npz``, written atomically. The tree's
+structure is not stored: a run rebuilds a fresh state of the same shape and :func:`load_tree`
+fills it, which keeps the file free of pickles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from metabench.results import write_json_atomic
+from metabench.spec import TaskSpec
+
+
+def save_tree(path: Path, tree: Any) -> None:
+    # Leaves in flattening order; the structure comes from a freshly built tree on load.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, *[np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
+    tmp.replace(path)
+
+
+def load_tree(path: Path, like: Any) -> Any:
+    with np.load(path, allow_pickle=False) as z:
+        leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(len(z.files))]
+    treedef = jax.tree_util.tree_structure(like)
+    if treedef.num_leaves != len(leaves):
+        raise ValueError(f"{path} does not match this run's state")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def write_submission(folder: Path, *, name: str, family: str, rule: dict, description: str,
+                     task: TaskSpec, summary: dict, author: str, notes: str, paper: str = "",
+                     params: Any = None) -> Path:
+    """A ready submission found by a discovery method: ``submission.yaml`` with ``rule`` (and
+    ``params.npz`` when ``params`` is given), the disclosure filled in from ``summary``
+    (task, train envs, env steps, device hours) and ``discovery.json`` (``summary``: config,
+    budget, command, curve) beside it. ``notes`` opens the disclosure's notes."""
+    from metabench.submission import save_params
+
+    folder.mkdir(parents=True, exist_ok=True)
+    device = summary["provenance"]["device"]
+    sub = {"name": name, "version": "1.0", "authors": [author], "affiliation": "",
+           "family": family, "description": description, "paper": paper,
+           "licence": "Apache-2.0", "rule": rule}
+    if params is not None:
+        sha = save_params(folder / "params.npz", jax.device_get(params))
+        sub["params"] = {"file": "params.npz", "sha256": sha}
+    sub["disclosure"] = {
+        "task": task.id,
+        "train_envs": [e.env for e in task.split("train")],
+        "env_steps": int(summary["env_steps"]),
+        "accelerator_hours": round(summary["wall_s"] / 3600 * device["count"], 4),
+        "notes": (f"{notes} Device hours on {device['platform']} ({device['kind']}). Config, "
+                  "budget, command and curve in discovery.json."),
+    }
+    (folder / "submission.yaml").write_text(yaml.safe_dump(sub, sort_keys=False,
+                                                           allow_unicode=True))
+    write_json_atomic(folder / "discovery.json", summary)
+    return folder
