@@ -11,7 +11,7 @@ from metabench.envs import make as make_env
 from metabench.envs import register as register_env
 from metabench.families import Family, Trainer, find_rule, get_family
 from metabench.families.base import families as list_families
-from metabench.families import drift, lpg, td_loss
+from metabench.families import drift, epg, lpg, metagrad, td_loss
 from metabench.harness import RuleRef, evaluate, reference_rule, train_env
 from metabench.rules import UpdateRule, params_hash
 from metabench.submission import check as check_submission
@@ -33,6 +33,7 @@ __all__ = [
     "aggregates",
     "check_submission",
     "drift",
+    "epg",
     "evaluate",
     "find_rule",
     "get_family",
@@ -40,6 +41,7 @@ __all__ = [
     "list_tasks",
     "load_task",
     "lpg",
+    "metagrad",
     "make_env",
     "normalise",
     "params_hash",

@@ -103,7 +103,7 @@ def cmd_eval(args) -> int:
             if bpath.exists():
                 b = results.read(bpath)
                 seeds = args.seeds or task.budget.seeds
-                if (b["task"]["fingerprint"] == task.fingerprint()
+                if (b["task"]["fingerprint"] == task.fingerprint(ref.family)
                         and len(b["task"]["seeds"]) == seeds):
                     baseline = b
         if ref.note:
@@ -210,20 +210,22 @@ def cmd_discover_lpg(args) -> int:
     return 0
 
 
-def cmd_discover_lpo(args) -> int:
+def cmd_discover_es(args) -> int:
+    """``discover lpo`` and ``discover epg``: OpenAI-ES on a reference rule's network."""
     from metabench import spec
-    from metabench.discover.es import ESConfig, discover_lpo
+    from metabench.discover import es
 
     task = spec.load(args.task)
-    cfg = ESConfig(generations=args.generations, population=args.population,
-                   sigma_init=args.sigma, sigma_decay=args.sigma_decay,
-                   sigma_limit=args.sigma_limit, lr=args.lr, seeds=args.seeds,
-                   timesteps=_int_or_none(args.timesteps), seed=args.seed,
-                   checkpoint_every=args.checkpoint_every)
-    out = Path(args.out) if args.out else RUNS_DIR / "discover" / "lpo" / \
+    cfg = es.ESConfig(generations=args.generations, population=args.population,
+                      sigma_init=args.sigma, sigma_decay=args.sigma_decay,
+                      sigma_limit=args.sigma_limit, lr=args.lr, seeds=args.seeds,
+                      timesteps=_int_or_none(args.timesteps), seed=args.seed,
+                      checkpoint_every=args.checkpoint_every)
+    out = Path(args.out) if args.out else RUNS_DIR / "discover" / args.method / \
         f"{task.id}-seed{cfg.seed}"
     command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
-    res = discover_lpo(task, cfg, out, command=command, author=args.author)
+    discover = {"lpo": es.discover_lpo, "epg": es.discover_epg}[args.method]
+    res = discover(task, cfg, out, command=command, author=args.author)
     s = res.summary
     if s["curve_first"] and s["curve_last"]:
         print(f"\nfitness (population mean) {s['curve_first']['fitness_mean']:.3f} -> "
@@ -415,23 +417,29 @@ def build_parser() -> argparse.ArgumentParser:
                          "existing checkpoint there is resumed")
     lg.add_argument("--author", default="metabench discover lpg")
     lg.set_defaults(fn=cmd_discover_lpg)
-    lo = dsub.add_parser("lpo", help="OpenAI-ES on LPO's drift network (Lu et al. 2022)")
-    lo.add_argument("--task", required=True, help="task id or YAML with a drift agent")
-    lo.add_argument("--generations", type=int, default=50)
-    lo.add_argument("--population", type=int, default=16, help="even; the paper used 32")
-    lo.add_argument("--sigma", type=float, default=0.04, help="initial perturbation scale")
-    lo.add_argument("--sigma-decay", type=float, default=0.999)
-    lo.add_argument("--sigma-limit", type=float, default=0.01)
-    lo.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on the mean")
-    lo.add_argument("--seeds", type=int, default=2, help="agents per candidate and env")
-    lo.add_argument("--timesteps", default=None, help="env steps per agent (default: task's)")
-    lo.add_argument("--checkpoint-every", type=int, default=1)
-    lo.add_argument("--seed", type=int, default=0)
-    lo.add_argument("--out", default=None,
-                    help="output folder (default runs/discover/lpo/<task>-seed<seed>); an "
-                         "existing checkpoint there is resumed")
-    lo.add_argument("--author", default="metabench discover lpo")
-    lo.set_defaults(fn=cmd_discover_lpo)
+    for method, family, what in (
+            ("lpo", "drift", "OpenAI-ES on LPO's drift network (Lu et al. 2022)"),
+            ("epg", "epg", "OpenAI-ES on EPG's loss network (Houthooft et al. 2018)")):
+        esp = dsub.add_parser(method, help=what)
+        esp.add_argument("--task", required=True,
+                         help=f"task id or YAML with an agent config for {family}")
+        esp.add_argument("--generations", type=int, default=50)
+        esp.add_argument("--population", type=int, default=16,
+                         help="even (antithetic pairs); LPO's paper used 32")
+        esp.add_argument("--sigma", type=float, default=0.04, help="initial perturbation scale")
+        esp.add_argument("--sigma-decay", type=float, default=0.999)
+        esp.add_argument("--sigma-limit", type=float, default=0.01)
+        esp.add_argument("--lr", type=float, default=0.01, help="Adam learning rate on the mean")
+        esp.add_argument("--seeds", type=int, default=2, help="agents per candidate and env")
+        esp.add_argument("--timesteps", default=None,
+                         help="env steps per agent (default: task's)")
+        esp.add_argument("--checkpoint-every", type=int, default=1)
+        esp.add_argument("--seed", type=int, default=0)
+        esp.add_argument("--out", default=None,
+                         help=f"output folder (default runs/discover/{method}/<task>-seed<seed>)"
+                              "; an existing checkpoint there is resumed")
+        esp.add_argument("--author", default=f"metabench discover {method}")
+        esp.set_defaults(fn=cmd_discover_es)
 
     bp = sub.add_parser("bench", help="harness vs minimal single-file PPO, env steps per second")
     bp.add_argument("--env", action="append", default=None,

@@ -82,6 +82,8 @@ class EnvRun:
     compile_s: float
     run_s: float
     failure: str | None = None  # a reason that applies to every seed
+    # Per-update named scalars (Metrics.traces): name -> [seeds, updates_done].
+    traces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def updates_done(self) -> int:
@@ -223,8 +225,10 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
     def get(field):
         return empty if t.metrics is None else np.asarray(getattr(t.metrics, field))[index]
 
+    traces = {} if t.metrics is None or t.metrics.traces is None else {
+        str(k): np.asarray(v)[index] for k, v in t.metrics.traces.items()}
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
-                  t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure)
+                  t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
@@ -279,6 +283,15 @@ def downsample_curve(returns_sum: np.ndarray, episodes: np.ndarray, steps_per_up
     return steps, rets
 
 
+def downsample_trace(values: np.ndarray, steps_per_update: int, points: int = CURVE_POINTS
+                     ) -> tuple[list[int], list[float]]:
+    """Mean of a per-update scalar per bucket of updates, on the same step grid as curves."""
+    n = len(values)
+    edges = np.unique(np.linspace(0, n, min(points, n) + 1).astype(int))
+    return ([int(hi * steps_per_update) for hi in edges[1:]],
+            [float(np.mean(values[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:])])
+
+
 def run_records(run: EnvRun, window: float) -> list[dict]:
     """Per-seed run records: status, reason, final return, normalised score, curve."""
     out = []
@@ -299,10 +312,16 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                  if reason is None else None)
         steps, rets = downsample_curve(run.returns_sum[i], run.episodes[i] if run.episodes.size
                                        else run.episodes, run.steps_per_update)
-        out.append({"env": run.spec.name, "seed": int(seed),
-                    "status": "ok" if reason is None else "failed", "reason": reason,
-                    "final_return": final if reason is None else None, "score": score,
-                    "curve": {"steps": steps, "returns": rets}})
+        rec = {"env": run.spec.name, "seed": int(seed),
+               "status": "ok" if reason is None else "failed", "reason": reason,
+               "final_return": final if reason is None else None, "score": score,
+               "curve": {"steps": steps, "returns": rets}}
+        if run.traces:
+            rec["traces"] = {}
+            for name, values in sorted(run.traces.items()):
+                t_steps, t_vals = downsample_trace(values[i], run.steps_per_update)
+                rec["traces"][name] = {"steps": t_steps, "values": t_vals}
+        out.append(rec)
     return out
 
 
@@ -329,13 +348,19 @@ def provenance(command: str | None = None) -> dict:
             libs[lib] = metadata.version(lib)
         except metadata.PackageNotFoundError:
             libs[lib] = None
+    commit, dirty = None, None
     try:
+        here = os.path.dirname(__file__)
         out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"],
-                             capture_output=True, text=True, cwd=os.path.dirname(__file__),
-                             timeout=5)
-        commit = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+                             capture_output=True, text=True, cwd=here, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            commit = out.stdout.strip()
+            # Uncommitted changes to tracked files mean the commit alone does not reproduce it.
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=here, timeout=5)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        pass
     return {
         "metabench": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -347,6 +372,7 @@ def provenance(command: str | None = None) -> dict:
         "python": platform.python_version(),
         "libraries": libs,
         "git_commit": commit,
+        "git_dirty": dirty,
     }
 
 
@@ -426,7 +452,7 @@ def assemble(rule: dict, task: TaskSpec, split: str, parts: Sequence[dict],
                      "mean_score": float(np.mean(scores))})
     return {
         "kind": KIND, "schema": SCHEMA,
-        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": split,
+        "task": {"id": task.id, "fingerprint": task.fingerprint(rule["family"]), "split": split,
                  "total_timesteps": task.total_timesteps,
                  "seeds": sorted({r["seed"] for r in runs})},
         "rule": rule,

@@ -45,7 +45,7 @@ import tempfile
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -400,11 +400,29 @@ def _floats(values: list) -> np.ndarray:
 def curve_matrix(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps[T], returns[seeds, T])`` of one env's runs on the union of their step grids;
     null points are NaN."""
+    return _series_matrix(rec, env, lambda r: _d(r.get("curve")), "returns")
+
+
+def trace_names(rec: dict) -> list[str]:
+    """Names of the per-update scalars the runs recorded (e.g. an adapted gamma)."""
+    return sorted({_s(k) for r in _l(rec.get("runs")) if isinstance(r, dict)
+                   for k in _d(r.get("traces"))})
+
+
+def trace_matrix(rec: dict, env: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps[T], values[seeds, T])`` of one recorded trace of one env's runs."""
+    return _series_matrix(rec, env, lambda r: _d(_d(r.get("traces")).get(name)), "values")
+
+
+def _series_matrix(rec: dict, env: str, get: Callable[[dict], dict], key: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
     curves = []
     for r in _l(rec.get("runs")):
         if isinstance(r, dict) and _s(r.get("env")) == env:
-            c = _d(r.get("curve"))
-            steps, rets = _floats(_l(c.get("steps"))), _floats(_l(c.get("returns")))
+            c = get(r)
+            if not c:
+                continue
+            steps, rets = _floats(_l(c.get("steps"))), _floats(_l(c.get(key)))
             k = min(len(steps), len(rets))
             ok = np.isfinite(steps[:k])
             curves.append((steps[:k][ok], rets[:k][ok]))
@@ -563,7 +581,8 @@ def _staleness(rec: dict, task_id: str, split: str, spec, spec_error: str | None
         return f"the record is for task {_s(task.get('id'))!r}, filed under {task_id!r}"
     if _s(task.get("split")) != split:
         return f"the record's split is {_s(task.get('split'))!r}, expected {split!r}"
-    fp, current = _s(task.get("fingerprint")), spec.fingerprint()
+    family = _s(_d(rec.get("rule")).get("family")) or None
+    fp, current = _s(task.get("fingerprint")), spec.fingerprint(family)
     if fp != current:
         return (f"task fingerprint {fp or '(none)'} differs from the current spec's "
                 f"{current}: the task changed since this was scored")
@@ -1057,6 +1076,23 @@ def _curve_plots(entries: Sequence[Entry], envs: Sequence[str], seeds: bool = Fa
     return '<div class="plots">' + "".join(plots) + "</div>"
 
 
+def _trace_plots(e: Entry, rec: dict) -> str:
+    """One plot per env and recorded trace: every seed thin, their mean thick."""
+    plots = []
+    for env in e.envs:
+        for name in trace_names(rec):
+            steps, values = trace_matrix(rec, env, name)
+            if not steps.size:
+                continue
+            series = [Series(f"seed {k}", e.colour, steps, row, 0.8, 0.35)
+                      for k, row in enumerate(values)]
+            count = np.isfinite(values).sum(axis=0)
+            mean = np.where(count > 0, np.nansum(values, axis=0) / np.maximum(count, 1), np.nan)
+            series.append(Series("mean", e.colour, steps, mean, 2.2))
+            plots.append(svg_lines(f"{env}: {name}", series, "env steps", name))
+    return '<div class="plots">' + "".join(plots) + "</div>"
+
+
 def _stale_table(view: TaskView) -> str:
     rows = [f"<tr>{_td_html(_a(_sub_href(view, e, '../'), e.name))}"
             f"{_td(e.stem + ('.json' if e.test is not None else '.train.json'))}"
@@ -1214,7 +1250,8 @@ def _provenance(rec: dict) -> str:
         ("platform", _text_or_dash(p.get("platform"))),
         ("python", _text_or_dash(p.get("python"))),
         ("libraries", esc(libs) or DASH),
-        ("git commit", _text_or_dash(p.get("git_commit"))),
+        ("git commit", _text_or_dash(p.get("git_commit"))
+         + (" (with uncommitted changes)" if p.get("git_dirty") is True else "")),
     ])
 
 
@@ -1271,6 +1308,8 @@ def submission_page(view: TaskView, e: Entry, builder: str) -> str:
     body.append(f"<h2>Per environment ({split})</h2>" + _env_table(rec))
     body.append("<h2>Learning curves</h2>"
                 + _curve_plots([e], e.envs, seeds=True))
+    if trace_names(rec):
+        body.append("<h2>Meta-parameters during training</h2>" + _trace_plots(e, rec))
     body.append("<h2>Conformance check</h2>" + _check_section(rec))
     body.append(f"<h2>Runs ({split})</h2>" + _runs_table(rec))
     body.append("<h2>Provenance</h2>" + _provenance(rec))

@@ -7,10 +7,12 @@ Schema (``schema: 1``)::
     status ("ok" | "partial" | "failed"),
     envs [{name, env, params, random, reference, seeds, updates, compile_s, run_s,
            env_steps_per_s, mean_return, mean_score}],
-    runs [{env, seed, status, reason, final_return, score, curve {steps, returns}}],
+    runs [{env, seed, status, reason, final_return, score, curve {steps, returns},
+           traces {name: {steps, values}} (optional: families that adapt meta-parameters)}],
     aggregates {iqm|mean|median|optimality_gap: {point, lo, hi}},
     probability_of_improvement {baseline, point, lo, hi} | null,
-    provenance {metabench, created, command, device, platform, python, libraries, git_commit}
+    provenance {metabench, created, command, device, platform, python, libraries, git_commit,
+                git_dirty}
 """
 
 from __future__ import annotations

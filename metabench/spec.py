@@ -150,28 +150,36 @@ class TaskSpec:
             merged.update(env.agents.get(family, {}))
         return fam.Config(**merged)
 
-    def canonical(self) -> dict:
-        """The spec as plain JSON data (what the fingerprint hashes)."""
+    def canonical(self, family: str | None = None) -> dict:
+        """The spec as plain JSON data (what the fingerprint hashes); with ``family``, only
+        that family's agent settings and baseline, which are all its results depend on."""
+
+        def agents(a: Mapping[str, Any]) -> dict:
+            return {k: dict(sorted(v.items())) for k, v in sorted(a.items())
+                    if family is None or k == family}
 
         def env_json(e: EnvSpec) -> dict:
             return {"name": e.name, "env": e.env,
                     "params": {k: v.to_json() for k, v in sorted(e.params.items())},
                     "normalise": {"random": e.normalise.random,
                                   "reference": e.normalise.reference},
-                    "agents": {k: dict(v) for k, v in sorted(e.agents.items())}}
+                    "agents": agents(e.agents)}
 
+        baselines = {k: v for k, v in sorted(self.scoring.baselines.items())
+                     if family is None or k == family}
         return {
             "id": self.id, "total_timesteps": self.total_timesteps, "seed": self.seed,
             "train": [env_json(e) for e in self.train], "test": [env_json(e) for e in self.test],
-            "agents": {k: dict(sorted(v.items())) for k, v in sorted(self.agents.items())},
+            "agents": agents(self.agents),
             "budget": dataclasses.asdict(self.budget),
-            "scoring": {**dataclasses.asdict(self.scoring),
-                        "baselines": dict(sorted(self.scoring.baselines.items()))},
+            "scoring": {**dataclasses.asdict(self.scoring), "baselines": baselines},
         }
 
-    def fingerprint(self) -> str:
-        """sha256 of the canonical form (descriptions and comments don't count)."""
-        blob = json.dumps(self.canonical(), sort_keys=True, default=list).encode()
+    def fingerprint(self, family: str | None = None) -> str:
+        """sha256 of the canonical form (descriptions and comments don't count). Records carry
+        their family's fingerprint, so adding or retuning another family's agent does not make
+        them stale."""
+        blob = json.dumps(self.canonical(family), sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

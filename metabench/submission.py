@@ -508,12 +508,12 @@ def _baseline_matrix(results_dir: Path, task, split: str, family: str):
     if not path.exists():
         return None, name
     rec = results.read(path)
-    if rec["task"]["fingerprint"] != task.fingerprint() or rec["rule"]["family"] != family:
+    if rec["task"]["fingerprint"] != task.fingerprint(family) or rec["rule"]["family"] != family:
         return None, name
     return harness.score_matrix(task, split, rec["runs"]), name
 
 
-def _move_stale(path: Path, task, log) -> None:
+def _move_stale(path: Path, task, family: str, log) -> None:
     """A record of an older task fingerprint is moved aside, never mixed with new ones."""
     from metabench import results
 
@@ -524,12 +524,13 @@ def _move_stale(path: Path, task, log) -> None:
         fp = old["task"]["fingerprint"]
     except Exception:  # an unreadable record is kept for a human, under stale/ too
         old, fp = None, "unreadable"
-    if fp == task.fingerprint():
+    current = task.fingerprint(family)
+    if fp == current:
         return
     dest = path.parent / "stale" / f"{path.stem}.{fp}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     if old is not None:
-        old["stale"] = {"reason": f"task fingerprint changed from {fp} to {task.fingerprint()}"}
+        old["stale"] = {"reason": f"task fingerprint changed from {fp} to {current}"}
         results.write(dest, old)
         path.unlink()
     else:
@@ -563,11 +564,11 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
         return SubmitResult(False, f"{sub.path}: task {task.id} has no agent config for family "
                             f"{sub.family!r} (it supports {', '.join(task.families())})")
     path = results_path(results_dir, task.id, sub.slug, split, shard)
-    _move_stale(path, task, log)
+    _move_stale(path, task, sub.family, log)
     if path.exists() and not force:
         old = results.read(path)
         same = (old.get("submission", {}).get("content_hash") == sub.content_hash
-                and old["task"]["fingerprint"] == task.fingerprint())
+                and old["task"]["fingerprint"] == task.fingerprint(sub.family))
         if same:
             return SubmitResult(True, f"{sub.name}: unchanged since {path} was scored; nothing "
                                 "to do (use --force to score again)", path, old)
@@ -642,7 +643,7 @@ def merge(paths: Sequence[str | os.PathLike], results_dir: Path = RESULTS_DIR,
     if got != list(range(1, count + 1)):
         return SubmitResult(False, f"merge: expected shards 1..{count} exactly once, got {got}")
     task = spec.load(task or first["task"]["id"])
-    if task.fingerprint() != first["task"]["fingerprint"]:
+    if task.fingerprint(first["rule"]["family"]) != first["task"]["fingerprint"]:
         return SubmitResult(False, f"merge: task {task.id} changed since these shards were "
                             "scored (fingerprint differs); score them again")
     split = first["task"]["split"]

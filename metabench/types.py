@@ -39,3 +39,6 @@ class Metrics(NamedTuple):
     """Mean loss of the update; a non-finite loss marks the run failed."""
     aux: Array
     """A family-specific diagnostic: the mean drift (drift), the mean Q(s, a) (td_loss)."""
+    traces: Any = None
+    """Optional named scalars per update, e.g. the meta-gradient family's adapted
+    ``{"gamma": ..., "lambda": ...}``; recorded per run and plotted on submission pages."""

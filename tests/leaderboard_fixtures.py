@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from rliable import metrics
@@ -42,8 +42,8 @@ scoring: {{bootstrap_reps: 200}}
 
 
 def write_task(tasks_dir: Path, task_id: str, description: str = "a synthetic task",
-               envs: Sequence[tuple[str, str, float, float]] = ENVS) -> str:
-    """Writes ``tasks_dir/<task_id>.yaml``; returns its fingerprint."""
+               envs: Sequence[tuple[str, str, float, float]] = ENVS) -> Callable[[str], str]:
+    """Writes ``tasks_dir/<task_id>.yaml``; returns its ``fingerprint(family)``."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
     test = "\n".join(f"  - env: {env}\n    name: {json.dumps(name)}\n"
                      f"    normalise: {{random: {rnd}, reference: {ref}}}"
@@ -52,7 +52,7 @@ def write_task(tasks_dir: Path, task_id: str, description: str = "a synthetic ta
     path.write_text(textwrap.dedent(TASK_YAML).format(id=task_id,
                                                       description=json.dumps(description),
                                                       test=test))
-    return spec.load(path).fingerprint()
+    return spec.load(path).fingerprint
 
 
 def submission_block(name: str, **over: Any) -> dict:
@@ -72,7 +72,7 @@ def _interval(point: float, ci: tuple[float, float] | None, width: float = 0.05)
     return {"point": float(point), "lo": float(lo), "hi": float(hi)}
 
 
-def make_record(task_id: str, fingerprint: str, name: str, scores: np.ndarray, *,
+def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str, scores: np.ndarray, *,
                 split: str = "test", family: str = "drift",
                 envs: Sequence[tuple[str, str, float, float]] = ENVS,
                 failed: Sequence[tuple[int, int]] = (), iqm: float | None = None,
@@ -81,7 +81,10 @@ def make_record(task_id: str, fingerprint: str, name: str, scores: np.ndarray, *
                 created: str = "2026-11-21T00:00:00+00:00", curve_points: int = 100,
                 note: str = "", seed: int = 0) -> dict:
     """A record whose run scores are ``scores[seed, env]``; ``failed`` lists (seed, env)
-    cells recorded as failed runs. ``iqm``/``iqm_ci``/``mean`` override the aggregates."""
+    cells recorded as failed runs. ``iqm``/``iqm_ci``/``mean`` override the aggregates.
+    ``fingerprint`` is a literal or ``write_task``'s per-family fingerprint."""
+    if callable(fingerprint):
+        fingerprint = fingerprint(family)
     scores = np.asarray(scores, dtype=np.float64)
     n_seeds = scores.shape[0]
     rng = np.random.default_rng(seed)

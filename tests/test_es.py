@@ -114,3 +114,20 @@ def test_discover_lpo_writes_a_submission_the_checks_accept(lpo_runs):
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(moved)))
     assert diff > 0
+
+
+def test_es_improves_an_rl_fitness(tmp_path):
+    """The whole loop on a real RL fitness (fresh PPO agents on CartPole, population x seeds
+    in one call): from a drift that cancels the policy objective (``w = 1``: nothing is
+    learned), ES moves ``w`` towards PPO-clip (``w = 0``) and the fitness rises."""
+    task = spec.load(write_task(tmp_path, TASK, "lpo-tiny"))
+    ppo = drift.ppo_clip()
+    rule = drift.UpdateRule(lambda _: {"w": jnp.array(1.0)},
+                            lambda mp, x: ppo.apply({}, x) + mp["w"] * x.ratio * x.advantage)
+    cfg = es_mod.ESConfig(generations=6, population=8, seeds=2, sigma_init=0.3,
+                          sigma_limit=0.1, lr=0.15, timesteps=16384)
+    res = es_mod.es_search(task, "drift", rule, rule.init(None), cfg, tmp_path / "w",
+                           log=lambda _: None)
+    first, last = res.curve[0], res.curve[-1]
+    assert float(res.mean["w"]) < 0.6, res.mean
+    assert last["fitness_mean"] > first["fitness_mean"] + 0.015, (first, last)

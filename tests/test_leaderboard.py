@@ -222,7 +222,7 @@ def test_malformed_records_are_listed_and_never_break_the_build(env):
 
 def test_every_text_field_is_escaped(env, tmp_path):
     write_task(env["tasks"], "t", HOSTILE)  # the task description too
-    fp = lb._load_spec("t", env["tasks"])[0].fingerprint()
+    fp = lb._load_spec("t", env["tasks"])[0].fingerprint
     sub = submission_block(HOSTILE, version=HOSTILE, authors=[HOSTILE], affiliation=HOSTILE,
                            family="drift", description=HOSTILE, licence=HOSTILE,
                            paper=HOSTILE, code=HOSTILE, content_hash=HOSTILE,

@@ -115,6 +115,20 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
     assert a != load_text(tmp_path, text.replace("[0.5, 1.0]", "[0.5, 1.1]")).fingerprint()
 
 
+def test_family_fingerprint_ignores_other_families_agents(tmp_path):
+    text = TINY_TASK.format(steps=4096)
+    base = load_text(tmp_path, text)
+    more = load_text(tmp_path, text.replace(
+        "agents:\n", "agents:\n  metagrad: {num_envs: 8}\n"))
+    assert "metagrad" in more.agents
+    # Adding a family's agent leaves the drift records valid, but not the whole-spec hash.
+    assert more.fingerprint("drift") == base.fingerprint("drift")
+    assert more.fingerprint() != base.fingerprint()
+    assert more.fingerprint("metagrad") != more.fingerprint("drift")
+    retuned = load_text(tmp_path, text.replace("epochs: 2", "epochs: 3"))
+    assert retuned.fingerprint("drift") != base.fingerprint("drift")
+
+
 def test_every_shipped_task_loads_and_is_calibrated():
     names = spec.list_tasks()
     for required in ("classic-transfer-v1", "classic-transfer-v1-quick", "minatar-transfer-v1",

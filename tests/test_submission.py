@@ -112,7 +112,7 @@ def test_changed_task_fingerprint_moves_the_old_record_aside(scored, tmp_path, t
     changed = tmp_path / "one.yaml"
     changed.write_text(ONE_ENV_TASK.replace("masspole: 0.3", "masspole: 0.35"))
     task = spec.load(changed)
-    submission._move_stale(copy / "one" / "kl-drift.json", task, print)
+    submission._move_stale(copy / "one" / "kl-drift.json", task, "drift", print)
     assert not (copy / "one" / "kl-drift.json").exists()
     (stale,) = (copy / "one" / "stale").iterdir()
     old = results.read(stale)

@@ -1,7 +1,9 @@
-"""Evolution-strategy discovery: ``metabench discover lpo`` (and any rule with parameters).
+"""Evolution-strategy discovery: ``metabench discover lpo`` and ``metabench discover epg`` (and
+any rule with parameters).
 
-Lu et al. 2022 ("Discovered Policy Optimisation") meta-train LPO's drift network with
-OpenAI-ES (Salimans et al. 2017): antithetic Gaussian perturbations of the parameters,
+Lu et al. 2022 ("Discovered Policy Optimisation") meta-train LPO's drift network, and
+Houthooft et al. 2018 ("Evolved Policy Gradients") EPG's loss network, with OpenAI-ES
+(Salimans et al. 2017): antithetic Gaussian perturbations of the parameters,
 centred-rank fitness shaping, Adam on the mean and a decaying perturbation scale. evosax's
 ``Open_ES`` does the ES arithmetic; this module supplies the fitness and the bookkeeping.
 
@@ -142,7 +144,8 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
         meta = json.loads(ckpt_json.read_text())
         same = {k: v for k, v in meta["config"].items() if k != "generations"} == \
             {k: v for k, v in config_json.items() if k != "generations"}
-        if same and meta["task"] == task.fingerprint() and meta["generation"] <= cfg.generations:
+        if (same and meta["task"] == task.fingerprint(family)
+                and meta["generation"] <= cfg.generations):
             state, key = load_tree(ckpt_npz, (state, key))
             start, curve = meta["generation"], meta["curve"]
             env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
@@ -173,12 +176,12 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
         if (gen + 1) % cfg.checkpoint_every == 0 or gen + 1 == cfg.generations:
             save_tree(ckpt_npz, (state, key))
             write_json_atomic(ckpt_json, {
-                "config": config_json, "task": task.fingerprint(), "generation": gen + 1,
+                "config": config_json, "task": task.fingerprint(family), "generation": gen + 1,
                 "curve": curve, "env_steps": int(env_steps),
                 "wall_s": wall_prev + time.perf_counter() - t0})
     mean = es.get_mean(state)
     summary = {
-        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+        "task": {"id": task.id, "fingerprint": task.fingerprint(family), "split": "train",
                  "train_envs": [e.name for e in task.split("train")]},
         "family": family, "config": config_json,
         "timesteps": getattr(fit, "timesteps", None),
@@ -190,27 +193,49 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
     return ESResult(mean, curve, summary, out_dir)
 
 
+def discover_rule(task: TaskSpec, family: str, factory: str, cfg: ESConfig,
+                  out_dir: str | Path, *, what: str, start: str, paper: str,
+                  command: str | None = None, log: Callable[[str], None] = print,
+                  author: str | None = None) -> ESResult:
+    """A reference rule's meta-parameters by OpenAI-ES from its ``init`` (the rule built by
+    its factory with default arguments); writes ``out_dir/submission``. ``what`` names the
+    rule's network and ``start`` what its initialisation is, for the submission's text."""
+    from metabench.families import base
+
+    if family not in task.families():
+        raise ValueError(f"task {task.id} has no {family} agent config")
+    rule = base.get_family(family).reference_rules[factory].factory()
+    init = rule.init(jax.random.PRNGKey(0))
+    log(f"discover {factory}: {task.id} train split "
+        f"({', '.join(e.name for e in task.split('train'))}), population {cfg.population} x "
+        f"{cfg.seeds} seeds, {cfg.generations} generations")
+    res = es_search(task, family, rule, init, cfg, out_dir, command=command, log=log)
+    write_submission(
+        Path(out_dir) / "submission", name=f"{factory}-{task.id}", family=family,
+        rule={"factory": factory}, params=res.mean, task=task, summary=res.summary,
+        author=author or f"metabench discover {factory}", paper=paper,
+        description=(f"{what} meta-trained by `metabench discover {factory}` "
+                     f"(OpenAI-ES) on {task.id} (train split), from its {start} "
+                     "initialisation."),
+        notes=(f"metabench discover {factory}: {cfg.generations} generations of "
+               f"{cfg.population} candidates x {cfg.seeds} seeds."))
+    return res
+
+
 def discover_lpo(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
                  command: str | None = None, log: Callable[[str], None] = print,
                  author: str = "metabench discover lpo") -> ESResult:
     """LPO's drift network by OpenAI-ES from its PPO-clip initialisation (Lu et al. 2022)."""
-    from metabench.families import drift
+    return discover_rule(task, "drift", "lpo", cfg, out_dir, what="LPO's drift network",
+                         start="PPO-clip", paper="https://arxiv.org/abs/2210.05639",
+                         command=command, log=log, author=author)
 
-    if "drift" not in task.families():
-        raise ValueError(f"task {task.id} has no drift agent config")
-    rule = drift.lpo()
-    init = rule.init(jax.random.PRNGKey(0))
-    log(f"discover lpo: {task.id} train split "
-        f"({', '.join(e.name for e in task.split('train'))}), population {cfg.population} x "
-        f"{cfg.seeds} seeds, {cfg.generations} generations")
-    res = es_search(task, "drift", rule, init, cfg, out_dir, command=command, log=log)
-    write_submission(
-        Path(out_dir) / "submission", name=f"lpo-{task.id}", family="drift",
-        rule={"factory": "lpo"}, params=res.mean, task=task, summary=res.summary,
-        author=author, paper="https://arxiv.org/abs/2210.05639",
-        description=(f"LPO's drift network meta-trained by `metabench discover lpo` "
-                     f"(OpenAI-ES) on {task.id} (train split), from its PPO-clip "
-                     "initialisation."),
-        notes=(f"metabench discover lpo: {cfg.generations} generations of "
-               f"{cfg.population} candidates x {cfg.seeds} seeds."))
-    return res
+
+def discover_epg(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
+                 command: str | None = None, log: Callable[[str], None] = print,
+                 author: str = "metabench discover epg") -> ESResult:
+    """EPG's loss network by OpenAI-ES from its REINFORCE initialisation (Houthooft et al.
+    2018 evolve their loss with ES too, over a population of inner-loop agents)."""
+    return discover_rule(task, "epg", "epg", cfg, out_dir, what="EPG's loss network",
+                         start="REINFORCE", paper="https://arxiv.org/abs/1802.04821",
+                         command=command, log=log, author=author)

@@ -317,7 +317,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
     def summary(done: bool, generation: int) -> dict:
         best = max(everyone.values(), key=lambda d: d.fitness)
         return {
-            "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+            "task": {"id": task.id, "fingerprint": task.fingerprint("td_loss"), "split": "train",
                      "train_envs": [e.name for e in task.split("train")]},
             "config": dataclasses.asdict(cfg), "evaluation": info,
             "generation": generation, "done": done,

@@ -354,7 +354,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         meta = json.loads(ckpt_json.read_text())
         same = {k: v for k, v in meta["config"].items() if k != "meta_steps"} == \
             {k: v for k, v in config_json.items() if k != "meta_steps"}
-        if same and meta["task"] == task.fingerprint() and meta["step"] <= cfg.meta_steps:
+        if same and meta["task"] == task.fingerprint("lpg") and meta["step"] <= cfg.meta_steps:
             eta, opt_state, pops, key = load_tree(ckpt_npz, (eta, opt_state, pops, key))
             for b, d in zip(bandits, meta["bandits"]):
                 b.load(d)
@@ -373,7 +373,8 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
     def save(step: int) -> None:
         save_tree(ckpt_npz, (eta, opt_state, pops, key))
         write_json_atomic(ckpt_json, {
-            "config": config_json, "task": task.fingerprint(), "step": step, "curve": curve,
+            "config": config_json, "task": task.fingerprint("lpg"), "step": step,
+            "curve": curve,
             "bandits": [b.state() for b in bandits], "env_steps": env_steps,
             "wall_s": wall_prev + time.perf_counter() - t0})
 
@@ -410,7 +411,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
             log(f"  meta-step {step + 1:4d}: objective {row['objective']:+.4f}  validation "
                 f"reward/step {row['validation_reward']:.4f}  {row['wall_s']:.0f}s")
     summary = {
-        "task": {"id": task.id, "fingerprint": task.fingerprint(), "split": "train",
+        "task": {"id": task.id, "fingerprint": task.fingerprint("lpg"), "split": "train",
                  "train_envs": [e.spec.name for e in envs]},
         "config": config_json,
         "lifetime_updates": {e.spec.name: e.lifetime_updates for e in envs},
