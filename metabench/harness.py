@@ -145,8 +145,11 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
         jitted = jax.jit(run, static_argnums=3)
 
         def chunk_fn(length: int, states, mp):
-            """The compiled chunk for this length and these argument shapes (AOT, cached)."""
-            shapes = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), (states, mp))
+            """The compiled chunk for this length and these argument shapes and shardings
+            (AOT, cached)."""
+            shapes = jax.tree_util.tree_map(
+                lambda x: (x.shape, str(x.dtype), str(getattr(x, "sharding", None))),
+                (states, mp))
             k = (length, jax.tree_util.tree_structure((states, mp)),
                  tuple(jax.tree_util.tree_leaves(shapes)))
             if k not in executables:
@@ -155,6 +158,55 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
 
         _CACHE[key] = (trainer, init_fn, chunk_fn)
     return _CACHE[key]
+
+
+def devices() -> list:
+    """The local devices the seed axis is sharded over: all of the default backend's, or the
+    first ``METABENCH_DEVICES`` of them (``METABENCH_DEVICES=1`` turns sharding off)."""
+    devs = jax.local_devices()
+    limit = os.environ.get("METABENCH_DEVICES", "").strip()
+    if limit:
+        try:
+            n = int(limit)
+        except ValueError:
+            raise ValueError(f"METABENCH_DEVICES must be a positive integer, got {limit!r}")
+        if n < 1:
+            raise ValueError(f"METABENCH_DEVICES must be a positive integer, got {limit!r}")
+        devs = devs[:n]
+    return devs
+
+
+class _Placement(NamedTuple):
+    """How one call's seeds are laid out: padded to a multiple of the device count and sharded
+    along the seed axis (``jax.sharding``; meta-parameters replicated)."""
+
+    seeds: int
+    """Real seeds (the rest of the axis is padding, dropped from the metrics)."""
+    axis: int
+    """The seed axis of keys, states and metrics (1 for a population, else 0)."""
+    states: Any
+    """NamedSharding of the states, or None on one device."""
+    replicated: Any
+    """NamedSharding of the meta-parameters, or None on one device."""
+
+
+def _place(keys: jax.Array, population: bool) -> tuple[jax.Array, _Placement]:
+    axis = 1 if population else 0
+    n = keys.shape[axis]
+    devs = devices()
+    if len(devs) < 2:
+        return keys, _Placement(n, axis, None, None)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    pad = -n % len(devs)
+    if pad:
+        # Padding seeds repeat the last key: real work, discarded, never recorded.
+        last = jax.lax.slice_in_dim(keys, n - 1, n, axis=axis)
+        keys = jnp.concatenate([keys] + [last] * pad, axis=axis)
+    mesh = Mesh(np.array(devs), ("seeds",))
+    spec = PartitionSpec(*([None] * axis), "seeds")
+    return keys, _Placement(n, axis, NamedSharding(mesh, spec),
+                            NamedSharding(mesh, PartitionSpec()))
 
 
 def seed_keys(base_seed: int, seeds: Sequence[int]) -> jax.Array:
@@ -179,7 +231,11 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
     try:
         trainer, init_fn, chunk_fn = compiled(family, spec, config, rule, meta_params,
                                               total_timesteps, population)
+        keys, place = _place(keys, population)
         states = init_fn(keys)
+        if place.states is not None:
+            states = jax.device_put(states, place.states)
+            meta_params = jax.device_put(meta_params, place.replicated)
         length = _chunk_len(trainer.num_updates)
         lengths = [length] * (trainer.num_updates // length)
         if trainer.num_updates % length:
@@ -214,7 +270,9 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
     run_s = time.perf_counter() - t1
     metrics = None
     if chunks:
-        metrics = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=-1), *chunks)
+        metrics = jax.tree_util.tree_map(
+            lambda *xs: np.take(np.concatenate(xs, axis=-1), np.arange(place.seeds),
+                                axis=place.axis), *chunks)
     return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
                     failure)
 
