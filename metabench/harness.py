@@ -413,9 +413,13 @@ def provenance(command: str | None = None) -> dict:
                              capture_output=True, text=True, cwd=here, timeout=5)
         if out.returncode == 0 and out.stdout.strip():
             commit = out.stdout.strip()
-            # Uncommitted changes to tracked files mean the commit alone does not reproduce it.
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, cwd=here, timeout=5)
+            # Uncommitted changes to the code or the task specs mean the commit alone does not
+            # reproduce the result (result files being rewritten do not count).
+            root = os.path.dirname(here)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", here,
+                 os.path.join(root, "tasks"), os.path.join(root, "pyproject.toml")],
+                capture_output=True, text=True, cwd=here, timeout=5)
             dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
