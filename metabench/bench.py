@@ -1,8 +1,10 @@
-"""``metabench bench``: the harness's training speed next to minimal single-file PPO and DQN.
+"""``metabench bench``: the harness's training speed next to minimal single-file PPO and DQN
+and next to the bare environment.
 
 Each pair trains with the same hyperparameters (PureJaxRL's CartPole settings) on the same
 gymnax env in one process, after compiling; the table reports env steps per second of each
-(the median of ``repeats`` interleaved runs) and their ratio. :mod:`metabench.minimal_ppo` and
+(the median of ``repeats`` interleaved runs) and their ratio, beside the env alone stepped with
+random actions on as many copies (the ceiling). Several seed counts measure scaling. :mod:`metabench.minimal_ppo` and
 :mod:`metabench.minimal_dqn` are the yardsticks: they import nothing from metabench.
 """
 
@@ -13,6 +15,7 @@ import time
 from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from metabench import harness, minimal_dqn, minimal_ppo
@@ -73,6 +76,41 @@ def dqn_pair(env_name: str, total_timesteps: int) -> Pair:
 PAIRS = {"ppo": ppo_pair, "dqn": dqn_pair}
 
 
+def bare_env(env_id: str, num_envs: int, seeds: int, env_steps: int,
+             repeats: int = 5) -> float:
+    """Env steps per second of the environment alone: uniformly random actions on ``num_envs``
+    x ``seeds`` copies under one jit + vmap + scan, the ceiling any trainer can approach."""
+    from metabench.envs import make
+
+    env, params = make(env_id)
+    space = env.action_space(params)
+    n = num_envs * seeds
+    length = max(1, env_steps // num_envs)
+    step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def run(key):
+        k_reset, k_run = jax.random.split(key)
+        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, n), params)
+
+        def body(carry, key):
+            state, total = carry
+            k_act, k_step = jax.random.split(key)
+            action = jax.vmap(space.sample)(jax.random.split(k_act, n))
+            _, state, reward, *_ = step(jax.random.split(k_step, n), state, action, params)
+            return (state, total + jnp.sum(reward)), None
+
+        (_, total), _ = jax.lax.scan(body, (state, 0.0), jax.random.split(k_run, length))
+        return total
+
+    fn = jax.jit(run).lower(jax.random.PRNGKey(0)).compile()
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jax.random.PRNGKey(i)))
+        times.append(time.perf_counter() - t0)
+    return n * length / float(np.median(times))
+
+
 def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 5,
               algo: str = "ppo") -> dict:
     """One row: the minimal implementation and the harness (ppo_clip or dqn) on ``env_id``.
@@ -97,34 +135,43 @@ def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 
         minimal_sps.append(seeds * pair.env_steps / (time.perf_counter() - t0))
         harness_sps.append(harness.train_env(ref, task, task.test[0], range(seeds)).env_steps_per_s)
     minimal_sps, harness_sps = float(np.median(minimal_sps)), float(np.median(harness_sps))
+    num_envs = pair.config.num_envs
+    env_sps = bare_env(env_id, num_envs, seeds, first.updates_done * first.steps_per_update,
+                       repeats)
     return {
         "algo": algo, "env": env_id, "seeds": seeds,
         "env_steps_per_seed": first.updates_done * first.steps_per_update,
         "minimal_steps_per_s": minimal_sps, "harness_steps_per_s": harness_sps,
-        "ratio": harness_sps / minimal_sps, "repeats": repeats,
+        "ratio": harness_sps / minimal_sps, "repeats": repeats, "env_only_steps_per_s": env_sps,
+        "num_envs": num_envs,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
 
 
 def run(env_id: Sequence[str] | None = None, total_timesteps: float | None = None,
-        seeds: int = 1, quick: bool = False, algos: Sequence[str] = ("ppo", "dqn")) -> list[dict]:
+        seeds: int | Sequence[int] = 1, quick: bool = False,
+        algos: Sequence[str] = ("ppo", "dqn")) -> list[dict]:
+    """One row per (algo, env, seed count); several seed counts measure scaling."""
     rows = []
     for algo in algos:
         for e in env_id or DEFAULT_ENVS:
             default = DEFAULT_STEPS[algo].get(e, 200_000)
             steps = int(total_timesteps or (QUICK_STEPS if quick else default))
-            rows.append(bench_env(e, steps, seeds=seeds, repeats=1 if quick else 5, algo=algo))
+            for n in ([seeds] if isinstance(seeds, int) else seeds):
+                rows.append(bench_env(e, steps, seeds=int(n), repeats=1 if quick else 5,
+                                      algo=algo))
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = (f"{'algo':4s} {'env':26s} {'seeds':>5s} {'steps/seed':>10s} {'minimal':>12s} "
-            f"{'harness':>12s} {'ratio':>6s} {'compile min/harness':>20s}")
+    head = (f"{'algo':4s} {'env':26s} {'seeds':>5s} {'steps/seed':>10s} {'env only':>12s} "
+            f"{'minimal':>12s} {'harness':>12s} {'ratio':>6s} {'compile min/harness':>20s}")
     lines = [f"env steps per second after compilation, median of {rows[0]['repeats']} "
              f"interleaved runs ({rows[0]['device']})" if rows else "", head]
     for r in rows:
         lines.append(f"{r['algo']:4s} {r['env']:26s} {r['seeds']:>5d} {r['env_steps_per_seed']:>10,d} "
+                     f"{r['env_only_steps_per_s']:>12,.0f} "
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "
                      f"{r['ratio']:>6.2f} {r['minimal_compile_s']:>9.1f}s/{r['harness_compile_s']:.1f}s")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ jitted scan, and averages the returns of every episode that completed. Results g
 from __future__ import annotations
 
 import datetime
-import math
 from pathlib import Path
 from typing import Any
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -148,7 +147,7 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     from metabench import bench
 
-    rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=args.seeds,
+    rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=tuple(args.seeds),
                      quick=args.quick, algos=args.algo or ("ppo", "dqn"))
     print(bench.format_table(rows))
     if args.json:
@@ -445,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--env", action="append", default=None,
                     help="env id(s) (default gymnax/CartPole-v1 and gymnax/Breakout-MinAtar)")
     bp.add_argument("--timesteps", type=float, default=None, help="env steps per run")
-    bp.add_argument("--seeds", type=int, default=1)
+    bp.add_argument("--seeds", type=int, nargs="+", default=[1],
+                    help="seeds per run; several values measure scaling, e.g. 1 4 16 64 256")
     bp.add_argument("--algo", action="append", choices=["ppo", "dqn"], default=None,
                     help="ppo (drift family) and/or dqn (td_loss family); default both")
     bp.add_argument("--quick", action="store_true", help="CI-sized budgets")

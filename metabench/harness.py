@@ -84,6 +84,7 @@ class EnvRun:
     failure: str | None = None  # a reason that applies to every seed
     # Per-update named scalars (Metrics.traces): name -> [seeds, updates_done].
     traces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    memory: dict = dataclasses.field(default_factory=dict)  # see memory_usage()
 
     @property
     def updates_done(self) -> int:
@@ -222,6 +223,24 @@ class _Trained(NamedTuple):
     compile_s: float
     run_s: float
     failure: str | None
+    memory: dict = {}
+
+
+def memory_usage() -> dict:
+    """Peak host RSS of this process and peak bytes in use on the first device (None where
+    the backend keeps no statistics, as on CPU), in MB. A scoring child process trains one
+    submission's envs in order, so the host peak after an env bounds that env's use."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host = rss / 1024 if sys.platform != "darwin" else rss / 2**20  # KB on Linux, B on macOS
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        stats = {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"host_peak_rss_mb": round(host, 1),
+            "device_peak_mb": None if peak is None else round(peak / 2**20, 1)}
 
 
 def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
@@ -274,7 +293,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
             lambda *xs: np.take(np.concatenate(xs, axis=-1), np.arange(place.seeds),
                                 axis=place.axis), *chunks)
     return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
-                    failure)
+                    failure, memory_usage())
 
 
 def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> EnvRun:
@@ -286,7 +305,8 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
     traces = {} if t.metrics is None or t.metrics.traces is None else {
         str(k): np.asarray(v)[index] for k, v in t.metrics.traces.items()}
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
-                  t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces)
+                  t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
+                  t.memory)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
@@ -452,7 +472,7 @@ def env_part(run: EnvRun, window: float) -> dict:
                     "num_updates": run.num_updates,
                     "env_steps_per_seed": run.updates_done * run.steps_per_update,
                     "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
-                    "env_steps_per_s": run.env_steps_per_s},
+                    "env_steps_per_s": run.env_steps_per_s, **run.memory},
             "runs": run_records(run, window)}
 
 

@@ -1195,11 +1195,13 @@ def _env_table(rec: dict) -> str:
             _td(_count(_f(env.get("env_steps_per_seed"))), num=True),
             _td(_num(_f(env.get("compile_s")), 1), num=True),
             _td(_num(_f(env.get("run_s")), 1), num=True),
-            _td(_count(_f(env.get("env_steps_per_s"))), num=True), _td(str(fails), num=True),
+            _td(_count(_f(env.get("env_steps_per_s"))), num=True),
+            _td(_num(_f(env.get("host_peak_rss_mb")), 0), num=True),
+            _td(_num(_f(env.get("device_peak_mb")), 0), num=True), _td(str(fails), num=True),
         ]) + "</tr>")
     return _table(["env", "env id", "params", "seeds", "mean score", "mean return", "random",
                    "reference", "env steps / seed", "compile s", "run s", "env steps / s",
-                   "failures"], rows)
+                   "host peak RSS MB", "device peak MB", "failures"], rows)
 
 
 def _runs_table(rec: dict) -> str:

@@ -6,7 +6,7 @@ Schema (``schema: 1``)::
     rule {name, family, factory, kwargs, params_hash, note},
     status ("ok" | "partial" | "failed"),
     envs [{name, env, params, random, reference, seeds, updates, compile_s, run_s,
-           env_steps_per_s, mean_return, mean_score}],
+           env_steps_per_s, host_peak_rss_mb, device_peak_mb, mean_return, mean_score}],
     runs [{env, seed, status, reason, final_return, score, curve {steps, returns},
            traces {name: {steps, values}} (optional: families that adapt meta-parameters)}],
     aggregates {iqm|mean|median|optimality_gap: {point, lo, hi}},

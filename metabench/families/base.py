@@ -134,6 +134,39 @@ def find_rule(name: str) -> RuleInfo:
     return rules[name]
 
 
+class EnvInfo(NamedTuple):
+    """What an agent needs to know about an env before building its networks."""
+
+    sample_params: Callable[[jax.Array], Any]
+    """Per-seed env parameters (the fixed ones when the task gives no distribution)."""
+    continuous: bool
+    """A Box action space (Gaussian policy) rather than a Discrete one."""
+    action_dim: int
+    """Number of discrete actions, or the size of a continuous action."""
+    low: Any
+    """Lower action bound (continuous only, else None)."""
+    high: Any
+    """Upper action bound (continuous only, else None)."""
+    obs_shape: tuple[int, ...]
+    """Observation shape."""
+
+
+def env_info(env, sample_params: Callable[[jax.Array], Any] | None = None,
+             env_params: Any = None) -> EnvInfo:
+    """Action and observation spaces of ``env``, probed with one draw of its parameters."""
+    if sample_params is None:
+        fixed = env.default_params if env_params is None else env_params
+        sample_params = lambda _: fixed  # noqa: E731
+    probe = sample_params(jax.random.PRNGKey(0))
+    space = env.action_space(probe)
+    continuous = not hasattr(space, "n")
+    action_dim = int(np.prod(space.shape)) if continuous else int(space.n)
+    low = jnp.asarray(space.low) if continuous else None
+    high = jnp.asarray(space.high) if continuous else None
+    return EnvInfo(sample_params, continuous, action_dim, low, high,
+                   tuple(env.observation_space(probe).shape))
+
+
 def count_traces(fn: Callable) -> tuple[Callable, list[int]]:
     """Wraps ``fn`` so that each trace (compilation) bumps a counter; for recompile checks."""
     counter = [0]

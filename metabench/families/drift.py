@@ -22,7 +22,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     finite_tree, register_family, shipped_params)
+                                     env_info, finite_tree, register_family, shipped_params)
 from metabench.rl import episode_returns, normalise, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics, Transition
@@ -202,16 +202,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
                sample_params: Callable[[jax.Array], Any] | None = None,
                env_params: Any = None) -> Trainer:
     """PPO on ``env`` with ``rule`` as the drift; see :class:`Trainer` for the pieces."""
-    if sample_params is None:
-        fixed = env.default_params if env_params is None else env_params
-        sample_params = lambda _: fixed  # noqa: E731
-    probe_params = sample_params(jax.random.PRNGKey(0))
-    action_space = env.action_space(probe_params)
-    continuous = not hasattr(action_space, "n")
-    action_dim = int(np.prod(action_space.shape)) if continuous else int(action_space.n)
-    if continuous:
-        low, high = jnp.asarray(action_space.low), jnp.asarray(action_space.high)
-    obs_shape = tuple(env.observation_space(probe_params).shape)
+    sample_params, continuous, action_dim, low, high, obs_shape = env_info(
+        env, sample_params, env_params)
 
     steps_per_update = config.num_envs * config.rollout_len
     num_updates = int(total_timesteps) // steps_per_update

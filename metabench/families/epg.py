@@ -35,7 +35,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     finite_tree, register_family, shipped_params)
+                                     env_info, finite_tree, register_family, shipped_params)
 from metabench.rl import episode_returns
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
@@ -265,16 +265,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
                sample_params: Callable[[jax.Array], Any] | None = None,
                env_params: Any = None) -> Trainer:
     """The EPG agent on ``env`` with ``rule`` as its loss; see :class:`Trainer`."""
-    if sample_params is None:
-        fixed = env.default_params if env_params is None else env_params
-        sample_params = lambda _: fixed  # noqa: E731
-    probe_params = sample_params(jax.random.PRNGKey(0))
-    action_space = env.action_space(probe_params)
-    continuous = not hasattr(action_space, "n")
-    action_dim = int(np.prod(action_space.shape)) if continuous else int(action_space.n)
-    if continuous:
-        low, high = jnp.asarray(action_space.low), jnp.asarray(action_space.high)
-    obs_shape = tuple(env.observation_space(probe_params).shape)
+    sample_params, continuous, action_dim, low, high, obs_shape = env_info(
+        env, sample_params, env_params)
 
     n, t_len = config.num_envs, config.rollout_len
     steps_per_update = n * t_len
