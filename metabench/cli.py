@@ -276,7 +276,8 @@ def cmd_submit(args) -> int:
                 continue
         res = submission.submit(folder, args.task, args.split, results_dir=Path(args.results),
                                 force=args.force, shard=shard, seeds=args.seeds,
-                                timeout=args.timeout, command=command)
+                                timeout=args.timeout, command=command,
+                                backend=args.backend, address=args.address)
         if res.record is not None and "unchanged" not in res.message:
             _print_record(res.record)
         print(res.message)
@@ -339,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default="test", choices=["test", "train"])
     sp.add_argument("--results", default="leaderboard/results", help="results folder")
     sp.add_argument("--force", action="store_true", help="score again even if unchanged")
+    sp.add_argument("--backend", choices=["local", "ray"], default="local",
+                    help="local: one child process per submission; ray: one Ray task per env "
+                         "(pip install 'metabench[ray]')")
+    sp.add_argument("--address", default=None,
+                    help="Ray cluster address (default: start a local Ray instance)")
     sp.add_argument("--shard", default=None, help="score slice I/N of the (env, seed) cells")
     sp.add_argument("--seeds", type=int, default=None, help="override the task's seed count")
     sp.add_argument("--timeout", type=float, default=None,

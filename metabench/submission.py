@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import yaml
 
@@ -538,6 +538,58 @@ def _move_stale(path: Path, task, family: str, log) -> None:
     log(f"moved stale record (fingerprint {fp}) to {dest}")
 
 
+class _Cell(NamedTuple):
+    """What one scoring child process hands back: env parts by env index, and its exit."""
+
+    parts: dict
+    rule: dict | None
+    provenance: dict | None
+    code: int | None
+    err: str
+    limit: float
+
+
+def _score_cells(sub_path: str, task_path: str, split: str, per_env: list, limit: float,
+                 command: str | None, capture: bool = False) -> _Cell:
+    """Scores the envs with seeds in ``per_env`` in one isolated child process."""
+    with tempfile.TemporaryDirectory(prefix="metabench-score-") as tmp:
+        args = ["_score", sub_path, task_path, split, tmp, json.dumps(per_env)]
+        if command:
+            args.append(command)
+        code, err = _child(args, limit, capture=capture)
+        out = Path(tmp)
+        if (out / "error.txt").exists():
+            err = (out / "error.txt").read_text()
+        parts = {i: json.loads((out / f"part-{i}.json").read_text())
+                 for i in range(len(per_env)) if (out / f"part-{i}.json").exists()}
+        read = lambda name: (json.loads((out / name).read_text())  # noqa: E731
+                             if (out / name).exists() else None)
+        return _Cell(parts, read("rule.json"), read("provenance.json"), code, err, limit)
+
+
+def _score_on_ray(sub_path: str, task, split: str, per_env: list, command: str | None,
+                  address: str | None, log) -> list[tuple[set, _Cell]]:
+    """One Ray task per (submission, task, env) cell, each taking one GPU when the cluster
+    has any; every task scores its env in an isolated child process, as locally."""
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("the ray backend needs Ray: pip install 'metabench[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    remote = ray.remote(num_gpus=gpus, max_retries=0)(_score_cells)
+    envs = [i for i, seeds in enumerate(per_env) if seeds]
+    limit = task.budget.max_seconds_per_env + COMPILE_ALLOWANCE_S
+    log(f"sending {len(envs)} cell(s) to Ray ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+        f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    refs = [remote.remote(sub_path, str(task.path), split,
+                          [seeds if j == i else [] for j, seeds in enumerate(per_env)],
+                          limit, command, True) for i in envs]
+    return [({i}, cell) for i, cell in zip(envs, ray.get(refs))]
+
+
 @dataclasses.dataclass
 class SubmitResult:
     ok: bool
@@ -550,8 +602,14 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
            results_dir: Path = RESULTS_DIR, force: bool = False,
            shard: tuple[int, int] | None = None, seeds: int | None = None,
            timeout: float | None = None, baseline: bool | None = None,
-           log=lambda msg: print(msg, file=sys.stderr), command: str | None = None) -> SubmitResult:
-    """Checks, scores in a child process with a wall-clock limit, writes the record."""
+           log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
+           backend: str = "local", address: str | None = None) -> SubmitResult:
+    """Checks, scores in a child process with a wall-clock limit, writes the record.
+
+    ``backend="ray"`` sends one Ray task per env instead (``address`` of a running cluster,
+    or None to start a local one); the parts are merged into the same record."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     from metabench import harness, results, spec
 
     task = spec.load(task_id)
@@ -578,29 +636,26 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
     limit = timeout if timeout is not None else sum(
         task.budget.max_seconds_per_env + COMPILE_ALLOWANCE_S for s in per_env if s)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="metabench-score-") as tmp:
-        args = ["_score", str(sub.path), str(task.path), split, tmp,
-                json.dumps(per_env)]
-        if command:
-            args.append(command)
+    if backend == "ray":
+        cells = _score_on_ray(str(sub.path), task, split, per_env, command, address, log)
+    else:
         log(f"scoring {sub.name} on {task.id} [{split}] in a child process "
             f"(limit {limit:g}s)")
-        code, err = _child(args, limit, capture=False)
-        if (Path(tmp) / "error.txt").exists():
-            err = (Path(tmp) / "error.txt").read_text()
-        parts, rule = [], None
-        for i, e in enumerate(envs):
-            f = Path(tmp) / f"part-{i}.json"
-            if f.exists():
-                parts.append(json.loads(f.read_text()))
-            elif per_env[i]:
-                parts.append(harness.failed_part(e, per_env[i], _died(code, err, limit)))
-        if (Path(tmp) / "rule.json").exists():
-            rule = json.loads((Path(tmp) / "rule.json").read_text())
-        prov = (json.loads((Path(tmp) / "provenance.json").read_text())
-                if (Path(tmp) / "provenance.json").exists() else None)
-    if code != 0:
-        log(f"scoring process: {_died(code, err, limit)}")
+        cells = [(set(range(len(envs))),
+                  _score_cells(str(sub.path), str(task.path), split, per_env, limit, command))]
+    parts, rule, prov = [], None, None
+    for i, e in enumerate(envs):
+        cell = next(c for covered, c in cells if i in covered) if per_env[i] else None
+        if cell is not None and i in cell.parts:
+            parts.append(cell.parts[i])
+        elif cell is not None:  # its process died before it got to env i
+            parts.append(harness.failed_part(e, per_env[i], _died(cell.code, cell.err,
+                                                                   cell.limit)))
+    for _, c in cells:
+        rule = rule or c.rule
+        prov = prov or c.provenance
+        if c.code != 0:
+            log(f"scoring process: {_died(c.code, c.err, c.limit)}")
     if rule is None:
         rule = {"name": sub.name, "family": sub.family, "factory": sub.factory or sub.entry,
                 "kwargs": dict(sub.kwargs), "params_hash": None, "note": ""}

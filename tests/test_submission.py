@@ -139,6 +139,30 @@ def test_shards_merge_to_the_unsharded_record(scored, tmp_path, task_path):
     assert not incomplete.ok and "expected shards 1..2" in incomplete.message
 
 
+def test_ray_backend_gives_the_in_process_record(scored, tmp_path, task_path, monkeypatch):
+    """A local Ray instance on loopback scores each env as its own task; the merged record
+    equals the in-process one in everything but timings and provenance."""
+    import ray  # part of the test install (the `ray` extra)
+
+    results_dir, folder, res = scored
+    # Ray workers import metabench from this checkout, like the child processes do.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _node_ip_address="127.0.0.1")
+    try:
+        via_ray = submission.submit(folder, str(task_path), results_dir=tmp_path / "results",
+                                    backend="ray", log=print)
+    finally:
+        ray.shutdown()
+    assert via_ray.ok, via_ray.message
+    rec, full = via_ray.record, res.record
+    assert rec["runs"] == full["runs"] and rec["aggregates"] == full["aggregates"]
+    assert [e["name"] for e in rec["envs"]] == [e["name"] for e in full["envs"]]
+    assert rec["rule"] == full["rule"] and rec["status"] == "ok"
+    with pytest.raises(ValueError, match="backend must be 'local' or 'ray'"):
+        submission.submit(folder, str(task_path), results_dir=tmp_path / "r2", backend="dask")
+
+
 def test_shard_cells_cover_everything_once():
     cells = [submission.shard_seeds(3, 4, (i, 3)) for i in (1, 2, 3)]
     for env in range(3):
