@@ -175,3 +175,32 @@ def format_table(rows: Sequence[dict]) -> str:
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "
                      f"{r['ratio']:>6.2f} {r['minimal_compile_s']:>9.1f}s/{r['harness_compile_s']:.1f}s")
     return "\n".join(lines)
+
+
+_SERIES = (("env only", "env_only_steps_per_s", "#7f7f7f"),
+           ("minimal", "minimal_steps_per_s", "#1f77b4"),
+           ("harness", "harness_steps_per_s", "#d62728"))
+
+
+def plot_html(rows: Sequence[dict]) -> str:
+    """A self-contained HTML page: per (algo, env), env steps per second of the env alone,
+    the minimal implementation and the harness against the number of seeds (log-log)."""
+    from metabench.leaderboard import Series, esc, svg_lines
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["algo"], r["env"]), []).append(r)
+    figures = []
+    for (algo, env), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seeds"])
+        x = np.log2([r["seeds"] for r in rs])
+        series = [Series(label, colour, x, np.log10([r[key] for r in rs]), 2.2)
+                  for label, key, colour in _SERIES]
+        figures.append(svg_lines(f"{algo} on {env} ({rs[0]['device']})", series,
+                                 "log2 seeds", "log10 env steps per second"))
+    legend = " ".join(f'<span style="color:{c}">&#9632;</span> {esc(label)}'
+                      for label, _, c in _SERIES)
+    table = esc(format_table(rows))
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>metabench bench</title>"
+            "</head><body style=\"font-family:sans-serif\"><h1>metabench bench</h1>"
+            f"<p>{legend}</p>{''.join(figures)}<pre>{table}</pre></body></html>\n")

@@ -152,6 +152,9 @@ def cmd_bench(args) -> int:
     print(bench.format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        Path(args.plot).write_text(bench.plot_html(rows))
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -456,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ppo (drift family) and/or dqn (td_loss family); default both")
     bp.add_argument("--quick", action="store_true", help="CI-sized budgets")
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
+    bp.add_argument("--plot", default=None,
+                    help="also write an HTML page plotting steps/s against seeds")
     bp.set_defaults(fn=cmd_bench)
     return p
 

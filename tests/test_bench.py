@@ -19,12 +19,18 @@ def test_bench_quick_rows_and_table(capsys):
         assert r["env_only_steps_per_s"] > r["harness_steps_per_s"]
     table = bench.format_table(rows)
     assert "env only" in table and table.count("gymnax/CartPole-v1") == 2
+    page = bench.plot_html(rows)
+    # One log-log chart for the (algo, env) pair, one line per measured throughput.
+    assert page.count("<svg") == 1 and page.count("<polyline") == 3
+    assert "log2 seeds" in page and "ppo on gymnax/CartPole-v1" in page
 
 
 def test_bench_cli_takes_several_seed_counts(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--algo", "ppo", "--env", "gymnax/CartPole-v1",
-                 "--timesteps", "5e3", "--seeds", "1", "--json", str(out)]) == 0
+                 "--timesteps", "5e3", "--seeds", "1", "--json", str(out),
+                 "--plot", str(tmp_path / "bench.html")]) == 0
     printed = capsys.readouterr().out
     assert "env only" in printed and "harness" in printed
     assert out.exists() and '"env_only_steps_per_s"' in out.read_text()
+    assert "<svg" in (tmp_path / "bench.html").read_text()
