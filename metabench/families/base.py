@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metabench import nets
+from metabench.rl import episode_returns
 from metabench.rules import RuleInfo, UpdateRule
-from metabench.types import Metrics, PRNGKey, PyTree
+from metabench.types import Metrics, PRNGKey, PyTree, Transition
 
 
 class Trainer(NamedTuple):
@@ -165,6 +167,39 @@ def env_info(env, sample_params: Callable[[jax.Array], Any] | None = None,
     high = jnp.asarray(space.high) if continuous else None
     return EnvInfo(sample_params, continuous, action_dim, low, high,
                    tuple(env.observation_space(probe).shape))
+
+
+def actor_critic_rollout(env, apply: Callable, num_envs: int, length: int, continuous: bool,
+                         low: Any = None, high: Any = None) -> Callable:
+    """``rollout(params, env_state, obs, env_params, episode_return, rng) -> ((env_state, obs,
+    episode_return, rng), Transition [T, B], returns_sum [T], episodes [T])``: ``length``
+    steps of a stochastic policy on ``num_envs`` envs in one scan. ``apply(params, obs) ->
+    (policy_out, value)``; the shared acting loop of the actor-critic families."""
+    env_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def rollout_step(carry, _):
+        params, env_state, obs, env_params, ep_ret, rng = carry
+        rng, k_act, k_env = jax.random.split(rng, 3)
+        out, value = apply(params, obs)
+        action = nets.sample(k_act, out, continuous)
+        logp = nets.log_prob(out, action, continuous)
+        env_action = jnp.clip(action, low, high) if continuous else action
+        next_obs, env_state, reward, term, trunc, info = env_step(
+            jax.random.split(k_env, num_envs), env_state, env_action, env_params)
+        reward = reward.astype(jnp.float32)
+        done = jnp.logical_or(term, trunc)
+        ep_ret, finished = episode_returns(ep_ret, reward, done)
+        t = Transition(obs, action, logp, value, reward, term, trunc, info["final_observation"])
+        return (params, env_state, next_obs, env_params, ep_ret, rng), (t, finished)
+
+    def rollout(params, env_state, obs, env_params, ep_ret, rng):
+        carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(
+            rollout_step, (params, env_state, obs, env_params, ep_ret, rng), None,
+            length=length)
+        _, env_state, obs, _, ep_ret, rng = carry
+        return (env_state, obs, ep_ret, rng), traj, ret_sum, n_eps
+
+    return rollout
 
 
 def count_traces(fn: Callable) -> tuple[Callable, list[int]]:

@@ -21,11 +21,11 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     env_info, finite_tree, register_family, shipped_params)
-from metabench.rl import episode_returns, normalise, truncated_gae
+from metabench.families.base import (Check, CheckReport, Family, Trainer,
+                                     actor_critic_rollout, count_traces, env_info, finite_tree, register_family, shipped_params)
+from metabench.rl import normalise, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule, no_params
-from metabench.types import Metrics, Transition
+from metabench.types import Metrics
 
 
 class Inputs(NamedTuple):
@@ -224,7 +224,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
                             optax.adam(lr, eps=1e-5))
 
     env_reset = jax.vmap(env.reset, in_axes=(0, None))
-    env_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+    rollout = actor_critic_rollout(env, network.apply, config.num_envs, config.rollout_len,
+                                   continuous, low, high)
 
     def init(rng) -> RunnerState:
         rng, k_net, k_env, k_params = jax.random.split(rng, 4)
@@ -233,21 +234,6 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         obs, env_state = env_reset(jax.random.split(k_env, config.num_envs), env_params)
         return RunnerState(params, optimiser.init(params), env_state, obs, env_params,
                            jnp.zeros(config.num_envs), rng)
-
-    def rollout_step(carry, _):
-        params, env_state, obs, env_params, ep_ret, rng = carry
-        rng, k_act, k_env = jax.random.split(rng, 3)
-        out, value = network.apply(params, obs)
-        action = nets.sample(k_act, out, continuous)
-        logp = nets.log_prob(out, action, continuous)
-        env_action = jnp.clip(action, low, high) if continuous else action
-        next_obs, env_state, reward, term, trunc, info = env_step(
-            jax.random.split(k_env, config.num_envs), env_state, env_action, env_params)
-        reward = reward.astype(jnp.float32)
-        done = jnp.logical_or(term, trunc)
-        ep_ret, finished = episode_returns(ep_ret, reward, done)
-        t = Transition(obs, action, logp, value, reward, term, trunc, info["final_observation"])
-        return (params, env_state, next_obs, env_params, ep_ret, rng), (t, finished)
 
     def loss_fn(params, meta_params, t: Batch):
         adv, target = t.advantage, t.target
@@ -271,11 +257,9 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
     def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:
         del i  # PPO has no schedule beyond optax's own step count
-        carry = (state.params, state.env_state, state.obs, state.env_params,
-                 state.episode_return, state.rng)
-        carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(rollout_step, carry, None,
-                                                       length=config.rollout_len)
-        _, env_state, obs, env_params, ep_ret, rng = carry
+        (env_state, obs, ep_ret, rng), traj, ret_sum, n_eps = rollout(
+            state.params, state.env_state, state.obs, state.env_params, state.episode_return,
+            state.rng)
         # One critic-only pass over the true next observations: bootstraps truncations right.
         flat_final = traj.final_obs.reshape((-1, *obs_shape))
         next_value = network.apply(state.params, flat_final, method=network.value)
@@ -304,7 +288,7 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         rng, k_epochs = jax.random.split(rng)
         (params, opt_state), (loss, drift) = jax.lax.scan(
             epoch, (state.params, state.opt_state), jax.random.split(k_epochs, config.epochs))
-        new_state = RunnerState(params, opt_state, env_state, obs, env_params, ep_ret, rng)
+        new_state = RunnerState(params, opt_state, env_state, obs, state.env_params, ep_ret, rng)
         metrics = Metrics(returns_sum=jnp.sum(ret_sum), episodes=jnp.sum(n_eps),
                           loss=jnp.mean(loss), aux=jnp.mean(drift))
         return new_state, metrics

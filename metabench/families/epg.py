@@ -34,9 +34,8 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     env_info, finite_tree, register_family, shipped_params)
-from metabench.rl import episode_returns
+from metabench.families.base import (Check, CheckReport, Family, Trainer,
+                                     actor_critic_rollout, count_traces, env_info, finite_tree, register_family, shipped_params)
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
 
@@ -228,18 +227,6 @@ REFERENCE_RULES = {
 # --- the inner loop ----------------------------------------------------------------------
 
 
-class Rollout(NamedTuple):
-    """One env step of a vectorised rollout; leaves ``[T, B, ...]`` after the scan."""
-
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
-    terminated: jax.Array
-    truncated: jax.Array
-    final_obs: jax.Array
-    """The true next observation (before any auto-reset), to bootstrap truncations from."""
-
-
 class Batch(NamedTuple):
     """The learner's view of a rollout, batch-major ``[B, T, ...]``."""
 
@@ -286,10 +273,12 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         optimiser = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optimiser)
 
     env_reset = jax.vmap(env.reset, in_axes=(0, None))
-    env_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     def forward(net_params, obs):
         return network.apply(net_params, obs.astype(jnp.float32))
+
+    rollout = actor_critic_rollout(env, lambda p, o: forward(p["net"], o), n, t_len,
+                                   continuous, low, high)
 
     def init(rng) -> RunnerState:
         rng, k_net, k_mem, k_env, k_params = jax.random.split(rng, 5)
@@ -299,19 +288,6 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         obs, env_state = env_reset(jax.random.split(k_env, n), env_params)
         return RunnerState(params, optimiser.init(params), env_state, obs, env_params,
                            jnp.zeros(n), rng)
-
-    def rollout_step(carry, _):
-        params, env_state, obs, env_params, ep_ret, rng = carry
-        rng, k_act, k_env = jax.random.split(rng, 3)
-        out, _ = forward(params["net"], obs)
-        action = nets.sample(k_act, out, continuous)
-        env_action = jnp.clip(action, low, high) if continuous else action
-        next_obs, env_state, reward, term, trunc, info = env_step(
-            jax.random.split(k_env, n), env_state, env_action, env_params)
-        reward = reward.astype(jnp.float32)
-        ep_ret, finished = episode_returns(ep_ret, reward, jnp.logical_or(term, trunc))
-        t = Rollout(obs, action, reward, term, trunc, info["final_observation"])
-        return (params, env_state, next_obs, env_params, ep_ret, rng), (t, finished)
 
     def loss_fn(params, meta_params, mb: Batch):
         b = mb.reward.shape[0]
@@ -328,11 +304,9 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
     def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:
         del i  # no schedule beyond optax's own step count
-        carry = (state.params, state.env_state, state.obs, state.env_params,
-                 state.episode_return, state.rng)
-        carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(rollout_step, carry, None,
-                                                       length=t_len)
-        _, env_state, obs, env_params, ep_ret, rng = carry
+        (env_state, obs, ep_ret, rng), traj, ret_sum, n_eps = rollout(
+            state.params, state.env_state, state.obs, state.env_params, state.episode_return,
+            state.rng)
         # One critic pass over the true next observations: truncations and the rollout's
         # end bootstrap from V(s'); terminal states do not.
         next_value = network.apply(state.params["net"],
@@ -360,7 +334,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         rng, k_epochs = jax.random.split(rng)
         (params, opt_state), (loss, ent) = jax.lax.scan(
             epoch, (state.params, state.opt_state), jax.random.split(k_epochs, config.epochs))
-        new_state = RunnerState(params, opt_state, env_state, obs, env_params, ep_ret, rng)
+        new_state = RunnerState(params, opt_state, env_state, obs, state.env_params, ep_ret,
+                                rng)
         metrics = Metrics(returns_sum=jnp.sum(ret_sum), episodes=jnp.sum(n_eps),
                           loss=jnp.mean(loss), aux=jnp.mean(ent))
         return new_state, metrics

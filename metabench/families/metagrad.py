@@ -32,9 +32,9 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     env_info, finite_tree, register_family)
-from metabench.rl import episode_returns, truncated_gae
+from metabench.families.base import (Check, CheckReport, Family, Trainer,
+                                     actor_critic_rollout, count_traces, env_info, finite_tree, register_family)
+from metabench.rl import truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
 from metabench.types import Metrics
 
@@ -295,7 +295,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     agent = make_agent(rule, config, action_dim, continuous)
     network = agent.network
     env_reset = jax.vmap(env.reset, in_axes=(0, None))
-    env_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+    rollout = actor_critic_rollout(env, network.apply, config.num_envs, config.rollout_len,
+                                   continuous, low, high)
     eta_like = rule.init(jax.random.PRNGKey(0))
 
     def empty_batch() -> Batch:
@@ -316,29 +317,14 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
                            opt_state, empty_batch(), env_state, obs, env_params,
                            jnp.zeros(config.num_envs), rng)
 
-    def rollout_step(carry, _):
-        params, env_state, obs, env_params, ep_ret, rng = carry
-        rng, k_act, k_env = jax.random.split(rng, 3)
-        out, value = network.apply(params, obs)
-        action = nets.sample(k_act, out, continuous)
-        env_action = jnp.clip(action, low, high) if continuous else action
-        next_obs, env_state, reward, term, trunc, info = env_step(
-            jax.random.split(k_env, config.num_envs), env_state, env_action, env_params)
-        reward = reward.astype(jnp.float32)
-        ep_ret, finished = episode_returns(ep_ret, reward, jnp.logical_or(term, trunc))
-        step = (obs, action, reward, term, trunc, value, info["final_observation"])
-        return (params, env_state, next_obs, env_params, ep_ret, rng), (step, finished)
-
     def step(state: RunnerState, meta_params, i) -> tuple[RunnerState, Metrics]:
-        carry = (state.params, state.env_state, state.obs, state.env_params,
-                 state.episode_return, state.rng)
-        carry, (traj, (ret_sum, n_eps)) = jax.lax.scan(rollout_step, carry, None,
-                                                       length=config.rollout_len)
-        _, env_state, obs, env_params, ep_ret, rng = carry
-        obs_t, action, reward, term, trunc, value, final_obs = traj
-        next_value = network.apply(state.params, final_obs.reshape((-1, *obs_shape)),
-                                   method=network.value).reshape(reward.shape)
-        batch = Batch(obs_t, action, reward, term, trunc, value, next_value)
+        (env_state, obs, ep_ret, rng), traj, ret_sum, n_eps = rollout(
+            state.params, state.env_state, state.obs, state.env_params, state.episode_return,
+            state.rng)
+        next_value = network.apply(state.params, traj.final_obs.reshape((-1, *obs_shape)),
+                                   method=network.value).reshape(traj.reward.shape)
+        batch = Batch(traj.obs, traj.action, traj.reward, traj.terminated, traj.truncated,
+                      traj.value, next_value)
 
         def adapt(delta_and_opt):
             delta, meta_opt_state = delta_and_opt
@@ -356,7 +342,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         params, opt_state, (loss, ent, named) = agent.inner_update(state.params,
                                                                    state.opt_state, batch, eta)
         new_state = RunnerState(params, opt_state, delta, meta_opt_state, state.params,
-                                state.opt_state, batch, env_state, obs, env_params, ep_ret, rng)
+                                state.opt_state, batch, env_state, obs, state.env_params, ep_ret,
+                                rng)
         metrics = Metrics(returns_sum=jnp.sum(ret_sum), episodes=jnp.sum(n_eps), loss=loss,
                           aux=ent, traces={k: jnp.asarray(v, jnp.float32)
                                            for k, v in named.items()})
