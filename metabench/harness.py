@@ -167,13 +167,9 @@ def devices() -> list:
     devs = jax.local_devices()
     limit = os.environ.get("METABENCH_DEVICES", "").strip()
     if limit:
-        try:
-            n = int(limit)
-        except ValueError:
+        if not limit.isdigit() or int(limit) < 1:
             raise ValueError(f"METABENCH_DEVICES must be a positive integer, got {limit!r}")
-        if n < 1:
-            raise ValueError(f"METABENCH_DEVICES must be a positive integer, got {limit!r}")
-        devs = devs[:n]
+        devs = devs[:int(limit)]
     return devs
 
 
@@ -349,25 +345,28 @@ def train_population(family: str, rule: UpdateRule, meta_batch: Any, task: TaskS
 def downsample_curve(returns_sum: np.ndarray, episodes: np.ndarray, steps_per_update: int,
                      points: int = CURVE_POINTS) -> tuple[list[int], list[float | None]]:
     """Mean episodic return per bucket of updates (exact: sums over counts)."""
-    n = len(returns_sum)
-    if n == 0:
-        return [], []
-    edges = np.unique(np.linspace(0, n, min(points, n) + 1).astype(int))
     steps, rets = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in _buckets(len(returns_sum), points):
         count = episodes[lo:hi].sum()
         steps.append(int(hi * steps_per_update))
         rets.append(float(returns_sum[lo:hi].sum() / count) if count > 0 else None)
     return steps, rets
 
 
+def _buckets(n: int, points: int) -> list[tuple[int, int]]:
+    """At most ``points`` contiguous ``[lo, hi)`` ranges of updates covering ``n``."""
+    if n == 0:
+        return []
+    edges = np.unique(np.linspace(0, n, min(points, n) + 1).astype(int))
+    return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+
+
 def downsample_trace(values: np.ndarray, steps_per_update: int, points: int = CURVE_POINTS
                      ) -> tuple[list[int], list[float]]:
     """Mean of a per-update scalar per bucket of updates, on the same step grid as curves."""
-    n = len(values)
-    edges = np.unique(np.linspace(0, n, min(points, n) + 1).astype(int))
-    return ([int(hi * steps_per_update) for hi in edges[1:]],
-            [float(np.mean(values[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:])])
+    buckets = _buckets(len(values), points)
+    return ([hi * steps_per_update for _, hi in buckets],
+            [float(np.mean(values[lo:hi])) for lo, hi in buckets])
 
 
 def run_records(run: EnvRun, window: float) -> list[dict]:
