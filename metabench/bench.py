@@ -76,16 +76,9 @@ def dqn_pair(env_name: str, total_timesteps: int) -> Pair:
 PAIRS = {"ppo": ppo_pair, "dqn": dqn_pair}
 
 
-def bare_env(env_id: str, num_envs: int, seeds: int, env_steps: int,
-             repeats: int = 5) -> float:
-    """Env steps per second of the environment alone: uniformly random actions on ``num_envs``
-    x ``seeds`` copies under one jit + vmap + scan, the ceiling any trainer can approach."""
-    from metabench.envs import make
-
-    env, params = make(env_id)
+def _random_actions(env: Any, params: Any, n: int, length: int):
+    """``key -> reward sum``: ``length`` random-action steps of ``n`` copies in one scan."""
     space = env.action_space(params)
-    n = num_envs * seeds
-    length = max(1, env_steps // num_envs)
     step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     def run(key):
@@ -102,13 +95,89 @@ def bare_env(env_id: str, num_envs: int, seeds: int, env_steps: int,
         (_, total), _ = jax.lax.scan(body, (state, 0.0), jax.random.split(k_run, length))
         return total
 
-    fn = jax.jit(run).lower(jax.random.PRNGKey(0)).compile()
+    return run
+
+
+def _env_only(env: Any, params: Any, n: int, length: int, repeats: int) -> tuple[float, float]:
+    """``(compile_s, steps_per_s)`` of :func:`_random_actions`, the median of ``repeats``."""
+    t0 = time.perf_counter()
+    fn = jax.jit(_random_actions(env, params, n, length)).lower(jax.random.PRNGKey(0)).compile()
+    compile_s = time.perf_counter() - t0
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(jax.random.PRNGKey(i)))
         times.append(time.perf_counter() - t0)
-    return n * length / float(np.median(times))
+        if hasattr(env, "release"):  # host-stepped: the next repeat reuses these copies
+            env.release()
+    return compile_s, n * length / float(np.median(times))
+
+
+def bare_env(env_id: str, num_envs: int, seeds: int, env_steps: int,
+             repeats: int = 5) -> float:
+    """Env steps per second of the environment alone: uniformly random actions on ``num_envs``
+    x ``seeds`` copies under one jit + vmap + scan, the ceiling any trainer can approach."""
+    from metabench.envs import make
+
+    env, params = make(env_id)
+    length = max(1, env_steps // num_envs)
+    return _env_only(env, params, num_envs * seeds, length, repeats)[1]
+
+
+def backend_rows(entries: Sequence[tuple], num_envs: int = 128,
+                 steps: int = 200, repeats: int = 3) -> list[dict]:
+    """Env-only speed of each ``(label, env_id, params[, num_envs])``: compile seconds and
+    random-action env steps per second of ``num_envs`` copies for ``steps`` steps under jit +
+    vmap + scan. ``params`` go to ``make`` (e.g. ``{"backend": "generalized"}`` for a brax
+    physics, ``{"vectorization": "async"}`` for gymnasium). Copies are rounded up to whole
+    games for multi-agent envs; host-stepped envs are released after each measurement."""
+    from metabench.envs import make
+
+    rows = []
+    for label, env_id, params, *n in entries:
+        env, env_params = make(env_id, **params)
+        agents = int(getattr(env, "num_agents", 1))
+        copies = -(-(n[0] if n else num_envs) // agents) * agents
+        compile_s, sps = _env_only(env, env_params, copies, steps, repeats)
+        if hasattr(env, "close"):
+            env.close()
+        rows.append({"label": label, "env": env_id, "params": dict(params),
+                     "num_envs": copies, "steps": steps, "repeats": repeats,
+                     "compile_s": compile_s, "steps_per_s": sps,
+                     "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"})
+    return rows
+
+
+def backend_entries(env_ids: Sequence[str], num_envs: int = 128,
+                    async_envs: int = 8) -> list[tuple]:
+    """``backend_rows`` entries: every brax physics backend for brax ids, gymnasium's sync and
+    async vectorisation for gymnasium ids (async with ``async_envs`` subprocesses, and sync
+    again at that size to compare), one entry for anything else."""
+    from metabench.envs import brax as brax_envs
+
+    entries: list[tuple] = []
+    for env_id in env_ids:
+        if env_id.startswith("brax/"):
+            entries += [(f"{env_id} {b}", env_id, {"backend": b}) for b in brax_envs.BACKENDS]
+        elif env_id.startswith("gymnasium/"):
+            entries += [(f"{env_id} sync", env_id, {}, num_envs),
+                        (f"{env_id} sync", env_id, {}, async_envs),
+                        (f"{env_id} async", env_id, {"vectorization": "async"}, async_envs)]
+        else:
+            entries.append((env_id, env_id, {}))
+    return entries
+
+
+def format_backend_table(rows: Sequence[dict]) -> str:
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [f"env only: random actions, {r0['steps']} steps per copy under jit + vmap + scan, "
+             f"median of {r0['repeats']} ({r0['device']})",
+             f"{'env':44s} {'copies':>6s} {'compile':>8s} {'env steps/s':>12s}"]
+    lines += [f"{r['label']:44s} {r['num_envs']:>6d} {r['compile_s']:>7.1f}s "
+              f"{r['steps_per_s']:>12,.0f}" for r in rows]
+    return "\n".join(lines)
 
 
 def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 5,

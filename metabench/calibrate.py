@@ -47,6 +47,9 @@ def random_return(spec: EnvSpec, num_envs: int = 64, seed: int = 0) -> dict[str,
                                            jax.random.split(k_run, steps))
         return finished, done
 
+    # A multi-agent env's copies are its agents: whole games only.
+    agents = int(getattr(env, "num_agents", 1))
+    num_envs = -(-num_envs // agents) * agents
     keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)
     finished, done = jax.jit(jax.vmap(one_env))(keys)
     returns = np.asarray(finished)[np.asarray(done)]

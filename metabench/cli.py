@@ -144,9 +144,23 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+# One env per backend: brax (every physics), gymnasium (sync and async), pettingzoo.
+BACKEND_BENCH_ENVS = ["brax/ant", "gymnasium/CartPole-v1", "gymnasium/HalfCheetah-v5",
+                      "pettingzoo/mpe.simple_spread_v3", "gymnax/CartPole-v1"]
+
+
 def cmd_bench(args) -> int:
     from metabench import bench
 
+    if args.backends:
+        rows = bench.backend_rows(bench.backend_entries(args.env or BACKEND_BENCH_ENVS,
+                                                        num_envs=args.num_envs),
+                                  num_envs=args.num_envs, steps=args.steps,
+                                  repeats=1 if args.quick else 3)
+        print(bench.format_backend_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=tuple(args.seeds),
                      quick=args.quick, algos=args.algo or ("ppo", "dqn"))
     print(bench.format_table(rows))
@@ -461,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
     bp.add_argument("--plot", default=None,
                     help="also write an HTML page plotting steps/s against seeds")
+    bp.add_argument("--backends", action="store_true",
+                    help="instead: env-only steps/s and compile time of each --env per "
+                         "backend option (brax physics, gymnasium sync/async; default: one "
+                         "env of each backend)")
+    bp.add_argument("--num-envs", type=int, default=128, help="copies for --backends")
+    bp.add_argument("--steps", type=int, default=200, help="steps per copy for --backends")
     bp.set_defaults(fn=cmd_bench)
     return p
 

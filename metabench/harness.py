@@ -85,6 +85,9 @@ class EnvRun:
     # Per-update named scalars (Metrics.traces): name -> [seeds, updates_done].
     traces: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     memory: dict = dataclasses.field(default_factory=dict)  # see memory_usage()
+    # Multi-agent envs: per seed, the finished games' team and per-agent returns
+    # (pettingzoo.GamePool.episode_log plus the agent names), or None.
+    agent_log: list[dict] | None = None
 
     @property
     def updates_done(self) -> int:
@@ -109,9 +112,19 @@ def _chunk_len(num_updates: int, target_chunks: int = 10) -> int:
     return best if best * 3 >= cap else cap
 
 
+class Compiled(NamedTuple):
+    """One cell's compiled pieces (see :func:`compiled`)."""
+
+    trainer: Any
+    init_fn: Callable
+    chunk_fn: Callable
+    env: Any
+    """The env the trainer steps; host-stepped envs are released after every run."""
+
+
 def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
              meta_params: Any, total_timesteps: int, population: bool = False):
-    """``(trainer, init_fn, chunk_fn)`` for this cell, built once; ``chunk_fn(length, states,
+    """``Compiled(trainer, init_fn, chunk_fn, env)`` for this cell, built once; ``chunk_fn(length, states,
     meta_params)`` returns the compiled chunk, compiling it on first use only.
 
     With ``population``, meta-parameters carry a leading candidate axis ``K`` and states are
@@ -157,7 +170,7 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
                 executables[k] = jitted.lower(states, mp, jnp.int32(0), length).compile()
             return executables[k]
 
-        _CACHE[key] = (trainer, init_fn, chunk_fn)
+        _CACHE[key] = Compiled(trainer, init_fn, chunk_fn, env)
     return _CACHE[key]
 
 
@@ -187,10 +200,11 @@ class _Placement(NamedTuple):
     """NamedSharding of the meta-parameters, or None on one device."""
 
 
-def _place(keys: jax.Array, population: bool) -> tuple[jax.Array, _Placement]:
+def _place(keys: jax.Array, population: bool, shard: bool = True
+           ) -> tuple[jax.Array, _Placement]:
     axis = 1 if population else 0
     n = keys.shape[axis]
-    devs = devices()
+    devs = devices() if shard else devices()[:1]
     if len(devs) < 2:
         return keys, _Placement(n, axis, None, None)
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -220,6 +234,7 @@ class _Trained(NamedTuple):
     run_s: float
     failure: str | None
     memory: dict = {}
+    agent_log: list[dict] | None = None
 
 
 def memory_usage() -> dict:
@@ -239,14 +254,33 @@ def memory_usage() -> dict:
             "device_peak_mb": None if peak is None else round(peak / 2**20, 1)}
 
 
+def _agent_log(env: Any) -> list[dict] | None:
+    """A multi-agent env's finished games per seed (reset order is seed order)."""
+    if not hasattr(env, "episode_log"):
+        return None
+    return [{**g, "names": list(env.agents)} for g in env.episode_log()]
+
+
+def _release(env: Any) -> None:
+    """Closes a host-stepped env's live copies once its run is over (no-op for JAX envs)."""
+    if env is not None and hasattr(env, "release"):
+        env.release()
+
+
 def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
            meta_params: Any, keys: jax.Array, total_timesteps: int, population: bool,
            max_seconds: float | None, progress: Callable[..., None] | None) -> _Trained:
     t0 = time.perf_counter()
     try:
-        trainer, init_fn, chunk_fn = compiled(family, spec, config, rule, meta_params,
-                                              total_timesteps, population)
-        keys, place = _place(keys, population)
+        trainer, init_fn, chunk_fn, env = compiled(family, spec, config, rule, meta_params,
+                                                   total_timesteps, population)
+        agents = getattr(env, "num_agents", 1)
+        if getattr(config, "num_envs", agents) % agents:
+            raise ValueError(f"{spec.env} has {agents} agents per game and every agent is an "
+                             f"env copy: num_envs ({config.num_envs}) must be a multiple of "
+                             f"{agents}")
+        # A host-stepped env lives in this process: its callbacks cannot be sharded.
+        keys, place = _place(keys, population, shard=getattr(env, "jittable", True))
         states = init_fn(keys)
         if place.states is not None:
             states = jax.device_put(states, place.states)
@@ -259,6 +293,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
         execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
         jax.block_until_ready(states)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
+        _release(locals().get("env"))
         return _Trained(None, 1, 0, time.perf_counter() - t0, 0.0,
                         f"{type(e).__name__} while compiling: {e}")
     compile_s = time.perf_counter() - t0
@@ -283,13 +318,15 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
                        f"{trainer.num_updates} updates")
             break
     run_s = time.perf_counter() - t1
+    agent_log = _agent_log(env)
+    _release(env)
     metrics = None
     if chunks:
         metrics = jax.tree_util.tree_map(
             lambda *xs: np.take(np.concatenate(xs, axis=-1), np.arange(place.seeds),
                                 axis=place.axis), *chunks)
     return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
-                    failure, memory_usage())
+                    failure, memory_usage(), agent_log)
 
 
 def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> EnvRun:
@@ -302,7 +339,7 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
         str(k): np.asarray(v)[index] for k, v in t.metrics.traces.items()}
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
                   t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
-                  t.memory)
+                  t.memory, t.agent_log if index == () else None)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
@@ -369,6 +406,21 @@ def downsample_trace(values: np.ndarray, steps_per_update: int, points: int = CU
             [float(np.mean(values[lo:hi])) for lo, hi in buckets])
 
 
+def agent_returns(log: dict, window: float) -> dict:
+    """``team_return`` and ``agent_returns`` (by agent name) of one seed: means over the games
+    that finished in the final ``window`` of its env steps (the last game if none did), the
+    same window as ``final_return``."""
+    steps = np.asarray(log["steps"])
+    if steps.size == 0:
+        return {}
+    keep = steps > (1.0 - window) * log["total_steps"]
+    if not keep.any():
+        keep = steps == steps.max()
+    agents = np.asarray(log["agents"])[keep].mean(axis=0)
+    return {"team_return": float(np.mean(np.asarray(log["team"])[keep])),
+            "agent_returns": {str(n): float(v) for n, v in zip(log["names"], agents)}}
+
+
 def run_records(run: EnvRun, window: float) -> list[dict]:
     """Per-seed run records: status, reason, final return, normalised score, curve."""
     out = []
@@ -393,6 +445,8 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                "status": "ok" if reason is None else "failed", "reason": reason,
                "final_return": final if reason is None else None, "score": score,
                "curve": {"steps": steps, "returns": rets}}
+        if reason is None and run.agent_log is not None and len(run.agent_log) == len(run.seeds):
+            rec.update(agent_returns(run.agent_log[i], window))
         if run.traces:
             rec["traces"] = {}
             for name, values in sorted(run.traces.items()):
@@ -464,6 +518,9 @@ def env_part(run: EnvRun, window: float) -> dict:
     :func:`assemble` can build the same record from one process, many, or merged slices.
     """
     spec = run.spec
+    runs = run_records(run, window)
+    team = [r["team_return"] for r in runs if "team_return" in r]
+    multi = {"team_return": float(np.mean(team))} if team else {}
     return {"env": {"name": spec.name, "env": spec.env,
                     "params": {k: v.to_json() for k, v in sorted(spec.params.items())},
                     "random": spec.normalise.random, "reference": spec.normalise.reference,
@@ -471,8 +528,8 @@ def env_part(run: EnvRun, window: float) -> dict:
                     "num_updates": run.num_updates,
                     "env_steps_per_seed": run.updates_done * run.steps_per_update,
                     "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
-                    "env_steps_per_s": run.env_steps_per_s, **run.memory},
-            "runs": run_records(run, window)}
+                    "env_steps_per_s": run.env_steps_per_s, **run.memory, **multi},
+            "runs": runs}
 
 
 def failed_part(spec: EnvSpec, seeds: Sequence[int], reason: str) -> dict:
@@ -500,6 +557,9 @@ def merge_parts(parts: Sequence[dict]) -> list[dict]:
         merged[name]["runs"].extend(p["runs"])
     for m in merged.values():
         m["runs"].sort(key=lambda r: r["seed"])
+        team = [r["team_return"] for r in m["runs"] if "team_return" in r]
+        if team:
+            m["env"]["team_return"] = float(np.mean(team))
     return list(merged.values())
 
 

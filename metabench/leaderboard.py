@@ -1181,6 +1181,8 @@ def _agg_table(e: Entry) -> str:
 
 def _env_table(rec: dict) -> str:
     rows = []
+    # Multi-agent envs record the team's (summed) return beside the per-agent one.
+    multi = any("team_return" in _d(e) for e in _l(rec.get("envs")))
     for env in _l(rec.get("envs")):
         env = _d(env)
         name = _s(env.get("name"))
@@ -1198,19 +1200,30 @@ def _env_table(rec: dict) -> str:
             _td(_count(_f(env.get("env_steps_per_s"))), num=True),
             _td(_num(_f(env.get("host_peak_rss_mb")), 0), num=True),
             _td(_num(_f(env.get("device_peak_mb")), 0), num=True), _td(str(fails), num=True),
-        ]) + "</tr>")
+        ] + ([_td(_num(_f(env.get("team_return")), 2), num=True)] if multi else [])) + "</tr>")
     return _table(["env", "env id", "params", "seeds", "mean score", "mean return", "random",
                    "reference", "env steps / seed", "compile s", "run s", "env steps / s",
-                   "host peak RSS MB", "device peak MB", "failures"], rows)
+                   "host peak RSS MB", "device peak MB", "failures"]
+                  + (["mean team return"] if multi else []), rows)
 
 
 def _runs_table(rec: dict) -> str:
+    runs = list(map(_d, _l(rec.get("runs"))))
+    multi = any("team_return" in r for r in runs)
+
+    def agents(r: dict) -> list[str]:
+        if not multi:
+            return []
+        per = ", ".join(f"{_s(k)} {_num(_f(v), 2)}"
+                        for k, v in sorted(_d(r.get("agent_returns")).items()))
+        return [_td(_num(_f(r.get("team_return")), 2), num=True), _td(per)]
+
     rows = ["<tr>" + "".join([
         _td(_s(r.get("env"))), _td(_s(r.get("seed")), num=True), _td(_s(r.get("status"))),
         _td(_s(r.get("reason"))), _td(_num(_f(r.get("final_return")), 2), num=True),
-        _td(_num(_f(r.get("score"))), num=True)]) + "</tr>"
-        for r in map(_d, _l(rec.get("runs")))]
-    return _table(["env", "seed", "status", "reason", "final return", "score"], rows)
+        _td(_num(_f(r.get("score"))), num=True)] + agents(r)) + "</tr>" for r in runs]
+    return _table(["env", "seed", "status", "reason", "final return", "score"]
+                  + (["team return", "per-agent return"] if multi else []), rows)
 
 
 def _check_section(rec: dict) -> str:

@@ -410,11 +410,22 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
                 env, base = env_entry.factory()
                 fields = {f.name for f in dataclasses.fields(base)}
             except Exception:
-                fields = set(params)
+                env, fields = None, set(params)
+            # Options fixed when the env is built (brax's physics backend): constants only.
+            static = set(getattr(env, "static_params", ()))
             for k in params:
-                if k not in fields:
+                if k not in fields | static:
+                    raise SpecError(path, r.key(f"params.{k}"), f"a parameter of {env_id} "
+                                    f"({', '.join(sorted(fields | static))})")
+                if k in static and params[k].kind != "constant":
                     raise SpecError(path, r.key(f"params.{k}"),
-                                    f"a parameter of {env_id} ({', '.join(sorted(fields))})")
+                                    f"a constant: {k} is fixed when {env_id} is built")
+            consts = {k: params[k].values[0] for k in static & set(params)}
+            if consts:
+                try:
+                    env_entry.factory(**consts)
+                except ValueError as e:
+                    raise SpecError(path, r.key(f"params.{sorted(consts)[0]}"), str(e)) from None
         n = r.child("normalise")
         ref = float(n.number("reference"))
         rnd = n.get("random", (int, float, str), "a number or 'calibrated'")

@@ -34,3 +34,17 @@ def test_bench_cli_takes_several_seed_counts(tmp_path, capsys):
     assert "env only" in printed and "harness" in printed
     assert out.exists() and '"env_only_steps_per_s"' in out.read_text()
     assert "<svg" in (tmp_path / "bench.html").read_text()
+
+
+def test_backend_rows_cover_host_stepped_backends():
+    entries = bench.backend_entries(["gymnasium/CartPole-v1", "pettingzoo/mpe.simple_spread_v3"],
+                                    num_envs=4, async_envs=2)
+    assert [e[0] for e in entries] == ["gymnasium/CartPole-v1 sync"] * 2 + [
+        "gymnasium/CartPole-v1 async", "pettingzoo/mpe.simple_spread_v3"]
+    rows = bench.backend_rows(entries, num_envs=4, steps=5, repeats=1)
+    # Copies of a multi-agent env are rounded up to whole games (3 agents: 4 -> 6).
+    assert [r["num_envs"] for r in rows] == [4, 2, 2, 6]
+    assert all(r["steps_per_s"] > 0 and r["compile_s"] > 0 for r in rows)
+    assert rows[2]["params"] == {"vectorization": "async"}
+    table = bench.format_backend_table(rows)
+    assert "gymnasium/CartPole-v1 async" in table and "copies" in table

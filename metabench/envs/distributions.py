@@ -24,15 +24,19 @@ class ParamDistribution(NamedTuple):
     """One parameter's distribution: ``kind`` in KINDS or ``"constant"``, and its values."""
 
     kind: str
-    values: tuple[float, ...]
+    values: tuple[Any, ...]
 
     @staticmethod
     def parse(value: Any) -> "ParamDistribution":
         """Parses a spec value; raises ValueError saying what was expected."""
-        if isinstance(value, bool) or not isinstance(value, (int, float, Mapping)):
+        if isinstance(value, (bool, str)):
+            # Static options (a physics backend, a vectorisation mode, a gymnasium flag) are
+            # passed to the env's factory as they are; they cannot be drawn per seed.
+            return ParamDistribution("constant", (value,))
+        if not isinstance(value, (int, float, Mapping)):
             raise ValueError(
-                f"expected a number or one of {{{', '.join(k + ': [...]' for k in KINDS)}}}, "
-                f"got {value!r}"
+                f"expected a number, a string, a boolean or one of "
+                f"{{{', '.join(k + ': [...]' for k in KINDS)}}}, got {value!r}"
             )
         if not isinstance(value, Mapping):
             return ParamDistribution("constant", (float(value),))

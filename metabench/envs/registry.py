@@ -87,3 +87,6 @@ def _load_backends() -> None:
         from metabench.envs import gymnax as _gymnax  # noqa: F401
         from metabench.envs import chains as _chains  # noqa: F401
         from metabench.envs import grids as _grids  # noqa: F401
+        from metabench.envs import brax as _brax  # noqa: F401
+        from metabench.envs import gymnasium as _gymnasium  # noqa: F401
+        from metabench.envs import pettingzoo as _pettingzoo  # noqa: F401

@@ -23,7 +23,8 @@ import optax
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer,
                                      actor_critic_rollout, count_traces, env_info, finite_tree, register_family, shipped_params)
-from metabench.rl import normalise, truncated_gae
+from metabench.rl import (RunningStats, normalise, normalise_obs, running_stats_init,
+                          running_stats_update, truncated_gae)
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
 
@@ -73,6 +74,11 @@ class Config:
     """Hidden layer sizes (for ``cnn``, the last is the dense layer after the conv)."""
     activation: str = "tanh"
     """``tanh`` or ``relu`` for the MLP."""
+    normalize_obs: bool = False
+    """Standardise observations by their running mean and variance (over every observation
+    of every rollout so far, shared by the ``num_envs`` copies of a seed), as Brax's PPO
+    does. Each update uses the statistics its rollout acted with, so the policy ratio starts
+    at exactly 1; the rollout's observations enter the statistics after the update."""
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -87,6 +93,8 @@ class Config:
             raise ValueError(f"network must be 'mlp' or 'cnn', got {self.network!r}")
         if self.activation not in ("tanh", "relu"):
             raise ValueError(f"activation must be 'tanh' or 'relu', got {self.activation!r}")
+        if not isinstance(self.normalize_obs, bool):
+            raise ValueError(f"normalize_obs must be true or false, got {self.normalize_obs!r}")
 
 
 # --- reference rules ---------------------------------------------------------------------
@@ -196,6 +204,8 @@ class RunnerState(NamedTuple):
     env_params: Any
     episode_return: jax.Array
     rng: jax.Array
+    obs_stats: RunningStats | None = None
+    """Running observation statistics (``normalize_obs``), else None (no leaves)."""
 
 
 def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
@@ -224,8 +234,20 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
                             optax.adam(lr, eps=1e-5))
 
     env_reset = jax.vmap(env.reset, in_axes=(0, None))
-    rollout = actor_critic_rollout(env, network.apply, config.num_envs, config.rollout_len,
-                                   continuous, low, high)
+    norm = config.normalize_obs
+
+    def see(stats, obs):
+        """What the networks see of ``obs``: raw, or standardised by ``stats``."""
+        return normalise_obs(stats, obs) if norm else obs
+
+    def acting_apply(params_and_stats, obs):
+        params, stats = params_and_stats
+        return network.apply(params, see(stats, obs))
+
+    # The shared rollout hands its params straight to apply: with normalisation they are the
+    # pair (network params, statistics).
+    rollout = actor_critic_rollout(env, acting_apply if norm else network.apply,
+                                   config.num_envs, config.rollout_len, continuous, low, high)
 
     def init(rng) -> RunnerState:
         rng, k_net, k_env, k_params = jax.random.split(rng, 4)
@@ -233,7 +255,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         params = network.init(k_net, jnp.zeros((1, *obs_shape)))
         obs, env_state = env_reset(jax.random.split(k_env, config.num_envs), env_params)
         return RunnerState(params, optimiser.init(params), env_state, obs, env_params,
-                           jnp.zeros(config.num_envs), rng)
+                           jnp.zeros(config.num_envs), rng,
+                           running_stats_init(obs_shape) if norm else None)
 
     def loss_fn(params, meta_params, t: Batch):
         adv, target = t.advantage, t.target
@@ -257,16 +280,18 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
     def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:
         del i  # PPO has no schedule beyond optax's own step count
+        stats = state.obs_stats
+        acting = (state.params, stats) if norm else state.params
         (env_state, obs, ep_ret, rng), traj, ret_sum, n_eps = rollout(
-            state.params, state.env_state, state.obs, state.env_params, state.episode_return,
+            acting, state.env_state, state.obs, state.env_params, state.episode_return,
             state.rng)
         # One critic-only pass over the true next observations: bootstraps truncations right.
-        flat_final = traj.final_obs.reshape((-1, *obs_shape))
+        flat_final = see(stats, traj.final_obs.reshape((-1, *obs_shape)))
         next_value = network.apply(state.params, flat_final, method=network.value)
         next_value = next_value.reshape(traj.reward.shape)
         adv, target = truncated_gae(traj.reward, traj.value, next_value, traj.terminated,
                                     traj.truncated, config.gamma, config.gae_lambda)
-        batch = Batch(traj.obs, traj.action, traj.log_prob, traj.value, adv, target)
+        batch = Batch(see(stats, traj.obs), traj.action, traj.log_prob, traj.value, adv, target)
         flat = jax.tree_util.tree_map(lambda x: x.reshape((steps_per_update, *x.shape[2:])),
                                       batch)
 
@@ -288,7 +313,10 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
         rng, k_epochs = jax.random.split(rng)
         (params, opt_state), (loss, drift) = jax.lax.scan(
             epoch, (state.params, state.opt_state), jax.random.split(k_epochs, config.epochs))
-        new_state = RunnerState(params, opt_state, env_state, obs, state.env_params, ep_ret, rng)
+        if norm:
+            stats = running_stats_update(stats, traj.obs.reshape((-1, *obs_shape)))
+        new_state = RunnerState(params, opt_state, env_state, obs, state.env_params, ep_ret, rng,
+                                stats)
         metrics = Metrics(returns_sum=jnp.sum(ret_sum), episodes=jnp.sum(n_eps),
                           loss=jnp.mean(loss), aux=jnp.mean(drift))
         return new_state, metrics

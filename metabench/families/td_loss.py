@@ -229,7 +229,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     n_actions = int(space.n)
     obs_space = env.observation_space(probe)
     obs_shape = tuple(obs_space.shape)
-    obs_dtype = jnp.asarray(env.reset(jax.random.PRNGKey(0), probe)[0]).dtype
+    # Shapes only: a host-stepped env must not start an env copy just to report its dtype.
+    obs_dtype = jax.eval_shape(env.reset, jax.random.PRNGKey(0), probe)[0].dtype
     num_updates = int(total_timesteps) // config.num_envs
     if num_updates < 1:
         raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
