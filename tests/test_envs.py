@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from metabench import envs
-from metabench.envs import ParamDistribution, make_param_sampler
+from metabench.envs import ParamDistribution, conformance, make_param_sampler
 from metabench.envs.registry import EnvEntry
 
 OFFLINE = [i for i in envs.registered("gymnax") if envs.entry(i).offline]
@@ -27,23 +27,8 @@ def test_every_gymnax_env_is_registered():
 def test_env_resets_and_steps_under_jit_and_vmap(env_id):
     env, params = envs.make(env_id)
     n, steps = 3, 4
-    space = env.action_space(params)
-
-    @jax.jit
-    def rollout(key):
-        k_reset, k_run = jax.random.split(key)
-        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, n), params)
-
-        def step(state, key):
-            k_act, k_step = jax.random.split(key)
-            actions = jax.vmap(space.sample)(jax.random.split(k_act, n))
-            obs, state, r, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(k_step, n), state, actions, params)
-            return state, (obs, r, term, trunc, info["final_observation"])
-
-        return obs, jax.lax.scan(step, state, jax.random.split(k_run, steps))[1]
-
-    obs0, (obs, r, term, trunc, final) = rollout(jax.random.PRNGKey(0))
+    obs0, obs, r, term, trunc, final = conformance.rollout_fn(env, params, n, steps)(
+        jax.random.PRNGKey(0))
     obs_shape = env.observation_space(params).shape
     assert obs0.shape == (n, *obs_shape)
     assert obs.shape == final.shape == (steps, n, *obs_shape)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from metabench import envs
-from metabench.envs import ParamDistribution, make_param_sampler
+from metabench.envs import ParamDistribution, conformance, make_param_sampler
 from metabench.envs import grids
 from metabench.envs.grids import GridEnv, GridParams, sample_procgen_params
 from metabench.spec import EnvSpec, Normalise
@@ -33,21 +33,11 @@ def test_ids_are_registered():
 def _rollout(env):
     """A jitted batch rollout with uniformly random actions; params are an argument, so
     different params of the same env reuse one compilation."""
-    space = env.action_space(None)
+    run = conformance.rollout_fn(env, env.default_params, N, STEPS)
 
-    @jax.jit
     def rollout(key, params):
-        k_reset, k_run = jax.random.split(key)
-        obs, state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_reset, N), params)
-
-        def step(state, key):
-            k_act, k_step = jax.random.split(key)
-            actions = jax.vmap(space.sample)(jax.random.split(k_act, N))
-            obs, state, r, term, trunc, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-                jax.random.split(k_step, N), state, actions, params)
-            return state, (obs, r, term, trunc, info["final_observation"])
-
-        return obs, jax.lax.scan(step, state, jax.random.split(k_run, STEPS))[1]
+        t = run(key, params)
+        return t.obs0, (t.obs, t.reward, t.terminated, t.truncated, t.final_observation)
 
     return rollout
 

@@ -30,12 +30,12 @@ class Trajectory(NamedTuple):
 
 
 def rollout_fn(env: Any, params: Any, num_envs: int, steps: int):
-    """``key -> Trajectory``: ``steps`` random-action steps of ``num_envs`` copies in one
-    jitted scan (compiled once, reusable across keys)."""
+    """``(key, params=params) -> Trajectory``: ``steps`` random-action steps of ``num_envs``
+    copies in one jitted scan (compiled once, reused across keys and params of one shape)."""
     space = env.action_space(params)
 
     @jax.jit
-    def run(key):
+    def run(key, params):
         k_reset, k_run = jax.random.split(key)
         obs, state = jax.vmap(env.reset, in_axes=(0, None))(
             jax.random.split(k_reset, num_envs), params)
@@ -49,8 +49,8 @@ def rollout_fn(env: Any, params: Any, num_envs: int, steps: int):
 
         return obs, jax.lax.scan(step, state, jax.random.split(k_run, steps))[1]
 
-    def rollout(key: jax.Array) -> Trajectory:
-        obs0, rest = run(key)
+    def rollout(key: jax.Array, params: Any = params) -> Trajectory:
+        obs0, rest = run(key, params)
         return Trajectory(np.asarray(obs0), *(np.asarray(x) for x in rest))
 
     return rollout
