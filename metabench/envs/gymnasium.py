@@ -58,19 +58,7 @@ class VectorPool(HostPool):
         return slots, np.asarray(obs)
 
     def step(self, slots: np.ndarray, actions: np.ndarray) -> StepResult:
-        try:
-            where = np.array([self._where[int(s)] for s in slots]).reshape(-1, 2)
-        except KeyError as e:
-            raise RuntimeError(f"gymnasium copy {e} is not live (released or never reset)")
-        groups = {}
-        for v in np.unique(where[:, 0]):
-            rows = np.flatnonzero(where[:, 0] == v)
-            rows = rows[np.argsort(where[rows, 1])]
-            if len(rows) != self._vecs[v].num_envs:
-                # A vector env steps all its copies together; a family always steps them all.
-                raise RuntimeError(f"a step covered {len(rows)} of a vector env's "
-                                   f"{self._vecs[v].num_envs} copies")
-            groups[int(v)] = rows
+        groups = self._groups(slots, lambda v: self._vecs[v].num_envs, "gymnasium")
         results = {}
         asynchronous = all(hasattr(self._vecs[v], "step_async") for v in groups)
         if asynchronous:  # every vector env's subprocesses work at once
@@ -99,7 +87,7 @@ class VectorPool(HostPool):
 
     def release(self) -> None:
         self._idle += self._vecs
-        self._vecs, self._where = [], {}
+        self._vecs, self._where, self._cached = [], {}, None
 
     def close(self) -> None:
         """Releases every copy and closes every vector env (and async subprocesses)."""

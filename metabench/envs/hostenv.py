@@ -24,7 +24,7 @@ used (never removed).
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,39 @@ class StepResult(NamedTuple):
 
 
 class HostPool(abc.ABC):
-    """Live host environments addressed by integer slots."""
+    """Live host environments addressed by integer slots.
+
+    Copies live in containers (a vector env, a game): ``self._where`` maps a slot to its
+    ``(container, position)``, and :meth:`_groups` turns a step's slots into the rows of each
+    container in position order.
+    """
+
+    _where: dict[int, tuple[int, int]]
+    _cached: tuple[bytes, dict[int, np.ndarray]] | None = None
+
+    def _groups(self, slots: np.ndarray, size: Callable[[int], int], what: str
+                ) -> dict[int, np.ndarray]:
+        """``{container: rows of slots}``, every container complete (``size(container)``
+        copies). A training run steps the same slots every step, so the grouping is computed
+        once and reused while the slots stay the same."""
+        key = slots.tobytes()
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        try:
+            where = np.array([self._where[int(s)] for s in slots]).reshape(-1, 2)
+        except KeyError as e:
+            raise RuntimeError(f"{what} copy {e} is not live (released or never reset)")
+        groups = {}
+        for c in np.unique(where[:, 0]):
+            rows = np.flatnonzero(where[:, 0] == c)
+            rows = rows[np.argsort(where[rows, 1])]
+            if len(rows) != size(int(c)):
+                # A container steps all its copies together; a family always steps them all.
+                raise RuntimeError(f"a step covered {len(rows)} of a {what} container's "
+                                   f"{size(int(c))} copies")
+            groups[int(c)] = rows
+        self._cached = (key, groups)
+        return groups
 
     @abc.abstractmethod
     def reset(self, seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

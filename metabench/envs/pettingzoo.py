@@ -93,20 +93,13 @@ class GamePool(HostPool):
         return np.array(slots), np.concatenate(obs)
 
     def step(self, slots: np.ndarray, actions: np.ndarray) -> StepResult:
-        try:
-            where = np.array([self._where[int(s)] for s in slots]).reshape(-1, 2)
-        except KeyError as e:
-            raise RuntimeError(f"pettingzoo copy {e} is not live (released or never reset)")
+        groups = self._groups(slots, lambda g: len(self.agents), "pettingzoo")
         n, k = len(slots), len(self.agents)
         obs = np.empty((n, *self._obs_shape), np.float32)
         final = np.empty_like(obs)
         reward = np.zeros(n, np.float32)
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)
-        for g in np.unique(where[:, 0]):
-            rows = np.flatnonzero(where[:, 0] == g)
-            rows = rows[np.argsort(where[rows, 1])]
-            if len(rows) != k:
-                raise RuntimeError(f"a step covered {len(rows)} of a game's {k} agents")
+        for g, rows in groups.items():
             game = self._games[g]
             o, r, te, tr, _ = game.env.step({a: actions[row] for a, row in zip(game.agents,
                                                                              rows)})
@@ -145,7 +138,7 @@ class GamePool(HostPool):
     def release(self) -> None:
         for game in self._games:
             game.env.close()
-        self._games, self._where, self._log = [], {}, []
+        self._games, self._where, self._log, self._cached = [], {}, [], None
 
 
 class MultiAgentEnv(HostEnv):
