@@ -1,16 +1,22 @@
-"""``metabench bench``: the harness's training speed next to minimal single-file PPO and DQN
-and next to the bare environment.
+"""``metabench bench``: the harness's training speed next to a minimal single-file
+implementation of each family's baseline and next to the bare environment.
 
-Each pair trains with the same hyperparameters (PureJaxRL's CartPole settings) on the same
-gymnax env in one process, after compiling; the table reports env steps per second of each
-(the median of ``repeats`` interleaved runs) and their ratio, beside the env alone stepped with
-random actions on as many copies (the ceiling). Several seed counts measure scaling. :mod:`metabench.minimal_ppo` and
-:mod:`metabench.minimal_dqn` are the yardsticks: they import nothing from metabench.
+Each pair trains with the same hyperparameters on the same gymnax env in one process, after
+compiling; the table reports env steps per second of each (the median of ``repeats``
+interleaved runs) and their ratio, beside the env alone stepped with random actions on as many
+copies (the ceiling). Several seed counts measure scaling with seeds, several device counts
+(``METABENCH_DEVICES``) the harness's scaling with devices. The yardsticks import nothing from
+metabench: :mod:`~metabench.minimal_ppo` (drift, ``ppo_clip``), :mod:`~metabench.minimal_dqn`
+(td_loss, ``dqn``), :mod:`~metabench.minimal_epg` (epg, ``reinforce``),
+:mod:`~metabench.minimal_metagrad` (metagrad, ``metagrad_gamma``) and
+:mod:`~metabench.minimal_lpg` (lpg, ``actor_critic``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -18,13 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metabench import harness, minimal_dqn, minimal_ppo
-from metabench.families import drift, td_loss
+from metabench import (harness, minimal_dqn, minimal_epg, minimal_lpg, minimal_metagrad,
+                       minimal_ppo)
+from metabench.families import drift, epg, lpg, metagrad, td_loss
 from metabench.spec import Budget, EnvSpec, Normalise, Scoring, TaskSpec
 
 DEFAULT_ENVS = ("gymnax/CartPole-v1", "gymnax/Breakout-MinAtar")
 DEFAULT_STEPS = {"ppo": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 200_000},
-                 "dqn": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 100_000}}
+                 "dqn": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 100_000},
+                 "epg": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 200_000},
+                 "metagrad": {"gymnax/CartPole-v1": 500_000,
+                              "gymnax/Breakout-MinAtar": 200_000},
+                 "lpg": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 200_000}}
 QUICK_STEPS = 50_000
 
 
@@ -73,7 +84,62 @@ def dqn_pair(env_name: str, total_timesteps: int) -> Pair:
                 "dqn")
 
 
-PAIRS = {"ppo": ppo_pair, "dqn": dqn_pair}
+def epg_pair(env_name: str, total_timesteps: int) -> Pair:
+    m = minimal_epg.Config(env_name=env_name, total_timesteps=total_timesteps)
+    cfg = epg.Config(num_envs=m.num_envs, rollout_len=m.rollout_len, epochs=m.epochs,
+                     minibatches=m.minibatches, lr=m.lr, anneal_lr=m.anneal_lr,
+                     max_grad_norm=m.max_grad_norm, network="mlp", hidden=tuple(m.hidden),
+                     activation=m.activation)
+    # reinforce's gamma, ent_coef and vf_coef are the rule's defaults, which minimal_epg's
+    # tests pin to its Config's.
+    return Pair(minimal_epg, m, m.num_updates * m.num_envs * m.rollout_len, "epg", cfg,
+                "reinforce")
+
+
+def metagrad_pair(env_name: str, total_timesteps: int) -> Pair:
+    m = minimal_metagrad.Config(env_name=env_name, total_timesteps=total_timesteps)
+    cfg = metagrad.Config(num_envs=m.num_envs, rollout_len=m.rollout_len, lr=m.lr,
+                          max_grad_norm=m.max_grad_norm, ent_coef=m.ent_coef,
+                          vf_coef=m.vf_coef, meta_lr=m.meta_lr, gamma_bar=m.gamma_bar,
+                          lambda_bar=m.lambda_bar, network="mlp", hidden=tuple(m.hidden),
+                          activation=m.activation)
+    # metagrad_gamma's defaults (gamma 0.99, lambda 0.95) are m.gamma and m.lambda_.
+    return Pair(minimal_metagrad, m, m.num_updates * m.num_envs * m.rollout_len,
+                "metagrad", cfg, "metagrad_gamma")
+
+
+def lpg_pair(env_name: str, total_timesteps: int) -> Pair:
+    m = minimal_lpg.Config(env_name=env_name, total_timesteps=total_timesteps)
+    cfg = lpg.Config(num_envs=m.num_envs, rollout_len=m.rollout_len, lr=m.lr,
+                     optimiser=m.optimiser, alpha_y=m.alpha_y, ent_coef=m.ent_coef,
+                     gamma=m.gamma, max_grad_norm=m.max_grad_norm, network="mlp",
+                     hidden=tuple(m.hidden))
+    # actor_critic's gae_lambda and v_max are the rule's defaults, which minimal_lpg's tests
+    # pin to its Config's (as they pin num_bins to lpg.PRED_DIM).
+    return Pair(minimal_lpg, m, m.num_updates * m.num_envs * m.rollout_len, "lpg", cfg,
+                "actor_critic")
+
+
+PAIRS = {"ppo": ppo_pair, "dqn": dqn_pair, "epg": epg_pair, "metagrad": metagrad_pair,
+         "lpg": lpg_pair}
+"""``--algo`` name -> the pair: ppo (drift: ppo_clip), dqn (td_loss: dqn), epg (epg:
+reinforce), metagrad (metagrad: metagrad_gamma), lpg (lpg: actor_critic)."""
+
+
+@contextlib.contextmanager
+def _devices(n: int | None):
+    """``METABENCH_DEVICES=n`` for the harness inside (None: leave it as it is)."""
+    old = os.environ.get("METABENCH_DEVICES")
+    if n is not None:
+        os.environ["METABENCH_DEVICES"] = str(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            if old is None:
+                os.environ.pop("METABENCH_DEVICES", None)
+            else:
+                os.environ["METABENCH_DEVICES"] = old
 
 
 def _random_actions(env: Any, params: Any, n: int, length: int):
@@ -180,19 +246,41 @@ def format_backend_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+_MINIMAL: dict[tuple, tuple[Any, float]] = {}
+
+
+def _minimal_compiled(module: Any, config: Any, seeds: int) -> tuple[Any, float]:
+    """The minimal implementation's training, init mapped and run vmapped over ``seeds``,
+    compiled once per (module, config, seeds) like the harness's cells; and its compile
+    seconds."""
+    key = (module.__name__, config, seeds)
+    if key not in _MINIMAL:
+        init, run_fn = module.make_init(config), module.make_run(config)
+        rngs = jax.random.split(jax.random.PRNGKey(0), seeds)
+        t0 = time.perf_counter()
+        fn = jax.jit(lambda k: jax.vmap(run_fn)(jax.lax.map(init, k))).lower(rngs).compile()
+        _MINIMAL[key] = (fn, time.perf_counter() - t0)
+    return _MINIMAL[key]
+
+
 def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 5,
-              algo: str = "ppo") -> dict:
-    """One row: the minimal implementation and the harness (ppo_clip or dqn) on ``env_id``.
+              algo: str = "ppo", devices: int | None = None) -> dict:
+    """One row: the minimal implementation and the harness (``PAIRS[algo]``) on ``env_id``.
 
     Runs alternate (minimal, harness, minimal, ...) so that both see the same machine load,
-    and each reports its median over ``repeats`` (single runs vary by about 10% here).
+    and each reports its median over ``repeats`` (single runs vary by about 10% here). The
+    harness shards seeds over the first ``devices`` local devices (all when None); the
+    minimal implementation always runs on one.
     """
+    with _devices(devices):
+        return _bench_env(env_id, total_timesteps, seeds, repeats, algo)
+
+
+def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
+               algo: str) -> dict:
     pair = PAIRS[algo](env_id.split("/", 1)[1], total_timesteps)
-    init, run_fn = pair.module.make_init(pair.config), pair.module.make_run(pair.config)
     rngs = jax.random.split(jax.random.PRNGKey(0), seeds)
-    t0 = time.perf_counter()
-    minimal = jax.jit(lambda k: jax.vmap(run_fn)(jax.lax.map(init, k))).lower(rngs).compile()
-    minimal_compile_s = time.perf_counter() - t0
+    minimal, minimal_compile_s = _minimal_compiled(pair.module, pair.config, seeds)
 
     task = _task(env_id, total_timesteps, pair.family, pair.harness_config, seeds)
     ref = harness.reference_rule(pair.rule)
@@ -200,7 +288,7 @@ def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 
     minimal_sps, harness_sps = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(minimal(rngs))
+        metrics = jax.block_until_ready(minimal(rngs))
         minimal_sps.append(seeds * pair.env_steps / (time.perf_counter() - t0))
         harness_sps.append(harness.train_env(ref, task, task.test[0], range(seeds)).env_steps_per_s)
     minimal_sps, harness_sps = float(np.median(minimal_sps)), float(np.median(harness_sps))
@@ -214,35 +302,51 @@ def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 
         "ratio": harness_sps / minimal_sps, "repeats": repeats, "env_only_steps_per_s": env_sps,
         "num_envs": num_envs,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
+        # Both sides' mean episode return over the last 5% of training, by one formula: a
+        # speed comparison only means something if both learn alike.
+        "minimal_final_return": pair.module.final_return(metrics),
+        "harness_final_return": pair.module.final_return(
+            {"returns_sum": first.returns_sum, "episodes": first.episodes}),
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "devices": len(harness.devices()),
     }
 
 
 def run(env_id: Sequence[str] | None = None, total_timesteps: float | None = None,
         seeds: int | Sequence[int] = 1, quick: bool = False,
-        algos: Sequence[str] = ("ppo", "dqn")) -> list[dict]:
-    """One row per (algo, env, seed count); several seed counts measure scaling."""
+        algos: Sequence[str] = tuple(PAIRS), devices: Sequence[int | None] = (None,)
+        ) -> list[dict]:
+    """One row per (algo, env, device count, seed count): several seed or device counts
+    measure scaling."""
     rows = []
     for algo in algos:
+        if algo not in PAIRS:
+            raise ValueError(f"no minimal implementation for algo {algo!r}; known: "
+                             f"{', '.join(PAIRS)}")
         for e in env_id or DEFAULT_ENVS:
             default = DEFAULT_STEPS[algo].get(e, 200_000)
             steps = int(total_timesteps or (QUICK_STEPS if quick else default))
-            for n in ([seeds] if isinstance(seeds, int) else seeds):
-                rows.append(bench_env(e, steps, seeds=int(n), repeats=1 if quick else 5,
-                                      algo=algo))
+            for d in devices:
+                for n in ([seeds] if isinstance(seeds, int) else seeds):
+                    rows.append(bench_env(e, steps, seeds=int(n), repeats=1 if quick else 5,
+                                          algo=algo, devices=d))
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = (f"{'algo':4s} {'env':26s} {'seeds':>5s} {'steps/seed':>10s} {'env only':>12s} "
-            f"{'minimal':>12s} {'harness':>12s} {'ratio':>6s} {'compile min/harness':>20s}")
+    head = (f"{'algo':8s} {'env':26s} {'dev':>3s} {'seeds':>5s} {'steps/seed':>10s} "
+            f"{'env only':>12s} {'minimal':>12s} {'harness':>12s} {'ratio':>6s} "
+            f"{'compile min/harness':>20s} {'return min/harness':>19s}")
     lines = [f"env steps per second after compilation, median of {rows[0]['repeats']} "
              f"interleaved runs ({rows[0]['device']})" if rows else "", head]
     for r in rows:
-        lines.append(f"{r['algo']:4s} {r['env']:26s} {r['seeds']:>5d} {r['env_steps_per_seed']:>10,d} "
+        lines.append(f"{r['algo']:8s} {r['env']:26s} {r.get('devices', 1):>3d} {r['seeds']:>5d} "
+                     f"{r['env_steps_per_seed']:>10,d} "
                      f"{r['env_only_steps_per_s']:>12,.0f} "
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "
-                     f"{r['ratio']:>6.2f} {r['minimal_compile_s']:>9.1f}s/{r['harness_compile_s']:.1f}s")
+                     f"{r['ratio']:>6.2f} "
+                     f"{r['minimal_compile_s']:>13.1f}s/{r['harness_compile_s']:<5.1f}s "
+                     f"{r['minimal_final_return']:>12.1f}/{r['harness_final_return']:.1f}")
     return "\n".join(lines)
 
 
@@ -256,16 +360,17 @@ def plot_html(rows: Sequence[dict]) -> str:
     the minimal implementation and the harness against the number of seeds (log-log)."""
     from metabench.leaderboard import Series, esc, svg_lines
 
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["algo"], r["env"]), []).append(r)
+        groups.setdefault((r["algo"], r["env"], r.get("devices", 1)), []).append(r)
     figures = []
-    for (algo, env), rs in groups.items():
+    for (algo, env, devs), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seeds"])
         x = np.log2([r["seeds"] for r in rs])
         series = [Series(label, colour, x, np.log10([r[key] for r in rs]), 2.2)
                   for label, key, colour in _SERIES]
-        figures.append(svg_lines(f"{algo} on {env} ({rs[0]['device']})", series,
+        on = f"{rs[0]['device']}" + (f" x {devs}" if devs > 1 else "")
+        figures.append(svg_lines(f"{algo} on {env} ({on})", series,
                                  "log2 seeds", "log10 env steps per second"))
     legend = " ".join(f'<span style="color:{c}">&#9632;</span> {esc(label)}'
                       for label, _, c in _SERIES)

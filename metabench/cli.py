@@ -149,6 +149,10 @@ BACKEND_BENCH_ENVS = ["brax/ant", "gymnasium/CartPole-v1", "gymnasium/HalfCheeta
                       "pettingzoo/mpe.simple_spread_v3", "gymnax/CartPole-v1"]
 
 
+BENCH_ALGOS = ["ppo", "dqn", "epg", "metagrad", "lpg"]
+"""``bench --algo`` choices: the keys of ``bench.PAIRS`` (a test keeps them equal)."""
+
+
 def cmd_bench(args) -> int:
     from metabench import bench
 
@@ -162,7 +166,8 @@ def cmd_bench(args) -> int:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
     rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=tuple(args.seeds),
-                     quick=args.quick, algos=args.algo or ("ppo", "dqn"))
+                     quick=args.quick, algos=args.algo or tuple(bench.PAIRS),
+                     devices=tuple(args.devices or (None,)))
     print(bench.format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -278,7 +283,7 @@ def cmd_submit(args) -> int:
     task = spec.load(args.task)
     shard = submission.parse_shard(args.shard)
     command = "metabench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    failed = 0
+    folders = []
     for folder in _submission_order(args.dirs, task):
         if len(args.dirs) > 1:
             # A glob over submissions/ spans families; the task's own are scored, the rest
@@ -291,15 +296,32 @@ def cmd_submit(args) -> int:
                 print(f"{folder}: skipped, task {task.id} has no {family} agent "
                       f"(it scores {', '.join(task.families())})")
                 continue
-        res = submission.submit(folder, args.task, args.split, results_dir=Path(args.results),
-                                force=args.force, shard=shard, seeds=args.seeds,
-                                timeout=args.timeout, command=command,
-                                backend=args.backend, address=args.address)
+        folders.append(folder)
+    if args.batch and args.backend != "local":
+        print("--batch trains submissions together in one local process; it cannot be "
+              "combined with --backend ray", file=sys.stderr)
+        return 2
+    failed = 0
+    for res in _submit_each(folders, args, task, shard, command):
         if res.record is not None and "unchanged" not in res.message:
             _print_record(res.record)
         print(res.message)
         failed += not res.ok
     return 1 if failed else 0
+
+
+def _submit_each(folders, args, task, shard, command):
+    """Results one by one as they are scored (all at the end with --batch)."""
+    from metabench import submission
+
+    kw = dict(results_dir=Path(args.results), force=args.force, shard=shard, seeds=args.seeds,
+              timeout=args.timeout, command=command, backend=args.backend,
+              address=args.address)
+    if args.batch:
+        yield from submission.submit_many(folders, args.task, args.split, batch=True, **kw)
+    else:
+        for folder in folders:
+            yield submission.submit(folder, args.task, args.split, **kw)
 
 
 def cmd_merge(args) -> int:
@@ -362,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(pip install 'metabench[ray]')")
     sp.add_argument("--address", default=None,
                     help="Ray cluster address (default: start a local Ray instance)")
+    sp.add_argument("--batch", action="store_true",
+                    help="train submissions of one reference factory and arguments, or loss "
+                         "graphs of one family, together: one compiled call per env with "
+                         "their meta-parameters vmapped (each still gets its own record)")
     sp.add_argument("--shard", default=None, help="score slice I/N of the (env, seed) cells")
     sp.add_argument("--seeds", type=int, default=None, help="override the task's seed count")
     sp.add_argument("--timeout", type=float, default=None,
@@ -463,14 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
         esp.add_argument("--author", default=f"metabench discover {method}")
         esp.set_defaults(fn=cmd_discover_es)
 
-    bp = sub.add_parser("bench", help="harness vs minimal single-file PPO, env steps per second")
+    bp = sub.add_parser("bench", help="harness vs minimal single-file implementations and the "
+                                      "bare env, env steps per second")
     bp.add_argument("--env", action="append", default=None,
                     help="env id(s) (default gymnax/CartPole-v1 and gymnax/Breakout-MinAtar)")
     bp.add_argument("--timesteps", type=float, default=None, help="env steps per run")
     bp.add_argument("--seeds", type=int, nargs="+", default=[1],
                     help="seeds per run; several values measure scaling, e.g. 1 4 16 64 256")
-    bp.add_argument("--algo", action="append", choices=["ppo", "dqn"], default=None,
-                    help="ppo (drift family) and/or dqn (td_loss family); default both")
+    bp.add_argument("--algo", action="append", choices=BENCH_ALGOS, default=None,
+                    help="ppo (drift: ppo_clip), dqn (td_loss: dqn), epg (epg: reinforce), "
+                         "metagrad (metagrad: metagrad_gamma), lpg (lpg: actor_critic); "
+                         "default all")
+    bp.add_argument("--devices", type=int, nargs="+", default=None,
+                    help="device counts the harness shards seeds over (METABENCH_DEVICES), "
+                         "e.g. 1 2 4 8; on CPU force host devices with XLA_FLAGS="
+                         "--xla_force_host_platform_device_count=N")
     bp.add_argument("--quick", action="store_true", help="CI-sized budgets")
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
     bp.add_argument("--plot", default=None,

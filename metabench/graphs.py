@@ -1021,6 +1021,11 @@ class EncodedGraph(NamedTuple):
     """``[]`` int32 the output slot."""
 
 
+def live_size(graph: Graph) -> int:
+    """Live non-input nodes of ``graph``: the smallest ``max_nodes`` :func:`encode` takes."""
+    return sum(not _is_input(graph.nodes[i]) for i in live_nodes(graph))
+
+
 def encode(graph: Graph, max_nodes: int) -> EncodedGraph:
     """The live part of ``graph`` as an :class:`EncodedGraph` of ``len(INPUTS) + max_nodes``
     slots; :func:`interpreter_rule` evaluates it exactly as :func:`compile_graph` does."""

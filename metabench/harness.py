@@ -4,8 +4,11 @@ Per environment it compiles ``init`` (mapped over seeds with ``lax.map``: a vmap
 orthogonal initialiser, a batched QR, can deadlock XLA's CPU thread pool) and a chunk of
 ``step`` vmapped over seeds, once per (family, env, config, rule structure). Meta-parameters
 are an argument of the compiled call, so another rule of the same structure reuses it. The
-chunks run back to back on device, so a progress line moves and the wall-clock budget is
-enforced between them; nothing in the inner loop returns to Python.
+chunks are short (about 1% of training each, one compiled shape) and are dispatched back to
+back without waiting; the harness waits for their results only every ``CHUNK_SECONDS`` or so
+(measured as it goes), so a progress line moves and the wall-clock budget is enforced every
+few seconds, whatever the workload, while the device never idles between chunks. Nothing in
+the inner loop returns to Python.
 """
 
 from __future__ import annotations
@@ -104,12 +107,20 @@ class EnvRun:
 _CACHE: dict[tuple, tuple] = {}
 
 
-def _chunk_len(num_updates: int, target_chunks: int = 10) -> int:
-    """The largest divisor of num_updates not above num_updates/target_chunks, so every chunk
-    has one shape (one compile); falls back to a remainder chunk when num_updates is awkward."""
-    cap = max(1, math.ceil(num_updates / target_chunks))
-    best = max(d for d in range(1, cap + 1) if num_updates % d == 0)
-    return best if best * 3 >= cap else cap
+CHUNK_SECONDS = 3.0
+"""Wall-clock seconds between the harness's looks at a run (progress, budget, failures)."""
+MIN_CHUNK_ENV_STEPS = 1 << 16
+"""Env steps (over all of a call's agents) below which a chunk is not cut: tinier chunks
+cost more in dispatch than they give in responsiveness."""
+
+
+def _chunk_len(num_updates: int, target_chunks: int = 100, min_len: int = 1) -> int:
+    """About ``max(num_updates / target_chunks, min_len)`` updates (at most all of them): the
+    divisor of num_updates nearest that within a factor of two, so that every chunk has one
+    shape (one compile), else exactly that with a shorter remainder chunk."""
+    want = min(num_updates, max(1, math.ceil(num_updates / target_chunks), min_len))
+    near = [d for d in range(max(1, want // 2), 2 * want + 1) if num_updates % d == 0]
+    return min(near, key=lambda d: (abs(d - want), d)) if near else want
 
 
 class Compiled(NamedTuple):
@@ -285,7 +296,9 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
         if place.states is not None:
             states = jax.device_put(states, place.states)
             meta_params = jax.device_put(meta_params, place.replicated)
-        length = _chunk_len(trainer.num_updates)
+        agents_per_call = int(np.prod(keys.shape[:-1]))
+        length = _chunk_len(trainer.num_updates, min_len=math.ceil(
+            MIN_CHUNK_ENV_STEPS / (trainer.steps_per_update * agents_per_call)))
         lengths = [length] * (trainer.num_updates // length)
         if trainer.num_updates % length:
             lengths.append(trainer.num_updates % length)
@@ -299,16 +312,26 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
     compile_s = time.perf_counter() - t0
     chunks, failure = [], None
     t1 = time.perf_counter()
-    done = 0
-    for n in lengths:
+    done, i, per_chunk = 0, 0, None
+    while i < len(lengths):
+        # Dispatch as many chunks as fill about CHUNK_SECONDS (one until a chunk was timed)
+        # before waiting for their metrics: the device runs them back to back.
+        batch = lengths[i:i + (1 if per_chunk is None else
+                               max(1, int(CHUNK_SECONDS / max(per_chunk, 1e-6))))]
+        t2 = time.perf_counter()
         try:
-            states, metrics = execs[n](states, meta_params, jnp.int32(done))
-            metrics = jax.device_get(metrics)
+            pending, start = [], done
+            for n in batch:
+                states, metrics = execs[n](states, meta_params, jnp.int32(start))
+                pending.append(metrics)
+                start += n
+            pending = jax.device_get(pending)
         except Exception as e:
             failure = f"{type(e).__name__} after {done} of {trainer.num_updates} updates: {e}"
             break
-        chunks.append(metrics)
-        done += n
+        per_chunk = (time.perf_counter() - t2) / len(batch)
+        chunks += pending
+        done, i = start, i + len(batch)
         elapsed = time.perf_counter() - t1
         if progress is not None:
             progress(spec.name, done, trainer.num_updates, done * trainer.steps_per_update,
@@ -337,9 +360,13 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
 
     traces = {} if t.metrics is None or t.metrics.traces is None else {
         str(k): np.asarray(v)[index] for k, v in t.metrics.traces.items()}
+    log = t.agent_log
+    if log is not None and index != ():
+        # A population's host copies were reset candidate by candidate, seeds within each.
+        log = log[index * len(seeds):(index + 1) * len(seeds)]
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
                   t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
-                  t.memory, t.agent_log if index == () else None)
+                  t.memory, log)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,

@@ -598,19 +598,27 @@ class SubmitResult:
     record: dict | None = None
 
 
-def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
-           results_dir: Path = RESULTS_DIR, force: bool = False,
-           shard: tuple[int, int] | None = None, seeds: int | None = None,
-           timeout: float | None = None, baseline: bool | None = None,
-           log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
-           backend: str = "local", address: str | None = None) -> SubmitResult:
-    """Checks, scores in a child process with a wall-clock limit, writes the record.
+class _Prepared(NamedTuple):
+    """A checked submission that needs scoring, and where its record goes."""
 
-    ``backend="ray"`` sends one Ray task per env instead (``address`` of a running cluster,
-    or None to start a local one); the parts are merged into the same record."""
-    if backend not in ("local", "ray"):
-        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-    from metabench import harness, results, spec
+    sub: Submission
+    check: CheckResult
+    task: Any
+    split: str
+    path: Path
+    per_env: list
+    limit: float
+    """Wall-clock limit of its scoring process."""
+    shard: tuple[int, int] | None
+    seeds: int
+
+
+def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: Path,
+             force: bool, shard: tuple[int, int] | None, seeds: int | None,
+             timeout: float | None, log) -> "_Prepared | SubmitResult":
+    """Checks the submission and moves a stale record aside; a :class:`SubmitResult` when
+    there is nothing to score (it failed its check, or its record is up to date)."""
+    from metabench import results, spec
 
     task = spec.load(task_id)
     spec.require_calibrated(task, split)
@@ -631,26 +639,38 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
             return SubmitResult(True, f"{sub.name}: unchanged since {path} was scored; nothing "
                                 "to do (use --force to score again)", path, old)
     n_seeds = task.budget.seeds if seeds is None else int(seeds)
-    envs = task.split(split)
-    per_env = shard_seeds(len(envs), n_seeds, shard)
+    per_env = shard_seeds(len(task.split(split)), n_seeds, shard)
     limit = timeout if timeout is not None else sum(
         task.budget.max_seconds_per_env + COMPILE_ALLOWANCE_S for s in per_env if s)
-    t0 = time.perf_counter()
+    return _Prepared(sub, res, task, split, path, per_env, limit, shard, n_seeds)
+
+
+def _score_alone(p: _Prepared, command: str | None, backend: str, address: str | None,
+                 log) -> list[tuple[set, _Cell]]:
     if backend == "ray":
-        cells = _score_on_ray(str(sub.path), task, split, per_env, command, address, log)
-    else:
-        log(f"scoring {sub.name} on {task.id} [{split}] in a child process "
-            f"(limit {limit:g}s)")
-        cells = [(set(range(len(envs))),
-                  _score_cells(str(sub.path), str(task.path), split, per_env, limit, command))]
+        return _score_on_ray(str(p.sub.path), p.task, p.split, p.per_env, command, address, log)
+    log(f"scoring {p.sub.name} on {p.task.id} [{p.split}] in a child process "
+        f"(limit {p.limit:g}s)")
+    return [(set(range(len(p.per_env))),
+             _score_cells(str(p.sub.path), str(p.task.path), p.split, p.per_env, p.limit,
+                          command))]
+
+
+def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
+            baseline: bool | None, command: str | None, wall_clock_s: float, log,
+            batch: dict | None = None) -> SubmitResult:
+    """Assembles the scored parts into the submission's record and writes it."""
+    from metabench import harness, results
+
+    sub, task, split = p.sub, p.task, p.split
     parts, rule, prov = [], None, None
-    for i, e in enumerate(envs):
-        cell = next(c for covered, c in cells if i in covered) if per_env[i] else None
+    for i, e in enumerate(task.split(split)):
+        cell = next(c for covered, c in cells if i in covered) if p.per_env[i] else None
         if cell is not None and i in cell.parts:
             parts.append(cell.parts[i])
         elif cell is not None:  # its process died before it got to env i
-            parts.append(harness.failed_part(e, per_env[i], _died(cell.code, cell.err,
-                                                                   cell.limit)))
+            parts.append(harness.failed_part(e, p.per_env[i], _died(cell.code, cell.err,
+                                                                     cell.limit)))
     for _, c in cells:
         rule = rule or c.rule
         prov = prov or c.provenance
@@ -660,19 +680,169 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
         rule = {"name": sub.name, "family": sub.family, "factory": sub.factory or sub.entry,
                 "kwargs": dict(sub.kwargs), "params_hash": None, "note": ""}
     base_mat, base_name = _baseline_matrix(results_dir, task, split, sub.family)
-    if base_name == sub.name or shard is not None:
+    if base_name == sub.name or p.shard is not None:
         base_mat = None
     rec = harness.assemble(rule, task, split, parts, base_mat, base_name, command, prov)
     is_baseline = baseline if baseline is not None else (
         sub.path.resolve().parent.name == "baselines")
     rec["submission"] = sub.metadata(baseline=is_baseline)
-    rec["check"] = res.report
+    rec["check"] = p.check.report
     rec["verified"] = True
-    rec["wall_clock_s"] = round(time.perf_counter() - t0, 3)
-    if shard is not None:
-        rec["shard"] = {"index": shard[0], "count": shard[1], "seeds": n_seeds}
-    results.write(path, rec)
-    return SubmitResult(True, f"{sub.name}: wrote {path} (status {rec['status']})", path, rec)
+    rec["wall_clock_s"] = round(wall_clock_s, 3)
+    if batch is not None:
+        rec["batch"] = batch
+    if p.shard is not None:
+        rec["shard"] = {"index": p.shard[0], "count": p.shard[1], "seeds": p.seeds}
+    results.write(p.path, rec)
+    return SubmitResult(True, f"{sub.name}: wrote {p.path} (status {rec['status']})", p.path,
+                        rec)
+
+
+def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
+           results_dir: Path = RESULTS_DIR, force: bool = False,
+           shard: tuple[int, int] | None = None, seeds: int | None = None,
+           timeout: float | None = None, baseline: bool | None = None,
+           log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
+           backend: str = "local", address: str | None = None) -> SubmitResult:
+    """Checks, scores in a child process with a wall-clock limit, writes the record.
+
+    ``backend="ray"`` sends one Ray task per env instead (``address`` of a running cluster,
+    or None to start a local one); the parts are merged into the same record."""
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    p = _prepare(folder, task_id, split, results_dir, force, shard, seeds, timeout, log)
+    if isinstance(p, SubmitResult):
+        return p
+    t0 = time.perf_counter()
+    cells = _score_alone(p, command, backend, address, log)
+    return _finish(p, cells, results_dir, baseline, command, time.perf_counter() - t0, log)
+
+
+# --- several submissions in one compiled call ----------------------------------------------
+
+
+def batch_key(sub: Submission) -> tuple | None:
+    """Submissions with equal keys compute one function of their meta-parameters, so they can
+    train in one compiled call with their meta-parameters stacked: those built by the same
+    reference factory with the same arguments, and loss graphs of one family (run through
+    the graph interpreter, as ``discover evolve`` does). A ``rule.py`` is its authors' own
+    code: it is always scored alone (None)."""
+    if sub.factory is not None:
+        return ("factory", sub.family, sub.factory,
+                json.dumps(dict(sub.kwargs), sort_keys=True, default=str))
+    if sub.entry is not None and sub.entry.startswith("graph:"):
+        return ("graph", sub.family)
+    return None
+
+
+def batched_rule(subs: Sequence[Submission]):
+    """``(refs, rule, meta_batch)``: each submission's own RuleRef (for its record), and the
+    one rule with the stacked meta-parameters (leading axis = submission) that trains them
+    all. Raises ValueError unless all share one :func:`batch_key`."""
+    import jax
+    import numpy as np
+
+    keys = {batch_key(s) for s in subs}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("a batch needs submissions of one batch key (one reference factory "
+                         f"and arguments, or loss graphs of one family); got {sorted(map(str, keys))}")
+    refs = [build_rule(s) for s in subs]
+    if next(iter(keys))[0] == "graph":
+        from metabench import graphs
+
+        loaded = [graphs.load_graph(_inside(s.path, s.entry.split(":", 1)[1],
+                                            s.path / SUBMISSION_FILE, "rule.graph"))
+                  for s in subs]
+        size = max(graphs.live_size(g) for g in loaded)
+        encoded = [graphs.encode(g, size) for g in loaded]
+        return refs, graphs.interpreter_rule(), graphs.EncodedGraph(
+            *(np.stack(a) for a in zip(*encoded)))
+    return refs, refs[0].rule, jax.tree_util.tree_map(lambda *xs: np.stack(xs),
+                                                      *[r.meta_params for r in refs])
+
+
+def _score_batch(group: Sequence[_Prepared], command: str | None) -> list[_Cell]:
+    """Scores a group of one batch key in one isolated child process; one cell per member."""
+    p0 = group[0]
+    limit = sum(p.limit for p in group)
+    with tempfile.TemporaryDirectory(prefix="metabench-batch-") as tmp:
+        args = ["_score_batch", json.dumps([str(p.sub.path) for p in group]), str(p0.task.path),
+                p0.split, tmp, json.dumps(p0.per_env)]
+        if command:
+            args.append(command)
+        code, err = _child(args, limit, capture=False)
+        out = Path(tmp)
+        if (out / "error.txt").exists():
+            err = (out / "error.txt").read_text()
+        read = lambda name: (json.loads((out / name).read_text())  # noqa: E731
+                             if (out / name).exists() else None)
+        cells = []
+        for k in range(len(group)):
+            parts = {i: read(f"part-{k}-{i}.json") for i in range(len(p0.per_env))
+                     if (out / f"part-{k}-{i}.json").exists()}
+            cells.append(_Cell(parts, read(f"rule-{k}.json"), read("provenance.json"), code,
+                               err, limit))
+        return cells
+
+
+def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str = "test", *,
+                batch: bool = False, results_dir: Path = RESULTS_DIR, force: bool = False,
+                shard: tuple[int, int] | None = None, seeds: int | None = None,
+                timeout: float | None = None, baseline: bool | None = None,
+                log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
+                backend: str = "local", address: str | None = None) -> list[SubmitResult]:
+    """:func:`submit` for each folder, in order. With ``batch``, submissions sharing a
+    :func:`batch_key` train together: per env, one compiled call with their meta-parameters
+    stacked (vmapped), in one child process whose limit is the sum of theirs. Each still gets
+    its own record (with a ``batch`` block naming the members): a NaN or a diverging agent
+    fails only its own runs. If the shared process dies or times out, every member is scored
+    again alone. Records are finished in ``folders`` order, so a baseline listed first is the
+    others' baseline. Batched numbers match scoring alone up to float rounding (vmapping over
+    rules may regroup reductions), so a batched record is reproduced by the same batch."""
+    if not batch:
+        return [submit(f, task_id, split, results_dir=results_dir, force=force, shard=shard,
+                       seeds=seeds, timeout=timeout, baseline=baseline, log=log,
+                       command=command, backend=backend, address=address) for f in folders]
+    if backend != "local":
+        raise ValueError("batching runs submissions in one local process; use "
+                         "backend='local' with batch (or no batch on Ray)")
+    done: dict[int, SubmitResult] = {}
+    groups: dict[Any, list[tuple[int, _Prepared]]] = {}
+    for j, f in enumerate(folders):
+        p = _prepare(f, task_id, split, results_dir, force, shard, seeds, timeout, log)
+        if isinstance(p, SubmitResult):
+            done[j] = p
+        else:
+            key = batch_key(p.sub)
+            groups.setdefault(("alone", j) if key is None else key, []).append((j, p))
+    scored: dict[int, tuple[_Prepared, list, float, dict | None]] = {}
+    for members in groups.values():
+        if len(members) > 1:
+            names = [p.sub.name for _, p in members]
+            log(f"scoring {', '.join(names)} on {members[0][1].task.id} [{split}] together in "
+                f"one child process (limit {sum(p.limit for _, p in members):g}s)")
+            t0 = time.perf_counter()
+            cells = _score_batch([p for _, p in members], command)
+            wall = (time.perf_counter() - t0) / len(members)
+            complete = all(len(c.parts) == sum(map(bool, members[0][1].per_env))
+                           and c.code == 0 for c in cells)
+            if complete:
+                info = {"size": len(members), "members": names,
+                        "note": "trained in one compiled call with the other members "
+                                "(meta-parameters vmapped); wall_clock_s is its share"}
+                for (j, p), c in zip(members, cells):
+                    scored[j] = (p, [(set(range(len(p.per_env))), c)], wall, info)
+                continue
+            reason = _died(cells[0].code, cells[0].err, cells[0].limit)
+            log(f"the batch did not complete ({reason}); scoring each member alone")
+        for j, p in members:
+            t0 = time.perf_counter()
+            cells = _score_alone(p, command, backend, address, log)
+            scored[j] = (p, cells, time.perf_counter() - t0, None)
+    for j in sorted(scored):
+        p, cells, wall, info = scored[j]
+        done[j] = _finish(p, cells, results_dir, baseline, command, wall, log, info)
+    return [done[j] for j in range(len(folders))]
 
 
 def merge(paths: Sequence[str | os.PathLike], results_dir: Path = RESULTS_DIR,
@@ -770,6 +940,37 @@ def _child_score(folder: str, task_path: str, split: str, out: str, per_env_json
     return 0
 
 
+def _child_score_batch(folders_json: str, task_path: str, split: str, out: str,
+                       per_env_json: str, command: str | None = None) -> int:
+    from metabench import harness, spec
+    from metabench.results import write_json_atomic
+
+    out_dir = Path(out)
+    try:
+        subs = [load(f) for f in json.loads(folders_json)]
+        refs, rule, meta_batch = batched_rule(subs)
+        task = spec.load(task_path)
+    except Exception as e:  # the parent scores every member alone instead
+        (out_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+        return 1
+    for k, ref in enumerate(refs):
+        write_json_atomic(out_dir / f"rule-{k}.json", harness.rule_block(ref))
+    write_json_atomic(out_dir / "provenance.json", harness.provenance(command))
+    for i, (e, seeds) in enumerate(zip(task.split(split), json.loads(per_env_json))):
+        if not seeds:
+            continue
+        runs = harness.train_population(
+            subs[0].family, rule, meta_batch, task, e, seeds,
+            max_seconds=task.budget.max_seconds_per_env * len(subs), progress=_stderr_progress)
+        if runs[0].failure is not None:  # shared by all: the parent retries each alone
+            (out_dir / "error.txt").write_text(f"{e.name}: {runs[0].failure}\n")
+            return 1
+        for k, run in enumerate(runs):
+            write_json_atomic(out_dir / f"part-{k}-{i}.json",
+                              harness.env_part(run, task.scoring.window))
+    return 0
+
+
 def _stderr_progress(env: str, done: int, total: int, steps: int, seconds: float) -> None:
     if done == total:
         print(f"  {env}: {done}/{total} updates, {steps:,} env steps per seed, {seconds:.1f}s",
@@ -782,6 +983,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _child_check(*argv[1:3])
     if argv and argv[0] == "_score":
         return _child_score(*argv[1:])
+    if argv and argv[0] == "_score_batch":
+        return _child_score_batch(*argv[1:])
     print("internal entry point of metabench's isolated checks; use `metabench check` or "
           "`metabench submit`", file=sys.stderr)
     return 2

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+# Many tests compile the same programs in separate processes (the CLI's and the scoring
+# children's): one XLA compilation cache for the session (inherited by the children) compiles
+# each once. Set before anything imports jax; a developer's own cache dir is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="metabench-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)
 
 TINY_TASK = """
 id: tiny

@@ -2,33 +2,61 @@
 
 from __future__ import annotations
 
+import ast
+import os
+import pathlib
+
+import pytest
+
 from metabench import bench
 from metabench.cli import main
 
 
-def test_bench_quick_rows_and_table(capsys):
-    rows = bench.run(env_id=["gymnax/CartPole-v1"], total_timesteps=1e4, seeds=(1, 2),
-                     quick=True, algos=("ppo",))
-    assert [(r["algo"], r["env"], r["seeds"]) for r in rows] == [
-        ("ppo", "gymnax/CartPole-v1", 1), ("ppo", "gymnax/CartPole-v1", 2)]
+# Per family, a budget at which both its minimal twin and the harness clearly learn CartPole
+# (a random policy returns about 22), measured on the 2-core CPU.
+LEARNING_STEPS = {"ppo": 51_200, "dqn": 150_000, "epg": 30_720, "metagrad": 25_600,
+                  "lpg": 99_840}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Every family's pair at one seed and a learning budget, and PPO again at two seeds: one
+    process, compiled once each."""
+    return [row for algo, steps in LEARNING_STEPS.items()
+            for row in bench.run(["gymnax/CartPole-v1"], total_timesteps=steps, quick=True,
+                                 algos=(algo,), devices=(1,))] + bench.run(
+        ["gymnax/CartPole-v1"], total_timesteps=LEARNING_STEPS["ppo"], seeds=(2,), quick=True,
+        algos=("ppo",))
+
+
+def test_bench_covers_every_family_with_its_minimal_twin(rows):
+    """One row per family's pair: the same env steps counted on both sides, and both sides
+    learn (so that their speeds are comparable)."""
+    assert [(r["algo"], r["seeds"]) for r in rows] == [
+        ("ppo", 1), ("dqn", 1), ("epg", 1), ("metagrad", 1), ("lpg", 1), ("ppo", 2)]
     for r in rows:
-        assert r["env_steps_per_seed"] > 0 and r["num_envs"] == 4
+        assert r["env"] == "gymnax/CartPole-v1" and r["devices"] == 1
+        assert r["env_steps_per_seed"] == LEARNING_STEPS[r["algo"]], r
         for k in ("env_only_steps_per_s", "minimal_steps_per_s", "harness_steps_per_s"):
             assert r[k] > 0, (k, r)
+        assert r["ratio"] == pytest.approx(r["harness_steps_per_s"] / r["minimal_steps_per_s"])
         # Training does everything stepping random actions does and more.
         assert r["env_only_steps_per_s"] > r["harness_steps_per_s"]
+        assert r["minimal_final_return"] > 60 and r["harness_final_return"] > 60, r
+    assert rows[0]["num_envs"] == 4  # PureJaxRL's PPO CartPole setting
     table = bench.format_table(rows)
-    assert "env only" in table and table.count("gymnax/CartPole-v1") == 2
+    assert "env only" in table and "metagrad gymnax/CartPole-v1" in table
     page = bench.plot_html(rows)
-    # One log-log chart for the (algo, env) pair, one line per measured throughput.
-    assert page.count("<svg") == 1 and page.count("<polyline") == 3
+    # One log-log chart per (algo, env), one line per measured throughput.
+    assert page.count("<svg") == 5 and page.count("<polyline") == 15
     assert "log2 seeds" in page and "ppo on gymnax/CartPole-v1" in page
 
 
 def test_bench_cli_takes_several_seed_counts(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    # The rows fixture's settings: the minimal and harness compilations are reused.
     assert main(["bench", "--quick", "--algo", "ppo", "--env", "gymnax/CartPole-v1",
-                 "--timesteps", "5e3", "--seeds", "1", "--json", str(out),
+                 "--timesteps", "51200", "--seeds", "1", "2", "--json", str(out),
                  "--plot", str(tmp_path / "bench.html")]) == 0
     printed = capsys.readouterr().out
     assert "env only" in printed and "harness" in printed
@@ -48,3 +76,31 @@ def test_backend_rows_cover_host_stepped_backends():
     assert rows[2]["params"] == {"vectorization": "async"}
     table = bench.format_backend_table(rows)
     assert "gymnasium/CartPole-v1 async" in table and "copies" in table
+
+
+def test_every_pair_is_an_algo_choice_and_devices_are_restored(monkeypatch):
+    from metabench import cli
+
+    assert cli.BENCH_ALGOS == list(bench.PAIRS)
+    monkeypatch.setenv("METABENCH_DEVICES", "7")
+    with bench._devices(1):
+        assert os.environ["METABENCH_DEVICES"] == "1"
+    assert os.environ["METABENCH_DEVICES"] == "7"
+    with pytest.raises(ValueError, match="no minimal implementation for algo 'sac'"):
+        bench.run(algos=("sac",), quick=True)
+
+
+@pytest.mark.parametrize("algo", sorted(bench.PAIRS))
+def test_minimal_implementations_are_standalone(algo):
+    """A yardstick must not depend on the harness it is compared against."""
+    module = bench.PAIRS[algo]("CartPole-v1", 10_000).module
+    roots = set()
+    for node in ast.walk(ast.parse(pathlib.Path(module.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"relative import in {module.__name__}"
+            roots.add(node.module.split(".")[0])
+    allowed = {"__future__", "dataclasses", "time", "typing",
+               "jax", "flax", "optax", "gymnax", "numpy"}
+    assert roots <= allowed, roots - allowed

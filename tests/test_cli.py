@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from metabench import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,15 +62,3 @@ def test_eval_twice_gives_identical_scores(tmp_path, tiny_task_path):
     assert strip(outs[0].stdout) == strip(outs[1].stdout)
 
 
-def test_bench_reports_both_paths_in_one_run():
-    from metabench import bench
-
-    rows = bench.run(["gymnax/CartPole-v1"], total_timesteps=5120, quick=True)
-    assert [r["algo"] for r in rows] == ["ppo", "dqn"]
-    row = rows[0]
-    assert row["env"] == "gymnax/CartPole-v1" and row["env_steps_per_seed"] == 5120
-    assert rows[1]["env_steps_per_seed"] == 5120 and rows[1]["harness_steps_per_s"] > 0
-    assert row["minimal_steps_per_s"] > 0 and row["harness_steps_per_s"] > 0
-    assert row["ratio"] == pytest.approx(row["harness_steps_per_s"] / row["minimal_steps_per_s"])
-    table = bench.format_table(rows)
-    assert "minimal" in table and "dqn  gymnax/CartPole-v1" in table

@@ -102,7 +102,8 @@ def test_raising_rule_becomes_failed_record_not_a_crash(tiny):
     assert all("this drift is broken" in r["reason"] for r in rec["runs"])
 
 
-def test_wall_clock_budget_is_enforced_between_chunks(tiny):
+def test_wall_clock_budget_is_enforced_between_chunks(tiny, monkeypatch):
+    monkeypatch.setattr(harness, "MIN_CHUNK_ENV_STEPS", 1)  # several chunks even this tiny
     run = harness.train_env(harness.reference_rule("ppo_clip"), tiny, tiny.test[0], [0],
                             max_seconds=0.0)
     assert run.updates_done < run.num_updates
@@ -111,19 +112,33 @@ def test_wall_clock_budget_is_enforced_between_chunks(tiny):
     assert recs[0]["status"] == "failed" and recs[0]["score"] is None
 
 
-def test_progress_is_reported_per_chunk(tiny):
-    seen = []
-    harness.train_env(harness.reference_rule("ppo_clip"), tiny, tiny.test[0], [0],
-                      progress=lambda *a: seen.append(a))
-    assert len(seen) >= 2 and seen[-1][1] == seen[-1][2] == 32
-    assert [s[1] for s in seen] == sorted(s[1] for s in seen)
+def test_progress_is_reported_every_few_seconds(tiny, monkeypatch):
+    ref = harness.reference_rule("ppo_clip")
+    monkeypatch.setattr(harness, "MIN_CHUNK_ENV_STEPS", 1)
+    for seconds, calls in ((0.0, 32), (1e9, 2)):
+        # 32 updates run as 32 one-update chunks; the harness looks at the run after the first
+        # (to time it) and then every CHUNK_SECONDS: after each chunk when that is 0, once
+        # more at the end when it is huge.
+        monkeypatch.setattr(harness, "CHUNK_SECONDS", seconds)
+        seen = []
+        run = harness.train_env(ref, tiny, tiny.test[0], [0], progress=lambda *a: seen.append(a))
+        assert len(seen) == calls and seen[-1][1] == seen[-1][2] == 32
+        assert [s[1] for s in seen] == sorted(s[1] for s in seen)
+        assert run.returns_sum.shape == (1, 32) and run.failure is None
+        if seconds == 0.0:
+            first = run.returns_sum
+    # How often the harness looks does not change what is trained.
+    np.testing.assert_array_equal(first, run.returns_sum)
 
 
 def test_chunk_lengths():
-    assert harness._chunk_len(976) == 61  # 976 = 16 x 61: ten-ish equal chunks
+    assert harness._chunk_len(976) == 8  # 976 = 122 x 8: about 1% of training per chunk
+    assert harness._chunk_len(976, 10) == 122  # the divisor nearest 98
     assert harness._chunk_len(10) == 1
     assert harness._chunk_len(1) == 1
-    assert harness._chunk_len(97) == 10  # prime: a remainder chunk instead of 97 tiny ones
+    assert harness._chunk_len(97, 10) == 10  # prime: a remainder chunk instead of 97 tiny ones
+    assert harness._chunk_len(976, min_len=100) == 122  # at least about 100 updates a chunk
+    assert harness._chunk_len(32, min_len=512) == 32  # never longer than the run
 
 
 def _qr_operand_ranks(jaxpr) -> list[int]:
@@ -168,3 +183,17 @@ def test_eight_seed_initialisation_finishes(tiny_task_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_a_nan_candidate_fails_alone_in_a_population(tiny):
+    """Candidates train in separate vmapped lanes: one whose loss is NaN fails its own runs
+    with the reason and leaves the other's untouched (what `submit --batch` relies on)."""
+    ref = harness.reference_rule("lpo")
+    bad = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), ref.meta_params)
+    batch = jax.tree_util.tree_map(lambda *x: jnp.stack(x), ref.meta_params, bad)
+    good_run, bad_run = harness.train_population("drift", ref.rule, batch, tiny, tiny.test[0],
+                                                 [0, 1])
+    good, nan = (harness.run_records(r, 0.05) for r in (good_run, bad_run))
+    assert all(r["status"] == "ok" for r in good)
+    assert all(r["status"] == "failed" and "non-finite loss at update 0" in r["reason"]
+               for r in nan)

@@ -1,9 +1,6 @@
 """Tests for the standalone reference DQN in ``metabench.minimal_dqn``."""
 
-import ast
 import dataclasses
-import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +8,7 @@ import numpy as np
 import pytest
 
 from metabench import minimal_dqn
-from metabench.minimal_dqn import Config, benchmark
+from metabench.minimal_dqn import Config
 
 
 def test_config_defaults_match_purejaxrl_cartpole():
@@ -25,21 +22,6 @@ def test_config_defaults_match_purejaxrl_cartpole():
     assert c.num_updates == 50_000
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.num_envs = 8  # type: ignore[misc]
-
-
-def test_module_is_standalone():
-    """The reference must not depend on the harness it is compared against."""
-    tree = ast.parse(pathlib.Path(minimal_dqn.__file__).read_text())
-    roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots.update(a.name.split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "relative import in minimal_dqn"
-            roots.add(node.module.split(".")[0])
-    allowed = {"__future__", "dataclasses", "time", "typing",
-               "jax", "flax", "optax", "gymnax", "numpy"}
-    assert roots <= allowed, roots - allowed
 
 
 def test_replay_buffer_wraps_around():
@@ -70,12 +52,3 @@ def test_short_run_metrics_shape_and_random_phase():
     assert metrics["episodes"].shape == (c.num_updates,)
     mean_return = float(metrics["returns_sum"].sum() / metrics["episodes"].sum())
     assert 10.0 < mean_return < 40.0
-
-
-def test_cartpole_learns_two_seeds():
-    """Default CartPole config, 5e5 steps, 2 seeds vmapped in one compiled call."""
-    result = benchmark(Config(), seeds=2, repeats=1)
-    assert set(result) >= {"compile_s", "run_s", "env_steps_per_s", "final_return"}
-    assert result["run_s"] > 0 and math.isfinite(result["env_steps_per_s"])
-    # A random policy scores ~22; DQN should be near the 500 cap by the end.
-    assert result["final_return"] >= 400, result

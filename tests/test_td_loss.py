@@ -90,7 +90,7 @@ def test_the_rule_sees_q_values_only():
 
 DQN_CARTPOLE = """
 id: dqn-cartpole
-total_timesteps: 5e5
+total_timesteps: 3e5
 train:
   - env: gymnax/CartPole-v1
     normalise: {random: 22.0, reference: 500.0}
@@ -107,9 +107,11 @@ def test_dqn_learns_cartpole_with_purejaxrl_settings(tmp_path):
     task = spec.load(write_task(tmp_path, DQN_CARTPOLE, "dqn-cartpole"))
     assert task.agent_config("td_loss") == td_loss.Config()  # the defaults are PureJaxRL's
     run = harness.train_env(harness.reference_rule("dqn"), task, task.test[0], range(4))
-    assert run.failure is None and run.updates_done == 50_000
+    assert run.failure is None and run.updates_done == 30_000
     finals = [r["final_return"] for r in harness.run_records(run, 0.05)]
-    assert np.mean(finals) >= 400, finals  # a random policy gets ~22
+    # A random policy gets ~22; PureJaxRL's DQN is near 500 by 5e5 steps (mean 473 here at
+    # 3e5 on the 2-core CPU).
+    assert np.mean(finals) >= 350, finals
 
 
 @pytest.mark.parametrize("name", ["dqn", "dqn_reg", "dqn_clipped"])

@@ -1,0 +1,42 @@
+"""Tests for the standalone reference LPG agent (A2C) in ``metabench.minimal_lpg``."""
+
+import dataclasses
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metabench import minimal_lpg
+from metabench.families import lpg
+from metabench.minimal_lpg import Config
+
+
+def test_config_defaults_match_the_family():
+    """Same defaults as ``lpg.Config`` and the ``actor_critic`` rule, so they cannot drift."""
+    c, f = Config(), lpg.Config()
+    shared = {x.name for x in dataclasses.fields(Config)} & {x.name for x in dataclasses.fields(f)}
+    assert shared >= {"num_envs", "rollout_len", "lr", "optimiser", "alpha_y", "ent_coef",
+                      "gamma", "max_grad_norm", "hidden"}
+    for name in sorted(shared):
+        assert getattr(c, name) == getattr(f, name), name
+    rule = inspect.signature(lpg.actor_critic).parameters
+    assert (c.gae_lambda, c.v_max) == (rule["gae_lambda"].default, rule["v_max"].default)
+    assert c.num_bins == lpg.PRED_DIM and minimal_lpg.H_EPS == lpg.H_EPS
+    assert c.env_name == "CartPole-v1"
+    assert Config(total_timesteps=100_000).num_updates == 100_000 // (16 * 20)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.num_envs = 8  # type: ignore[misc]
+
+
+def test_value_transform_and_two_hot_match_the_family():
+    x = jnp.array([-1500.0, -3.0, -0.5, 0.0, 0.2, 1.0, 42.0, 999.0, 1500.0])
+    bins = jnp.linspace(-32.0, 32.0, lpg.PRED_DIM)
+
+    def both(m):
+        return m.value_transform(x), m.inverse_value_transform(x), m.two_hot(x / 40.0, bins)
+
+    ours, theirs = jax.jit(lambda: (both(minimal_lpg), both(lpg)))()
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
