@@ -345,9 +345,13 @@ def format_table(rows: Sequence[dict]) -> str:
                      f"{r['env_only_steps_per_s']:>12,.0f} "
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "
                      f"{r['ratio']:>6.2f} "
-                     f"{r['minimal_compile_s']:>13.1f}s/{r['harness_compile_s']:<5.1f}s "
-                     f"{r['minimal_final_return']:>12.1f}/{r['harness_final_return']:.1f}")
+                     f"{_pair(r['minimal_compile_s'], r['harness_compile_s'], 's'):>20s} "
+                     f"{_pair(r['minimal_final_return'], r['harness_final_return']):>19s}")
     return "\n".join(lines)
+
+
+def _pair(a: float, b: float, unit: str = "") -> str:
+    return f"{a:.1f}{unit}/{b:.1f}{unit}"
 
 
 _SERIES = (("env only", "env_only_steps_per_s", "#7f7f7f"),
