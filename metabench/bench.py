@@ -246,6 +246,15 @@ def format_backend_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def final_return(returns_sum: Any, episodes: Any) -> float:
+    """Mean over seeds of the mean episode return in the last 5% of updates (``[seeds,
+    updates]`` or ``[updates]`` sums and counts): the same measure for both sides."""
+    returns_sum = np.atleast_2d(np.asarray(returns_sum, np.float64))
+    episodes = np.atleast_2d(np.asarray(episodes, np.float64))
+    n = max(1, returns_sum.shape[-1] // 20)
+    return float(np.mean(returns_sum[:, -n:].sum(-1) / np.maximum(episodes[:, -n:].sum(-1), 1)))
+
+
 _MINIMAL: dict[tuple, tuple[Any, float]] = {}
 
 
@@ -304,9 +313,8 @@ def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
         # Both sides' mean episode return over the last 5% of training, by one formula: a
         # speed comparison only means something if both learn alike.
-        "minimal_final_return": pair.module.final_return(metrics),
-        "harness_final_return": pair.module.final_return(
-            {"returns_sum": first.returns_sum, "episodes": first.episodes}),
+        "minimal_final_return": final_return(metrics["returns_sum"], metrics["episodes"]),
+        "harness_final_return": final_return(first.returns_sum, first.episodes),
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
         "devices": len(harness.devices()),
     }

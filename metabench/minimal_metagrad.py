@@ -35,7 +35,6 @@ Algorithm (kept identical to the harness so the timing comparison is fair):
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -328,51 +327,3 @@ def make_train(config: Config) -> Callable[[jax.Array], dict]:
         return run(init(rng))
 
     return train
-
-
-def final_return(metrics: dict) -> float:
-    """Mean over seeds of the average episode return in the last 5% of updates."""
-    returns_sum = np.asarray(metrics["returns_sum"], dtype=np.float64)
-    episodes = np.asarray(metrics["episodes"], dtype=np.float64)
-    if returns_sum.ndim == 1:
-        returns_sum, episodes = returns_sum[None], episodes[None]
-    n = max(1, returns_sum.shape[-1] // 20)
-    per_seed = returns_sum[:, -n:].sum(-1) / np.maximum(episodes[:, -n:].sum(-1), 1.0)
-    return float(per_seed.mean())
-
-
-def benchmark(config: Config, seeds: int = 1, repeats: int = 2) -> dict:
-    """Compile once, run ``repeats`` times, report best wall time and env steps/s.
-
-    Network initialisation is done per seed with ``lax.map`` (never vmapped:
-    batched QR from the orthogonal initialiser can deadlock on CPU); only the
-    training loop itself is vmapped over seeds.
-    """
-    init = make_init(config)
-    run = make_run(config)
-    fn = jax.jit(lambda rngs: jax.vmap(run)(jax.lax.map(init, rngs)))
-    rngs = jax.random.split(jax.random.PRNGKey(0), seeds)
-
-    t0 = time.perf_counter()
-    compiled = fn.lower(rngs).compile()
-    compile_s = time.perf_counter() - t0
-
-    run_s = float("inf")
-    metrics = None
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        metrics = jax.block_until_ready(compiled(rngs))
-        run_s = min(run_s, time.perf_counter() - t0)
-
-    steps = config.num_updates * config.num_envs * config.rollout_len
-    return {
-        "compile_s": compile_s,
-        "run_s": run_s,
-        "env_steps_per_s": seeds * steps / run_s,
-        "final_return": final_return(metrics),
-        "final_gamma": float(np.mean(np.asarray(metrics["gamma"])[..., -1])),
-    }
-
-
-if __name__ == "__main__":
-    print(benchmark(Config()))

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import minimal_metagrad
+from metabench import bench, minimal_metagrad
 from metabench.families import metagrad
 from metabench.minimal_metagrad import Config
 
@@ -48,7 +48,7 @@ def test_cartpole_learns_and_gamma_adapts():
                                    "xla_cpu_use_fusion_emitters": False})
     metrics = jax.device_get(fn(keys))
     assert metrics["returns_sum"].shape == metrics["gamma"].shape == (2, config.num_updates)
-    finals = [minimal_metagrad.final_return({k: v[i] for k, v in metrics.items()})
+    finals = [bench.final_return(metrics["returns_sum"][i], metrics["episodes"][i])
               for i in range(2)]
     assert min(finals) > 50.0, finals
     gamma = metrics["gamma"]
