@@ -300,6 +300,9 @@ def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
         metrics = jax.block_until_ready(minimal(rngs))
         minimal_sps.append(seeds * pair.env_steps / (time.perf_counter() - t0))
         harness_sps.append(harness.train_env(ref, task, task.test[0], range(seeds)).env_steps_per_s)
+    # Each repeat's pair ran back to back, so its ratio is the measure least moved by the
+    # machine's drift; their spread says how far to trust the median's ratio.
+    paired = np.asarray(harness_sps) / np.asarray(minimal_sps)
     minimal_sps, harness_sps = float(np.median(minimal_sps)), float(np.median(harness_sps))
     num_envs = pair.config.num_envs
     env_sps = bare_env(env_id, num_envs, seeds, first.updates_done * first.steps_per_update,
@@ -308,7 +311,8 @@ def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
         "algo": algo, "env": env_id, "seeds": seeds,
         "env_steps_per_seed": first.updates_done * first.steps_per_update,
         "minimal_steps_per_s": minimal_sps, "harness_steps_per_s": harness_sps,
-        "ratio": harness_sps / minimal_sps, "repeats": repeats, "env_only_steps_per_s": env_sps,
+        "ratio": harness_sps / minimal_sps,
+        "ratio_range": [float(paired.min()), float(paired.max())], "repeats": repeats, "env_only_steps_per_s": env_sps,
         "num_envs": num_envs,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
         # Both sides' mean episode return over the last 5% of training, by one formula: a
@@ -343,7 +347,7 @@ def run(env_id: Sequence[str] | None = None, total_timesteps: float | None = Non
 
 def format_table(rows: Sequence[dict]) -> str:
     head = (f"{'algo':8s} {'env':26s} {'dev':>3s} {'seeds':>5s} {'steps/seed':>10s} "
-            f"{'env only':>12s} {'minimal':>12s} {'harness':>12s} {'ratio':>6s} "
+            f"{'env only':>12s} {'minimal':>12s} {'harness':>12s} {'ratio (range)':>17s} "
             f"{'compile min/harness':>20s} {'return min/harness':>19s}")
     lines = [f"env steps per second after compilation, median of {rows[0]['repeats']} "
              f"interleaved runs ({rows[0]['device']})" if rows else "", head]
@@ -352,10 +356,15 @@ def format_table(rows: Sequence[dict]) -> str:
                      f"{r['env_steps_per_seed']:>10,d} "
                      f"{r['env_only_steps_per_s']:>12,.0f} "
                      f"{r['minimal_steps_per_s']:>12,.0f} {r['harness_steps_per_s']:>12,.0f} "
-                     f"{r['ratio']:>6.2f} "
+                     f"{_ratio(r):>17s} "
                      f"{_pair(r['minimal_compile_s'], r['harness_compile_s'], 's'):>20s} "
                      f"{_pair(r['minimal_final_return'], r['harness_final_return']):>19s}")
     return "\n".join(lines)
+
+
+def _ratio(r: dict) -> str:
+    lo, hi = r.get("ratio_range", (r["ratio"], r["ratio"]))
+    return f"{r['ratio']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if r["repeats"] > 1 else "")
 
 
 def _pair(a: float, b: float, unit: str = "") -> str:
@@ -379,7 +388,8 @@ def plot_html(rows: Sequence[dict]) -> str:
     for (algo, env, devs), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seeds"])
         x = np.log2([r["seeds"] for r in rs])
-        series = [Series(label, colour, x, np.log10([r[key] for r in rs]), 2.2)
+        series = [Series(label, colour, x, np.log10([r[key] for r in rs]), 2.2,
+                         markers=True)
                   for label, key, colour in _SERIES]
         on = f"{rs[0]['device']}" + (f" x {devs}" if devs > 1 else "")
         figures.append(svg_lines(f"{algo} on {env} ({on})", series,

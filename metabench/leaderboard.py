@@ -778,6 +778,8 @@ class Series:
     width: float = 1.8
     opacity: float = 1.0
     band: tuple[np.ndarray, np.ndarray] | None = None
+    markers: bool = False
+    """Draw a dot at every point, not only the line (for series with few points)."""
 
 
 def svg_lines(title: str, series: Sequence[Series], xlabel: str, ylabel: str,
@@ -823,6 +825,11 @@ def svg_lines(title: str, series: Sequence[Series], xlabel: str, ylabel: str,
             out.append(f'<polyline points="{_points(px[a:b], py[a:b])}" fill="none" '
                        f'stroke="{s.colour}" stroke-width="{s.width}" '
                        f'stroke-opacity="{s.opacity}"><title>{esc(s.label)}</title></polyline>')
+            # A one-point polyline draws nothing, so a lone point always gets its dot.
+            dots = range(a, b) if s.markers or b - a == 1 else ()
+            out.extend(f'<circle cx="{px[k]:.1f}" cy="{py[k]:.1f}" r="{1.5 * s.width:.1f}" '
+                       f'fill="{s.colour}" fill-opacity="{s.opacity}">'
+                       f'<title>{esc(s.label)}</title></circle>' for k in dots)
     out.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" '
                f'stroke="#333"/><line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" '
                f'stroke="#333"/>'

@@ -40,6 +40,8 @@ def test_bench_covers_every_family_with_its_minimal_twin(rows):
         for k in ("env_only_steps_per_s", "minimal_steps_per_s", "harness_steps_per_s"):
             assert r[k] > 0, (k, r)
         assert r["ratio"] == pytest.approx(r["harness_steps_per_s"] / r["minimal_steps_per_s"])
+        # One repeat: the paired ratio is the ratio.
+        assert r["ratio_range"] == pytest.approx([r["ratio"]] * 2)
         # Training does everything stepping random actions does and more.
         assert r["env_only_steps_per_s"] > r["harness_steps_per_s"]
         assert r["minimal_final_return"] > 60 and r["harness_final_return"] > 60, r
@@ -49,6 +51,8 @@ def test_bench_covers_every_family_with_its_minimal_twin(rows):
     page = bench.plot_html(rows)
     # One log-log chart per (algo, env), one line per measured throughput.
     assert page.count("<svg") == 5 and page.count("<polyline") == 15
+    # A dot per measured point, so that one-seed-count series (a lone point) show too.
+    assert page.count("<circle") == 3 * len(rows)
     assert "log2 seeds" in page and "ppo on gymnax/CartPole-v1" in page
 
 
@@ -88,6 +92,18 @@ def test_every_pair_is_an_algo_choice_and_devices_are_restored(monkeypatch):
     assert os.environ["METABENCH_DEVICES"] == "7"
     with pytest.raises(ValueError, match="no minimal implementation for algo 'sac'"):
         bench.run(algos=("sac",), quick=True)
+
+
+def test_table_shows_the_paired_ratios_spread():
+    row = {"algo": "dqn", "env": "gymnax/Breakout-MinAtar", "devices": 1, "seeds": 1,
+           "env_steps_per_seed": 100_000, "env_only_steps_per_s": 5e5,
+           "minimal_steps_per_s": 1.6e4, "harness_steps_per_s": 1.4e4, "ratio": 0.875,
+           "ratio_range": [0.8, 0.93], "repeats": 5, "minimal_compile_s": 3.0,
+           "harness_compile_s": 4.0, "minimal_final_return": 1.0,
+           "harness_final_return": 1.1, "device": "cpu:cpu"}
+    table = bench.format_table([row])
+    assert "median of 5 interleaved runs" in table
+    assert "0.88 (0.80-0.93)" in table and "16,000" in table and "14,000" in table
 
 
 @pytest.mark.parametrize("algo", sorted(bench.PAIRS))

@@ -386,6 +386,18 @@ def test_learning_curve_iqm_skips_null_points():
     assert np.isfinite(mat[:, 3]).sum() == 3
 
 
+def test_lone_points_get_a_dot_and_markers_dot_every_point():
+    """A one-point polyline draws nothing; such a point (here between two nulls) is drawn as
+    a dot, and ``markers`` dots every point of a series."""
+    lone = lb.Series("a", "#111", np.arange(3.0), np.array([np.nan, 1.0, np.nan]))
+    line = lb.Series("b", "#222", np.arange(3.0), np.array([0.0, 1.0, 2.0]))
+    page = lb.svg_lines("t", [lone, line], "x", "y")
+    assert page.count("<circle") == 1 and 'fill="#111"' in page
+    line.markers = True
+    page = lb.svg_lines("t", [lone, line], "x", "y")
+    assert page.count("<circle") == 4 and page.count('fill="#222"') == 3
+
+
 def test_performance_profile_point_and_band():
     rng = np.random.default_rng(0)
     scores = rng.normal(0.5, 0.3, (16, 2))
