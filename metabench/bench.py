@@ -312,7 +312,8 @@ def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
         "env_steps_per_seed": first.updates_done * first.steps_per_update,
         "minimal_steps_per_s": minimal_sps, "harness_steps_per_s": harness_sps,
         "ratio": harness_sps / minimal_sps,
-        "ratio_range": [float(paired.min()), float(paired.max())], "repeats": repeats, "env_only_steps_per_s": env_sps,
+        "ratio_range": [float(paired.min()), float(paired.max())], "repeats": repeats,
+        "env_only_steps_per_s": env_sps,
         "num_envs": num_envs,
         "minimal_compile_s": minimal_compile_s, "harness_compile_s": first.compile_s,
         # Both sides' mean episode return over the last 5% of training, by one formula: a
@@ -363,7 +364,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def _ratio(r: dict) -> str:
-    lo, hi = r.get("ratio_range", (r["ratio"], r["ratio"]))
+    lo, hi = r["ratio_range"]
     return f"{r['ratio']:.2f}" + (f" ({lo:.2f}-{hi:.2f})" if r["repeats"] > 1 else "")
 
 
