@@ -64,27 +64,83 @@ def random_return(spec: EnvSpec, num_envs: int = 64, seed: int = 0) -> dict[str,
     }
 
 
+REFERENCE_LEVELS = 8
+"""Levels sampled to summarise a per-level (optimal / oracle) reference in the lock file."""
+
+_HOW = {
+    "optimal": ("exact optimal expected undiscounted return per level, by backward induction "
+                "over (agent cell, objects present) x steps to go on the env's own dynamics "
+                "(metabench.envs.optimal; chains: a recursion over the chain)"),
+    "oracle": ("mean return per level of a scripted full-information agent (shortest path to "
+               "the nearest positive object, metabench.envs.oracle) simulated in the jitted "
+               "env: a strong reference, not an upper bound, and not a rule under test"),
+}
+
+
+def level_reference(spec: EnvSpec, levels: int = REFERENCE_LEVELS, seed: int = 0
+                    ) -> dict[str, Any]:
+    """A per-level reference (``spec.normalise.method`` optimal / oracle) summarised over
+    ``levels`` levels drawn by the entry's param sampler: mean, min, max and how."""
+    from metabench.envs.oracle import level_references
+
+    method = spec.normalise.method
+    env, _, sampler = spec.make()
+    params = jax.jit(jax.vmap(sampler))(jax.random.split(jax.random.PRNGKey(seed), levels))
+    refs = np.asarray(level_references(method, env, params), np.float64)
+    return {"method": method, "mean": round(float(refs.mean()), 4),
+            "min": round(float(refs.min()), 4), "max": round(float(refs.max()), 4),
+            "levels": int(levels),
+            "how": (f"{_HOW[method]}; the harness measures it for every seed on that seed's "
+                    f"level; summarised here over {levels} levels drawn by the entry's param "
+                    f"sampler from PRNG seed {seed}"),
+            "measured": datetime.date.today().isoformat()}
+
+
 def calibrate(task: TaskSpec, force: bool = False, tasks_dir: Path | None = None,
               log=print) -> dict[str, Any]:
-    """Measures every env entry of ``task`` not yet in the lock file (all with ``force``)."""
+    """Measures every env entry of ``task`` not yet in the lock file (all with ``force``):
+    the random policy's return, and how each entry's reference is obtained (a fixed number,
+    or an ``optimal`` / ``oracle`` per-level reference summarised over a few levels)."""
     path = (tasks_dir or TASKS_DIR) / CALIBRATION_FILE
     data = yaml.safe_load(path.read_text()) if path.exists() else None
     data = data or {}
     envs = dict(data.get("envs", {}))
+    tasks = dict(data.get("references", {}))
+    task_refs = {}
     for split in ("train", "test"):
-        for e in task.split(split):
+        for i, e in enumerate(task.split(split)):
             key = e.calibration_key()
             if key in envs and not force:
                 log(f"{key}: {envs[key]['random']} (already calibrated)")
-                continue
-            m = random_return(e)
-            m["measured"] = datetime.date.today().isoformat()
-            envs[key] = m
-            log(f"{key}: {m['random']} +- {m['std']} over {m['episodes']} episodes")
-    out = {"envs": dict(sorted(envs.items()))}
+            else:
+                m = random_return(e)
+                m["measured"] = datetime.date.today().isoformat()
+                envs[key] = {**envs.get(key, {}), **m}
+                log(f"{key}: {m['random']} +- {m['std']} over {m['episodes']} episodes")
+            if e.normalise.per_level:
+                method = e.normalise.method
+                per = dict(envs[key].get("reference", {}))
+                if method not in per or force:
+                    per[method] = level_reference(e)
+                    envs[key] = {**envs[key], "reference": dict(sorted(per.items()))}
+                    r = per[method]
+                    log(f"{key}: {method} reference {r['mean']} (range {r['min']} to "
+                        f"{r['max']} over {r['levels']} levels)")
+                task_refs[f"{split}[{i}] {e.name}"] = {
+                    "method": method, "measured in": f"envs[{key!r}].reference.{method}"}
+            else:
+                task_refs[f"{split}[{i}] {e.name}"] = {
+                    "method": "fixed", "value": e.normalise.reference,
+                    "source": f"a number in {Path(task.path).name} (its source is the YAML "
+                              f"comment beside it)"}
+    tasks[task.id] = task_refs
+    out = {"envs": dict(sorted(envs.items())), "references": dict(sorted(tasks.items()))}
     header = ("# Uniform-random policy returns, written by `metabench calibrate TASK`.\n"
               "# Keys are '<env id> <params distribution>'; tasks refer to them with\n"
-              "# `normalise: {random: calibrated}`. Do not edit by hand.\n")
+              "# `normalise: {random: calibrated}`. An entry's `reference` summarises a\n"
+              "# per-level reference (`normalise: {reference: optimal | oracle}`) over a few\n"
+              "# levels; `references` says, per task env entry, how its reference is obtained.\n"
+              "# Do not edit by hand.\n")
     tmp = path.with_suffix(".tmp")
     tmp.write_text(header + yaml.safe_dump(out, sort_keys=True, width=100))
     tmp.replace(path)

@@ -215,6 +215,11 @@ def cmd_discover_lpg(args) -> int:
                             inner_updates=args.inner_updates,
                             lifetime_updates=_int_or_none(args.lifetime_updates),
                             meta_lr=args.meta_lr, hidden=args.hidden,
+                            critic_lr=args.critic_lr, critic_lambda=args.critic_lambda,
+                            beta_pi_entropy=args.beta_pi_entropy,
+                            beta_y_entropy=args.beta_y_entropy,
+                            beta_pi_hat=args.beta_pi_hat, beta_y_hat=args.beta_y_hat,
+                            probe_every=args.probe_every,
                             lr_arms=tuple(args.lr_arm or ()),
                             alpha_y_arms=tuple(args.alpha_y_arm or ()), seed=args.seed,
                             checkpoint_every=args.checkpoint_every)
@@ -454,6 +459,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="agent updates per lifetime (default: the task's budget)")
     lg.add_argument("--meta-lr", type=float, default=1e-3)
     lg.add_argument("--hidden", type=int, default=32, help="LSTM units of the rule")
+    lg.add_argument("--critic-lr", type=float, default=0.05,
+                    help="Adam rate of the meta-critic that estimates the meta-objective's "
+                         "advantage")
+    lg.add_argument("--critic-lambda", type=float, default=0.9,
+                    help="lambda of the meta-objective's GAE and the critic's returns")
+    lg.add_argument("--beta-pi-entropy", type=float, default=0.01)
+    lg.add_argument("--beta-y-entropy", type=float, default=0.001)
+    lg.add_argument("--beta-pi-hat", type=float, default=0.001)
+    lg.add_argument("--beta-y-hat", type=float, default=0.001)
+    lg.add_argument("--probe-every", type=int, default=0,
+                    help="meta-steps between probes of what y predicts (0: never)")
     lg.add_argument("--lr-arm", type=float, action="append", default=None,
                     help="an agent learning rate for the balancing bandit (repeat)")
     lg.add_argument("--alpha-y-arm", type=float, action="append", default=None,

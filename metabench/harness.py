@@ -91,6 +91,10 @@ class EnvRun:
     # Multi-agent envs: per seed, the finished games' team and per-agent returns
     # (pettingzoo.GamePool.episode_log plus the agent names), or None.
     agent_log: list[dict] | None = None
+    # Per-level references (normalise.reference optimal / oracle): one per seed, measured on
+    # the env params that seed trained on; None when the reference is fixed or unknown.
+    references: list[float] | None = None
+    reference_error: str | None = None
 
     @property
     def updates_done(self) -> int:
@@ -246,6 +250,31 @@ class _Trained(NamedTuple):
     failure: str | None
     memory: dict = {}
     agent_log: list[dict] | None = None
+    references: list[float] | None = None
+    reference_error: str | None = None
+
+
+def _level_references(spec: EnvSpec, env: Any, states: Any, place: "_Placement"
+                      ) -> tuple[list[float] | None, str | None]:
+    """Each seed's per-level reference (``normalise.reference: optimal / oracle``), measured
+    on the env params in that seed's initial runner state: exactly the level it trains on."""
+    if not spec.normalise.per_level:
+        return None, None
+    try:
+        params = getattr(states, "env_params", None)
+        if params is None:
+            raise ValueError("the family's runner state has no env_params")
+        params = jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+        if place.axis == 1:  # a population: every candidate trains on the same seeds
+            params = jax.tree_util.tree_map(lambda x: x[0], params)
+        params = jax.tree_util.tree_map(lambda x: x[:place.seeds], params)
+        from metabench.envs.oracle import level_references
+
+        refs = [float(r) for r in level_references(spec.normalise.method, env, params)]
+        return refs, None
+    except Exception as e:
+        return None, f"{type(e).__name__} while measuring the {spec.normalise.method} " \
+                     f"reference: {e}"
 
 
 def memory_usage() -> dict:
@@ -305,6 +334,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
         # AOT-compile every distinct chunk shape now, so compile time is not run time.
         execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
         jax.block_until_ready(states)
+        references, reference_error = _level_references(spec, env, states, place)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
         _release(locals().get("env"))
         return _Trained(None, 1, 0, time.perf_counter() - t0, 0.0,
@@ -349,7 +379,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
             lambda *xs: np.take(np.concatenate(xs, axis=-1), np.arange(place.seeds),
                                 axis=place.axis), *chunks)
     return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
-                    failure, memory_usage(), agent_log)
+                    failure, memory_usage(), agent_log, references, reference_error)
 
 
 def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> EnvRun:
@@ -366,7 +396,7 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
         log = log[index * len(seeds):(index + 1) * len(seeds)]
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
                   t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
-                  t.memory, log)
+                  t.memory, log, t.references, t.reference_error)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
@@ -464,7 +494,15 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                 final = scoring.final_window_return(run.returns_sum[i], run.episodes[i], window)
                 if not math.isfinite(final):
                     reason = "no episode completed during training"
-        score = (float(scoring.normalise(final, norm.random, norm.reference))
+        reference = norm.reference
+        if norm.per_level:
+            reference = None if run.references is None else run.references[i]
+            if reason is None and reference is None:
+                reason = run.reference_error or f"no {norm.method} reference was measured"
+            elif reason is None and reference == norm.random:
+                reason = (f"the level's {norm.method} reference equals random ({reference}): "
+                          f"no score")
+        score = (float(scoring.normalise(final, norm.random, reference))
                  if reason is None else None)
         steps, rets = downsample_curve(run.returns_sum[i], run.episodes[i] if run.episodes.size
                                        else run.episodes, run.steps_per_update)
@@ -472,6 +510,9 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                "status": "ok" if reason is None else "failed", "reason": reason,
                "final_return": final if reason is None else None, "score": score,
                "curve": {"steps": steps, "returns": rets}}
+        if norm.per_level:
+            rec["reference"] = reference
+            rec["reference_method"] = norm.method
         if reason is None and run.agent_log is not None and len(run.agent_log) == len(run.seeds):
             rec.update(agent_returns(run.agent_log[i], window))
         if run.traces:
@@ -551,12 +592,29 @@ def env_part(run: EnvRun, window: float) -> dict:
     return {"env": {"name": spec.name, "env": spec.env,
                     "params": {k: v.to_json() for k, v in sorted(spec.params.items())},
                     "random": spec.normalise.random, "reference": spec.normalise.reference,
+                    **reference_summary(spec, runs),
                     "seeds": len(run.seeds), "updates": run.updates_done,
                     "num_updates": run.num_updates,
                     "env_steps_per_seed": run.updates_done * run.steps_per_update,
                     "compile_s": round(run.compile_s, 3), "run_s": round(run.run_s, 3),
                     "env_steps_per_s": run.env_steps_per_s, **run.memory, **multi},
             "runs": runs}
+
+
+def reference_summary(spec: EnvSpec, runs: Sequence[dict]) -> dict:
+    """A per-level reference's summary for an env part: the method, the mean over the runs'
+    references (as ``reference``, so readers of a single number still work) and the range;
+    nothing for a fixed reference."""
+    if not spec.normalise.per_level:
+        return {}
+    return _summary(spec.normalise.method, runs)
+
+
+def _summary(method: str, runs: Sequence[dict]) -> dict:
+    refs = [r["reference"] for r in runs if r.get("reference") is not None]
+    return {"reference_method": method,
+            "reference": float(np.mean(refs)) if refs else None,
+            "reference_range": [float(min(refs)), float(max(refs))] if refs else None}
 
 
 def failed_part(spec: EnvSpec, seeds: Sequence[int], reason: str) -> dict:
@@ -584,6 +642,8 @@ def merge_parts(parts: Sequence[dict]) -> list[dict]:
         merged[name]["runs"].extend(p["runs"])
     for m in merged.values():
         m["runs"].sort(key=lambda r: r["seed"])
+        if m["env"].get("reference_method"):  # per-level references over the merged runs
+            m["env"].update(_summary(m["env"]["reference_method"], m["runs"]))
         team = [r["team_return"] for r in m["runs"] if "team_return" in r]
         if team:
             m["env"]["team_return"] = float(np.mean(team))

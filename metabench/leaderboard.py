@@ -433,14 +433,28 @@ def _series_matrix(rec: dict, env: str, get: Callable[[dict], dict], key: str
     return union, mat
 
 
-def _normaliser(rec: dict, env: str) -> tuple[float, float] | None:
+def _normaliser(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(random, reference)`` per row of :func:`curve_matrix` (runs with a curve, in order):
+    a run's own ``reference`` where it has one (per-level references, ``optimal`` /
+    ``oracle``), else the env's; None when some row has no usable pair."""
+    rnd = ref = None
     for e in _l(rec.get("envs")):
         e = _d(e)
         if _s(e.get("name")) == env:
             rnd, ref = _f(e.get("random")), _f(e.get("reference"))
-            if rnd is not None and ref is not None and ref != rnd:
-                return rnd, ref
-    return None
+            per_level = bool(e.get("reference_method"))
+            break
+    else:
+        return None
+    rnds, refs = [], []
+    for r in _l(rec.get("runs")):
+        if isinstance(r, dict) and _s(r.get("env")) == env and _d(r.get("curve")):
+            run_ref = _f(r.get("reference")) if per_level else ref
+            if rnd is None or run_ref is None or run_ref == rnd:
+                return None
+            rnds.append(rnd)
+            refs.append(run_ref)
+    return np.array(rnds), np.array(refs)
 
 
 # --- the data model -------------------------------------------------------------------------
@@ -608,7 +622,8 @@ def _derive(e: Entry) -> None:
         norm = _normaliser(rec, env)
         if norm is None or steps.size == 0:
             continue
-        scores = (returns - norm[0]) / (norm[1] - norm[0])
+        rnd, ref = norm[0][:, None], norm[1][:, None]
+        scores = (returns - rnd) / (ref - rnd)
         e.curves[env] = (steps, nan_iqm(scores), scores)
 
 

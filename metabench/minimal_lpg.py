@@ -16,13 +16,13 @@ comparison is fair:
   (flax default init): policy logits and the logits of ``y``.
 * Rollout of ``rollout_len`` steps via ``lax.scan``; ``y`` of every ``final_observation``
   computed afterwards in one batched pass.
-* Value transform ``h(x) = sign(x)(sqrt(|x| + 1) - 1) + 1e-3 x`` (Pohlen et al. 2018); the
-  bins are evenly spaced in ``h``-space on ``[-h(v_max), h(v_max)]`` and the value of ``y``
-  is ``h^-1(E_y[bin])``.
+* Value bins evenly spaced on ``[-v_max, v_max]``; the value of ``y`` is ``E_y[bin]``.
 * GAE with truncation handled correctly:
   ``delta_t = r_t + gamma * (1 - terminated_t) * V(final_obs_t) - V(s_t)``,
   ``A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}``; the policy target is ``A_t``
-  (not normalised) and the prediction target the two-hot projection of ``h(A_t + V(s_t))``.
+  (not normalised) and the prediction target ``softmax(-(bins - G_t)^2 / (2 sigma^2))`` for
+  the lambda-return ``G_t = A_t + V(s_t)`` clipped to the bins, ``sigma`` = ``sigma_bins``
+  bin widths (a Gaussian: the KL(y || y_hat) fit then reads out the mean return).
 * One gradient step per rollout on
   ``-mean(log pi(a|s) A) + alpha_y * mean(KL(y || y_hat)) - ent_coef * mean(H(pi))``;
   Adam (``eps_root=1e-12``), RMSProp or SGD, after a global-norm clip when
@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-H_EPS = 1e-3
 """The ``eps`` of the value transform ``h``."""
 
 
@@ -57,7 +56,8 @@ class Config:
     ent_coef: float = 0.0
     gamma: float = 0.99
     gae_lambda: float = 0.95
-    v_max: float = 1000.0
+    v_max: float = 100.0
+    sigma_bins: float = 0.75
     max_grad_norm: float = 0.0  # 0 disables the clip
     hidden: tuple[int, ...] = (64,)
     num_bins: int = 30  # the size of y (LPG's m)
@@ -87,23 +87,9 @@ class Network(nn.Module):
         return nn.Dense(self.num_actions)(x), nn.Dense(self.num_bins)(x)
 
 
-def value_transform(x: jax.Array) -> jax.Array:
-    return jnp.sign(x) * (jnp.sqrt(jnp.abs(x) + 1.0) - 1.0) + H_EPS * x
-
-
-def inverse_value_transform(x: jax.Array) -> jax.Array:
-    root = (jnp.sqrt(1.0 + 4.0 * H_EPS * (jnp.abs(x) + 1.0 + H_EPS)) - 1.0) / (2.0 * H_EPS)
-    return jnp.sign(x) * (root ** 2 - 1.0)
-
-
-def two_hot(x: jax.Array, bins: jax.Array) -> jax.Array:
-    """Scalars as distributions over sorted ``bins`` whose mean is ``clip(x)``."""
-    x = jnp.clip(x, bins[0], bins[-1])
-    hi = jnp.clip(jnp.searchsorted(bins, x, side="right"), 1, len(bins) - 1)
-    lo = hi - 1
-    w_hi = (x - bins[lo]) / (bins[hi] - bins[lo])
-    return (jax.nn.one_hot(lo, len(bins)) * (1.0 - w_hi)[..., None]
-            + jax.nn.one_hot(hi, len(bins)) * w_hi[..., None])
+def gaussian_bins(x: jax.Array, bins: jax.Array, sigma: float) -> jax.Array:
+    """Scalars as discretised Gaussians over ``bins``, centred on ``x``."""
+    return jax.nn.softmax(-jnp.square(bins - x[..., None]) / (2.0 * sigma ** 2), axis=-1)
 
 
 class Transition(NamedTuple):
@@ -165,7 +151,7 @@ def make_run(config: Config) -> Callable[[RunnerState], dict]:
     """``run(runner_state) -> metrics``: the full training loop."""
     env, env_params, network, tx = _setup(config)
     n, t_len, m = config.num_envs, config.rollout_len, config.num_bins
-    edge = float(np.sqrt(config.v_max + 1.0)) - 1.0 + H_EPS * config.v_max  # h(v_max)
+    sigma = config.sigma_bins * 2.0 * config.v_max / (m - 1)
 
     def env_step(rng, env_state, action):
         obs, env_state, reward, terminated, truncated, info = env.step(
@@ -192,11 +178,11 @@ def make_run(config: Config) -> Callable[[RunnerState], dict]:
         transition = Transition(obs, action, reward, terminated, done, final_obs)
         return (params, env_state, next_obs, ep_return, rng), (transition, finished)
 
-    # ---- targets: GAE advantage and two-hot lambda-return ----------------- #
+    # ---- targets: GAE advantage, a Gaussian over the bins on the lambda-return ---- #
     def targets(traj: Transition, y: jax.Array, y_next: jax.Array):
-        bins = jnp.linspace(-edge, edge, m)
-        value = inverse_value_transform(y @ bins)
-        next_value = inverse_value_transform(y_next @ bins)
+        bins = jnp.linspace(-config.v_max, config.v_max, m)
+        value = y @ bins
+        next_value = y_next @ bins
         not_term = 1.0 - traj.terminated.astype(jnp.float32)
         not_done = 1.0 - traj.done.astype(jnp.float32)
         # gamma as a float32 array, as the family hands it to the rule, so the products
@@ -212,7 +198,8 @@ def make_run(config: Config) -> Callable[[RunnerState], dict]:
 
         _, advantages = jax.lax.scan(step, jnp.zeros_like(deltas[0]), (deltas, decay),
                                      reverse=True)
-        return advantages, two_hot(value_transform(advantages + value), bins)
+        ret = jnp.clip(advantages + value, -config.v_max, config.v_max)
+        return advantages, gaussian_bins(ret, bins, sigma)
 
     # ---- agent loss --------------------------------------------------------- #
     def loss_fn(params, traj: Transition, y_next: jax.Array):

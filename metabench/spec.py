@@ -5,6 +5,12 @@ fixed agent hyperparameters of every family it supports, the env-step budget, se
 scoring. Unknown keys are errors; every error names the file, the key and what was expected.
 ``normalise.random: calibrated`` reads the uniform-random policy's mean return from
 ``tasks/calibration.lock.yaml``, written by ``metabench calibrate TASK``.
+``normalise.reference`` is a number (a fixed return, its source in a YAML comment), ``optimal``
+(per seed: the optimal expected return of that seed's level, computed from the env's dynamics
+by :mod:`metabench.envs.optimal`; tabular grids and chains) or ``oracle`` (per seed: the mean
+return of a scripted full-information agent on that seed's level, :mod:`metabench.envs.oracle`;
+grid envs where the optimum is intractable). Either per-level reference is measured by the
+harness from the env params the run actually trained on.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ CALIBRATION_FILE = "calibration.lock.yaml"
 SPLITS = ("train", "test")
 SCORES = ("final_return",)
 AGGREGATE_NAMES = ("iqm", "mean", "median", "optimality_gap")
+REFERENCE_METHODS = ("optimal", "oracle")
+"""Per-level references a task may name instead of a number (see the module docstring)."""
 
 
 class SpecError(ValueError):
@@ -43,10 +51,18 @@ class Normalise:
 
     random: float | None
     """Mean return of a uniform random policy; None until calibrated."""
-    reference: float
-    """A fixed published or measured return, with its source in the YAML comment."""
+    reference: float | None
+    """A fixed published or measured return, with its source in the YAML comment; None when
+    the reference is per level (``method`` optimal or oracle)."""
     calibrated: bool
     """Whether ``random`` comes from the calibration lock file."""
+    method: str = "fixed"
+    """``fixed`` (``reference`` is the number), or one of REFERENCE_METHODS: each seed's
+    reference is measured on the level that seed trained on."""
+
+    @property
+    def per_level(self) -> bool:
+        return self.method != "fixed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +178,8 @@ class TaskSpec:
             return {"name": e.name, "env": e.env,
                     "params": {k: v.to_json() for k, v in sorted(e.params.items())},
                     "normalise": {"random": e.normalise.random,
-                                  "reference": e.normalise.reference},
+                                  "reference": (e.normalise.method if e.normalise.per_level
+                                                else e.normalise.reference)},
                     "agents": agents(e.agents)}
 
         baselines = {k: v for k, v in sorted(self.scoring.baselines.items())
@@ -427,7 +444,19 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
                 except ValueError as e:
                     raise SpecError(path, r.key(f"params.{sorted(consts)[0]}"), str(e)) from None
         n = r.child("normalise")
-        ref = float(n.number("reference"))
+        ref_raw = n.get("reference", (int, float, str),
+                        f"a number or one of {', '.join(REFERENCE_METHODS)}")
+        method = "fixed"
+        if isinstance(ref_raw, str) and ref_raw in REFERENCE_METHODS:
+            method, ref = ref_raw, None
+            _check_reference_method(path, n.key("reference"), env_entry, method)
+        else:
+            try:
+                ref = float(ref_raw)  # YAML reads 1e7 as a string
+            except ValueError:
+                raise SpecError(path, n.key("reference"),
+                                f"a number or one of {', '.join(REFERENCE_METHODS)} (a "
+                                f"per-level reference), got {ref_raw!r}") from None
         rnd = n.get("random", (int, float, str), "a number or 'calibrated'")
         calibrated = rnd == "calibrated"
         if isinstance(rnd, str) and not calibrated:
@@ -444,19 +473,44 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
                 {**agents[fam_name], **dict(overrides or {})})
             env_agents[fam_name] = {k: v for k, v in env_agents[fam_name].items()
                                     if k in (overrides or {})}
-        spec = EnvSpec(name, env_id, params, Normalise(None, ref, calibrated), env_agents)
+        spec = EnvSpec(name, env_id, params, Normalise(None, ref, calibrated, method),
+                       env_agents)
         if calibrated:
             rnd = calibration.get(spec.calibration_key(), {}).get("random")
         else:
             rnd = float(rnd)
-        if rnd is not None and float(rnd) == ref:
+        if rnd is not None and ref is not None and float(rnd) == ref:
             raise SpecError(path, n.key("reference"),
                             f"a value different from random ({rnd}); scores would divide by 0")
         n.done()
         r.done()
         out.append(dataclasses.replace(
-            spec, normalise=Normalise(None if rnd is None else float(rnd), ref, calibrated)))
+            spec, normalise=Normalise(None if rnd is None else float(rnd), ref, calibrated,
+                                      method)))
     return tuple(out)
+
+
+def _check_reference_method(path: Path, key: str, env_entry, method: str) -> None:
+    """A per-level reference must be computable for the env: say which envs it handles."""
+    try:
+        env, _ = env_entry.factory()
+    except Exception as e:  # an env that cannot be built here cannot be solved either
+        raise SpecError(path, key, f"an env that can be built to measure its {method} "
+                        f"reference ({type(e).__name__}: {e})") from None
+    if method == "optimal":
+        from metabench.envs import optimal
+
+        if not optimal.can_solve(env):
+            raise SpecError(path, key, f"a number, or 'optimal' only for an env the exact "
+                            f"solver handles (tabular grids grid/tabular-*, chains chain/*); "
+                            f"{env_entry.id} has no tractable optimum (use 'oracle' for grid "
+                            f"envs, or a number)")
+    else:
+        from metabench.envs import oracle
+
+        if not oracle.can_play(env):
+            raise SpecError(path, key, f"a number, or 'oracle' only for a grid env "
+                            f"(grid/*); {env_entry.id} has no scripted oracle")
 
 
 # --- calibration lock --------------------------------------------------------------------

@@ -7,7 +7,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+import jax.flatten_util  # noqa: F401
 
 from metabench import spec, submission
 from metabench.cli import main
@@ -56,11 +58,118 @@ def test_meta_objective_regularisers_on_hand_inputs():
     assert np.all(np.asarray(g) == 0)
 
 
-def test_reward_to_go_cuts_at_episode_ends():
-    r = jnp.array([[1.0], [1.0], [1.0], [1.0]])
-    done = jnp.array([[0.0], [1.0], [0.0], [0.0]])
-    g = dlpg._reward_to_go(r, done, 0.5)
-    np.testing.assert_allclose(g[:, 0], [1.5, 1.0, 1.5, 1.0])
+def test_the_meta_gradient_reaches_the_y_head_and_matches_finite_differences():
+    """eta's y-hat head changes the agent's y, which later updates feed to the rule: the
+    meta-gradient through 3 agent updates must follow that path (it was exactly 0 when the
+    rule's inputs were cut from the graph) and agree with central finite differences.
+
+    The trajectories are fixed (collected once), so the objective is a smooth function of
+    eta; eta's y and phi blocks are scaled up so the y path is large enough for float32
+    differences (at initialisation it is about 1e-9)."""
+    from metabench.envs import make
+    from metabench.families import lpg
+
+    env, params = make("grid/tabular-sparse")
+    cfg = lpg.Config(num_envs=8, rollout_len=12, lr=20.0, optimiser="sgd", network="tabular",
+                     alpha_y=1.0)
+    rule = lpg.lpg(hidden=8)
+    agent = lpg.make_agent(env, cfg, rule, sample_params=lambda _: params)
+    state = agent.init(jax.random.PRNGKey(0))
+    trajs = []
+    for _ in range(4):
+        state, traj, _ = agent.rollout(state)
+        trajs.append(traj)
+    start = agent.init(jax.random.PRNGKey(0))
+    eta = dict(rule.init(jax.random.PRNGKey(1)))
+    eta["y"] = jax.tree_util.tree_map(lambda x: 3.0 * x, eta["y"])
+    eta["phi"] = jax.tree_util.tree_map(lambda x: 10.0 * x, eta["phi"])
+    signs = jnp.where(trajs[3].action.reshape(-1) % 2 == 0, 1.0, -1.0)
+
+    def objective(eta):
+        st = start
+        for traj in trajs[:3]:
+            st, _, _ = agent.update(st, eta, traj)
+        obs = trajs[3].obs.reshape((-1, *trajs[3].obs.shape[2:]))
+        logits, y_logits = agent.network.apply(st.params, obs)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                   trajs[3].action.reshape(-1, 1), 1)[:, 0]
+        return jnp.mean(logp * signs) + 0.1 * jnp.mean(jax.nn.log_softmax(y_logits)[:, 0])
+
+    f = jax.jit(objective)
+    g = jax.jit(jax.grad(objective))(eta)
+    block_max = {k: max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(v))
+                 for k, v in g.items()}
+    assert all(v > 0 for v in block_max.values()), block_max
+    flat, unravel = jax.flatten_util.ravel_pytree(eta)
+    g_flat, _ = jax.flatten_util.ravel_pytree(g)
+    # The y head's largest entries, and the largest of each other block.
+    offsets, i = {}, 0
+    for k in sorted(eta):
+        n = jax.flatten_util.ravel_pytree(eta[k])[0].size
+        offsets[k] = (i, i + n)
+        i += n
+    lo, hi = offsets["y"]
+    picks = list(lo + np.argsort(-np.abs(np.asarray(g_flat[lo:hi])))[:3])
+    picks += [a + int(np.argmax(np.abs(np.asarray(g_flat[a:b]))))
+              for k, (a, b) in offsets.items() if k != "y"]
+    eps = 0.03
+    for j in picks:
+        e = jnp.zeros_like(flat).at[j].set(eps)
+        fd = (float(f(unravel(flat + e))) - float(f(unravel(flat - e)))) / (2 * eps)
+        assert fd == pytest.approx(float(g_flat[j]), rel=0.05, abs=1e-6), (j, fd, g_flat[j])
+    assert abs(float(g_flat[picks[0]])) > 1e-5
+
+
+def test_the_critic_carries_a_reward_beyond_the_window_to_the_first_action():
+    """A delayed chain of length 30 seen through a 20-step window: the +-1 for the first
+    action falls outside every window that holds it, so a reward-to-go inside the window
+    gives the first action no credit. The meta-critic, trained by ``critic_step`` on the
+    agent's rollouts, bootstraps at the window's end, so the meta-objective's gradient at
+    the start state pushes the updated policy towards the rewarding first action."""
+    from metabench.envs import make
+    from metabench.families import lpg
+
+    env, params = make("chain/long", chain_length=30, good_action=1)
+    cfg = lpg.Config(num_envs=16, rollout_len=20, network="tabular")
+    agent = lpg.make_agent(env, cfg, lpg.actor_critic(), sample_params=lambda _: params)
+    critic = dlpg.Critic("tabular")
+    opt = optax.adam(0.05)
+    state = agent.init(jax.random.PRNGKey(0))
+    c_params = critic.init(jax.random.PRNGKey(1), state.obs[:1])
+    c_opt = opt.init(c_params)
+
+    @jax.jit
+    def train(state, c_params, c_opt):
+        def body(carry, _):
+            state, c_params, c_opt = carry
+            state, traj, _ = agent.rollout(state)  # the uniform policy: zero tables
+            c_params, c_opt, _ = dlpg.critic_step(critic, opt, c_params, c_opt, traj, 0.99,
+                                                  0.9)
+            return (state, c_params, c_opt), None
+
+        return jax.lax.scan(body, (state, c_params, c_opt), None, length=400)[0]
+
+    state, c_params, _ = train(state, c_params, c_opt)
+    state, traj, _ = agent.rollout(state)
+    adv, _ = dlpg.critic_advantage(critic, c_params, traj, 0.99, 0.9)
+    first = np.asarray(traj.obs[..., 0] > 0.5)  # the start state
+    # No first action's episode ends inside its window: 30 steps > 20.
+    assert first.any() and np.all(np.asarray(traj.reward)[first] == 0)
+    actions = np.asarray(traj.action)[first]
+    a = np.asarray(adv)[first]
+    assert (actions == 1).any() and (actions == 0).any()
+    assert np.all(a[actions == 1] > 0.2) and np.all(a[actions == 0] < -0.2), (actions, a)
+    # The meta-objective's gradient in the updated agent's start-state logits.
+    obs = traj.obs.reshape((-1, traj.obs.shape[-1]))
+    logits, y_logits = agent.network.apply(state.params, obs)
+    cfg_d = dlpg.LPGDiscoverConfig()
+
+    def j(logits):
+        return dlpg.meta_objective(logits, y_logits, traj.action.reshape(-1), adv.reshape(-1),
+                                   0.0, 0.0, cfg_d)[0]
+
+    g = np.asarray(jax.grad(j)(logits))[first.reshape(-1)].sum(0)
+    assert g[1] > 0 > g[0], g
 
 
 def test_bandit_prefers_the_better_arm_and_tries_untried_ones():
@@ -132,3 +241,13 @@ def test_discovered_lpg_is_a_ready_submission(runs):
     assert discovery["provenance"]["command"].startswith("metabench discover lpg")
     result = submission.check(folder)
     assert result.ok, result.message
+
+
+def test_linear_readout_r2_is_held_out():
+    rng = np.random.default_rng(0)
+    y = rng.dirichlet(np.ones(30), size=200)
+    w = rng.normal(size=30)
+    assert dlpg.linear_readout_r2(y, y @ w + 3.0) == pytest.approx(1.0, abs=1e-6)
+    # Features unrelated to the target: a fit on half the states does not carry over.
+    assert dlpg.linear_readout_r2(y, rng.normal(size=200)) < 0.1
+    assert np.isnan(dlpg.linear_readout_r2(y[:3], np.arange(3.0)))

@@ -22,21 +22,18 @@ def test_config_defaults_match_the_family():
     for name in sorted(shared):
         assert getattr(c, name) == getattr(f, name), name
     rule = inspect.signature(lpg.actor_critic).parameters
-    assert (c.gae_lambda, c.v_max) == (rule["gae_lambda"].default, rule["v_max"].default)
-    assert c.num_bins == lpg.PRED_DIM and minimal_lpg.H_EPS == lpg.H_EPS
+    assert (c.gae_lambda, c.v_max, c.sigma_bins) == (
+        rule["gae_lambda"].default, rule["v_max"].default, rule["sigma_bins"].default)
+    assert c.num_bins == lpg.PRED_DIM
     assert c.env_name == "CartPole-v1"
     assert Config(total_timesteps=100_000).num_updates == 100_000 // (16 * 20)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.num_envs = 8  # type: ignore[misc]
 
 
-def test_value_transform_and_two_hot_match_the_family():
-    x = jnp.array([-1500.0, -3.0, -0.5, 0.0, 0.2, 1.0, 42.0, 999.0, 1500.0])
-    bins = jnp.linspace(-32.0, 32.0, lpg.PRED_DIM)
-
-    def both(m):
-        return m.value_transform(x), m.inverse_value_transform(x), m.two_hot(x / 40.0, bins)
-
-    ours, theirs = jax.jit(lambda: (both(minimal_lpg), both(lpg)))()
-    for a, b in zip(ours, theirs):
-        np.testing.assert_array_equal(a, b)
+def test_gaussian_targets_match_the_family():
+    x = jnp.array([-150.0, -3.0, -0.5, 0.0, 0.2, 1.0, 42.0, 99.0])
+    bins = lpg.value_bins(100.0)
+    ours, theirs = jax.jit(lambda: (minimal_lpg.gaussian_bins(x, bins, 5.0),
+                                    lpg.gaussian_bins(x, bins, 5.0)))()
+    np.testing.assert_array_equal(ours, theirs)

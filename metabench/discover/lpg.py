@@ -9,18 +9,42 @@ experience, plus four regularisers (Oh et al. 2020, section 3.3):
     J(eta) = E[log pi_K(a|s) A]  +  b_pi H(pi_K)  +  b_y H(y_K)
              -  b_pihat E[pi_hat^2]  -  b_yhat E[||y_hat||^2]
 
-``pi_K`` and ``y_K`` are the agent after its K updates, ``A`` is the advantage of the
-validation rollout (discounted reward-to-go within the rollout, centred and scaled over the
-batch: no critic, so the meta-objective stays rule-agnostic), and ``pi_hat``, ``y_hat`` are
-the rule's outputs during the K updates. Lifetimes continue across meta-steps and are reset
-(fresh agent, new env level) when they reach ``lifetime_updates``; their starts are staggered
-so that the population always spans early and late learning.
+``pi_K`` and ``y_K`` are the agent after its K updates, and ``pi_hat``, ``y_hat`` the rule's
+outputs during them. The meta-gradient follows the rule's targets back through the agent's
+earlier updates (the agent's own update treats them as constants): that path is the only one
+by which eta learns what ``y`` should predict, since y reaches eta only as an input of later
+targets.
+
+``A`` is the advantage of the updated agent on a fresh validation rollout, estimated, as in
+the paper, with a learned value function: a *meta-critic* ``V_w`` per lifetime (the agent's
+torso with a scalar head, reset with the lifetime) that neither the agent nor the rule ever
+sees. ``A`` is GAE(``critic_lambda``) with ``V_w``, bootstrapped from ``V_w`` at truncations
+and at the end of the validation window (not at terminations), so a consequence beyond the
+window still reaches eta; it is scaled by its batch standard deviation so that environments
+weigh alike. After each meta-step the critic takes one step (``critic_lr``, Adam) towards the
+lambda-returns of every rollout of the meta-step.
 
 Hyperparameter balancing. Good agent hyperparameters differ across environments, and a rule
 meta-trained at one setting over-fits it. As in the paper, each lifetime draws its agent
 learning rate and ``alpha_y`` from a per-environment bandit over ``lr_arms x alpha_y_arms``:
 arms are scored by the mean return of the lifetimes that used them (a running average), and
 drawn by a softmax over standardised scores (``bandit_temperature``).
+
+What ``y`` learns. With ``probe_every > 0`` the curve records, per tabular train env, the
+held-out R^2 of a linear read-out of ``y(s)`` for the true optimal value ``V*(s)`` (value
+iteration on lifetime 0's level, :mod:`metabench.envs.optimal`), the paper's test of whether
+``y`` acquired a meaning; ``y_entropy`` (ln 30 = 3.401 for a uniform ``y``) shows whether the
+rule uses ``y`` at all.
+
+Departures from the paper, all for a CPU budget and named here: an LSTM of ``hidden`` units
+(the paper: 256), a handful of lifetimes per env (the paper: many parallel lifetimes and
+hundreds of millions of meta-training steps), and the critic also steps on the K training
+rollouts, which the agent collected with slightly older parameters. The y regularisers'
+weights are free settings: the gradient that reaches the y head through later targets is
+tiny at first (about 4e-10 on tabular-sparse at initialisation, against 1e-4 for the pi
+head), and at the default weight of 1e-3 the pull of the two y regularisers towards a
+uniform ``y_hat`` is about 3000 times larger, so ``y`` never leaves uniform (measured for the
+shipped run's settings; see README).
 
 Everything per environment (K updates of a population of lifetimes and the meta-gradient) is
 one jitted call; environments with different observation spaces need separate agents, so
@@ -40,11 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import flax.linen as nn
+
 from metabench import harness
 from metabench.discover import common
 from metabench.discover.common import load_tree, save_tree
 from metabench.families import lpg as lpg_family
 from metabench.results import write_json_atomic
+from metabench.rl import truncated_gae
 from metabench.spec import EnvSpec, TaskSpec
 
 FAMILY = "lpg"
@@ -77,6 +104,13 @@ class LPGDiscoverConfig:
     """Weight of the L2 penalty on y_hat."""
     hidden: int = 32
     """LSTM units of the rule (the paper uses 256)."""
+    critic_lr: float = 0.05
+    """Adam learning rate of the meta-critic (per lifetime; the agent and rule never see it)."""
+    critic_lambda: float = 0.9
+    """lambda of the meta-objective's GAE and of the critic's lambda-returns."""
+    probe_every: int = 0
+    """Meta-steps between probes of what ``y`` has learned (0: never): on tabular train
+    envs, how well a linear read-out of ``y(s)`` predicts the true optimal state value."""
     lr_arms: tuple[float, ...] = ()
     """Agent learning rates the bandit balances over; empty uses only the task's rate."""
     alpha_y_arms: tuple[float, ...] = ()
@@ -99,6 +133,10 @@ class LPGDiscoverConfig:
                              f"inner_updates ({self.inner_updates})")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
+        if not self.critic_lr > 0:
+            raise ValueError(f"critic_lr must be positive, got {self.critic_lr}")
+        if not 0.0 <= self.critic_lambda <= 1.0:
+            raise ValueError(f"critic_lambda must be in [0, 1], got {self.critic_lambda}")
         if any(a <= 0 for a in self.lr_arms):
             raise ValueError(f"lr_arms must be positive, got {self.lr_arms}")
         if any(a < 0 for a in self.alpha_y_arms):
@@ -109,6 +147,10 @@ class Lifetimes(NamedTuple):
     """A population of agents mid-lifetime (leaves have a leading lifetime axis)."""
 
     agent: lpg_family.RunnerState
+    critic: Any
+    """The meta-critic's parameters (per lifetime)."""
+    critic_opt: Any
+    """Its optimiser state."""
     age: jax.Array
     """Agent updates done in the current lifetime."""
     arm: jax.Array
@@ -128,21 +170,59 @@ class MetaStats(NamedTuple):
     y_entropy: jax.Array
     pi_hat_sq: jax.Array
     y_hat_sq: jax.Array
+    critic_error: jax.Array
+    """Mean squared error of the meta-critic against its lambda-returns (before its step)."""
     finished_return: jax.Array
     """Sum of returns of lifetimes that ended this meta-step, per arm ``[arms]``."""
     finished_count: jax.Array
     """How many lifetimes ended this meta-step, per arm ``[arms]``."""
 
 
-def _reward_to_go(reward: jax.Array, done: jax.Array, gamma: float) -> jax.Array:
-    """Discounted return within the rollout (``[T, N]``), cut at episode ends."""
-    def back(acc, xs):
-        r, d = xs
-        acc = r + gamma * (1.0 - d) * acc
-        return acc, acc
+class Critic(nn.Module):
+    """The meta-critic: the agent's torso kind with a scalar head (a table for tabular
+    agents, zero-initialised)."""
 
-    _, g = jax.lax.scan(back, jnp.zeros_like(reward[0]), (reward, done), reverse=True)
-    return g
+    torso: str = "tabular"
+    hidden: tuple[int, ...] = (64,)
+
+    @nn.compact
+    def __call__(self, obs):
+        x, dense = lpg_family.agent_torso(obs, self.torso, self.hidden)
+        return dense(1)(x)[:, 0]
+
+
+def critic_values(critic: Critic, params, traj: lpg_family.Rollout):
+    """``(V(s_t), V(s_t+1))``, each ``[T, N]``, with ``s_t+1`` the true next observation."""
+    t, n = traj.reward.shape
+    flat = lambda o: o.reshape((t * n, *o.shape[2:])).astype(jnp.float32)  # noqa: E731
+    v = critic.apply(params, flat(traj.obs)).reshape(t, n)
+    v_next = critic.apply(params, flat(traj.final_obs)).reshape(t, n)
+    return v, v_next
+
+
+def critic_advantage(critic: Critic, params, traj: lpg_family.Rollout, gamma: float,
+                     lambda_: float):
+    """GAE with the critic, bootstrapped at truncations and at the end of the window, not
+    at terminations: ``(advantages, lambda-returns)``, each ``[T, N]``, both constants."""
+    v, v_next = critic_values(critic, jax.lax.stop_gradient(params), traj)
+    adv, target = truncated_gae(traj.reward, v, v_next, traj.terminated, traj.truncated,
+                                gamma, lambda_)
+    return jax.lax.stop_gradient(adv), jax.lax.stop_gradient(target)
+
+
+def critic_loss(critic: Critic, params, traj: lpg_family.Rollout, target: jax.Array):
+    v, _ = critic_values(critic, params, traj)
+    return 0.5 * jnp.mean(jnp.square(target - v))
+
+
+def critic_step(critic: Critic, opt: optax.GradientTransformation, params, opt_state,
+                traj: lpg_family.Rollout, gamma: float, lambda_: float):
+    """One optimiser step of the critic towards its own lambda-returns on ``traj``:
+    ``(params, opt_state, loss before the step)``."""
+    _, target = critic_advantage(critic, params, traj, gamma, lambda_)
+    loss, grad = jax.value_and_grad(critic_loss, argnums=1)(critic, params, traj, target)
+    updates, opt_state = opt.update(grad, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 def meta_objective(logits, y_logits, actions, adv, pi_hat_sq, y_hat_sq,
@@ -167,6 +247,7 @@ class _EnvMeta:
     def __init__(self, spec: EnvSpec, task: TaskSpec, rule, cfg: LPGDiscoverConfig):
         self.spec = spec
         env, _, sampler = spec.make()
+        self.env = env
         self.config = task.agent_config(FAMILY, spec)
         self.arms = [(lr, ay) for lr in (cfg.lr_arms or (self.config.lr,))
                      for ay in (cfg.alpha_y_arms or (self.config.alpha_y,))]
@@ -179,12 +260,20 @@ class _EnvMeta:
         agent, k = self.agent, cfg.inner_updates
         gamma = config.gamma
 
+        critic = Critic(config.network, config.hidden)
+        self.critic = critic
+        critic_opt = optax.adam(cfg.critic_lr)
+        self.critic_opt = critic_opt
+        lam = cfg.critic_lambda
+
         def scaled_update(state, mp, traj, arm):
             # The agent's optimiser runs at rate 1; the arm's rate scales its step, which is
             # the same as building the optimiser at that rate (adam, rmsprop and sgd alike).
+            # Targets come from outside the agent's gradient (constants to the agent) but
+            # keep their dependence on earlier updates, which the meta-gradient follows.
             lr, alpha_y = arm[0], arm[1]
-            (value, target), grads = jax.value_and_grad(agent.loss, has_aux=True)(
-                state.params, mp, traj, alpha_y)
+            target = agent.targets(state.params, mp, traj)
+            grads = jax.grad(agent.loss)(state.params, target, traj, alpha_y)
             updates, opt_state = agent.optimiser.update(grads, state.opt_state, state.params)
             updates = jax.tree_util.tree_map(lambda u: lr * u, updates)
             params = optax.apply_updates(state.params, updates)
@@ -198,27 +287,37 @@ class _EnvMeta:
                                        episode_return=frozen.episode_return, rng=frozen.rng)
                 state, target = scaled_update(state, mp, traj, arm)
                 sq = (jnp.mean(target.pi_hat ** 2), jnp.mean(jnp.sum(target.y_hat ** 2, -1)))
-                return state, (finished, sq)
+                return state, (finished, sq, traj)
 
-            state, (finished, sq) = jax.lax.scan(body, lt.agent, None, length=k)
-            # Validation rollout with the updated agent: its policy-gradient objective.
+            state, (finished, sq, trajs) = jax.lax.scan(body, lt.agent, None, length=k)
+            # Validation rollout with the updated agent: its policy-gradient objective, with
+            # the meta-critic's advantage (bootstrapped past the window).
             frozen = state._replace(params=jax.lax.stop_gradient(state.params))
             frozen, traj, fin_v = agent.rollout(frozen)
-            done = jnp.logical_or(traj.terminated, traj.truncated).astype(jnp.float32)
-            g = _reward_to_go(traj.reward, done, gamma)
-            adv = (g - g.mean()) / (g.std() + 1e-8)
+            adv, _ = critic_advantage(critic, lt.critic, traj, gamma, lam)
+            adv = adv / (jnp.std(adv) + 1e-8)
             logits, y_logits = agent.network.apply(
                 state.params, traj.obs.reshape((-1, *traj.obs.shape[2:])).astype(jnp.float32))
             pi_hat_sq, y_hat_sq = jnp.mean(sq[0]), jnp.mean(sq[1])
             objective, (pg, pi_ent, y_ent) = meta_objective(
                 logits, y_logits, traj.action.reshape(-1), adv.reshape(-1), pi_hat_sq,
                 y_hat_sq, cfg)
+            # The critic follows the agent: one step towards the lambda-returns of every
+            # rollout of this meta-step (the K training rollouts and the validation one).
+            all_trajs = jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([a.reshape((-1, *a.shape[2:])), b], axis=0),
+                trajs, traj)
+            c_params, c_opt, c_err = critic_step(
+                critic, critic_opt, jax.lax.stop_gradient(lt.critic), lt.critic_opt,
+                all_trajs, gamma, lam)
             state = frozen._replace(params=jax.lax.stop_gradient(state.params),
                                     opt_state=jax.lax.stop_gradient(state.opt_state))
             ret_sum = lt.ret_sum + jnp.sum(finished[0]) + fin_v[0]
             episodes = lt.episodes + jnp.sum(finished[1]) + fin_v[1]
-            new = Lifetimes(state, lt.age + k, lt.arm, ret_sum, episodes)
-            stats = (objective, jnp.mean(traj.reward), pi_ent, y_ent, pi_hat_sq, y_hat_sq)
+            new = Lifetimes(state, c_params, jax.lax.stop_gradient(c_opt), lt.age + k, lt.arm,
+                            ret_sum, episodes)
+            stats = (objective, jnp.mean(traj.reward), pi_ent, y_ent, pi_hat_sq, y_hat_sq,
+                     2.0 * c_err)  # the mean squared error
             return objective, (new, stats)
 
         def population(mp, lts: Lifetimes, arm_values):
@@ -245,14 +344,28 @@ class _EnvMeta:
             return g, new, MetaStats(*stats, fin_ret, fin_cnt)
 
         self.meta_grad = jax.jit(meta_grad)
+
+        def probe_rollouts(state, n):
+            def body(st, _):
+                st, traj, _ = agent.rollout(st)
+                return st, traj.obs
+            _, obs = jax.lax.scan(body, state, None, length=n)
+            return obs
+
+        self._probe_rollouts = jax.jit(probe_rollouts, static_argnums=1)
         self.arm_values = jnp.asarray(self.arms, jnp.float32)  # [arms, (lr, alpha_y)]
 
     def fresh(self, keys, arm_key, arm_probs) -> Lifetimes:
         agent = jax.lax.map(self.agent.init, keys)
         n = keys.shape[0]
+        obs = agent.obs[:, :1].astype(jnp.float32)
+        c_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        critic = jax.lax.map(lambda ko: self.critic.init(ko[0], ko[1]), (c_keys, obs))
+        critic_opt = jax.vmap(self.critic_opt.init)(critic)
         arm = jax.random.choice(arm_key, arm_probs.shape[0], (n,), p=arm_probs)
         z = jnp.zeros(n)
-        return Lifetimes(agent, jnp.zeros(n, jnp.int32), arm.astype(jnp.int32), z, z)
+        return Lifetimes(agent, critic, critic_opt, jnp.zeros(n, jnp.int32),
+                         arm.astype(jnp.int32), z, z)
 
     def start(self, key) -> Lifetimes:
         """A population whose ages are staggered over the lifetime."""
@@ -264,6 +377,43 @@ class _EnvMeta:
         span = self.lifetime_updates
         ages = (jnp.arange(n) * span // n // self.cfg.inner_updates) * self.cfg.inner_updates
         return lts._replace(age=ages.astype(jnp.int32))
+
+
+def linear_readout_r2(features: np.ndarray, target: np.ndarray) -> float:
+    """Held-out R^2 of a least-squares linear read-out (with intercept) of ``target [S]`` from
+    ``features [S, m]``: fitted on the even-indexed rows, scored on the odd ones (so a 30-
+    dimensional y cannot score by memorising a few states). NaN with fewer than 4 rows."""
+    if len(target) < 4:
+        return float("nan")
+    x = np.concatenate([features, np.ones((len(features), 1))], axis=1)
+    fit, test = slice(0, None, 2), slice(1, None, 2)
+    w, *_ = np.linalg.lstsq(x[fit], target[fit], rcond=None)
+    resid = target[test] - x[test] @ w
+    var = np.var(target[test])
+    return float(1.0 - np.mean(resid ** 2) / var) if var > 0 else float("nan")
+
+
+def probe_y(e: "_EnvMeta", lts: Lifetimes, rollouts: int = 4) -> dict | None:
+    """What lifetime 0's agent's ``y`` has come to predict, on a tabular grid: the held-out
+    R^2 of a linear read-out of y(s) for the true discounted optimal value V*(s) (value
+    iteration on the lifetime's level, metabench.envs.optimal), over the distinct states its
+    policy visits in ``rollouts`` fresh rollouts; None for envs the solver cannot handle."""
+    from metabench.envs import optimal
+
+    env = e.env
+    if not (getattr(env, "tabular", False) and optimal.can_solve(env)):
+        return None
+    state = jax.tree_util.tree_map(lambda x: x[0], lts.agent)
+    params = jax.device_get(state.env_params)
+    values = optimal.optimal_values(env, params, e.config.gamma)
+    obs = np.asarray(e._probe_rollouts(state, rollouts))
+    index = np.unique(obs.reshape(-1, obs.shape[-1]).argmax(-1))
+    _, y_logits = e.agent.network.apply(state.params, jnp.eye(obs.shape[-1])[index])
+    y = np.asarray(jax.nn.softmax(y_logits, axis=-1))
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(index))
+    return {"y_value_r2": round(linear_readout_r2(y[order], values[index][order]), 4),
+            "probe_states": int(len(index))}
 
 
 class Bandit:
@@ -392,7 +542,13 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
                                  "validation_reward": float(stats.validation_return),
                                  "pi_entropy": float(stats.pi_entropy),
                                  "y_entropy": float(stats.y_entropy),
+                                 "critic_error": float(stats.critic_error),
                                  "arm_probs": [round(float(p), 4) for p in b.probs()]}
+        if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
+            for i, e in enumerate(envs):
+                found = probe_y(e, pops[i])
+                if found is not None:
+                    rows[e.spec.name].update(found)
         g = jax.tree_util.tree_map(lambda *xs: -sum(xs) / len(xs), *grads)  # ascend J
         finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g))
         if not finite:
@@ -443,3 +599,35 @@ def write_submission(folder: Path, eta: Any, task: TaskSpec, summary: dict,
         paper="https://arxiv.org/abs/2007.08794", task=task, summary=summary, author=author,
         params=eta, notes=(f"metabench discover lpg: {summary['meta_steps']} meta-steps, "
                            f"{cfg['lifetimes']} lifetimes per env, K = {cfg['inner_updates']}."))
+
+
+def y_readout(task: TaskSpec, rule, meta_params: Any, env_name: str, *, updates: int = 300,
+              seeds: int = 4, seed: int = 0) -> list[float]:
+    """What a rule teaches ``y``, measured outside meta-training: trains ``seeds`` fresh agents
+    (each on its own level of train env ``env_name``, at the task's agent settings) for
+    ``updates`` updates with ``rule`` and returns, per agent, the held-out R^2 of a linear
+    read-out of ``y(s)`` for the optimal discounted value ``V*(s)`` over the states its
+    policy visits (:func:`probe_y`). Comparable across rules (the same levels and seeds):
+    ``actor_critic``'s ``y`` *is* a value, an untrained LPG's carries no meaning."""
+    spec = next(e for e in task.split("train") if e.name == env_name)
+    cfg = LPGDiscoverConfig(lifetimes=seeds, inner_updates=1, lifetime_updates=updates)
+    e = _EnvMeta(spec, task, rule, cfg)
+    config = task.agent_config(FAMILY, spec)
+    env, _, sampler = spec.make()
+    agent = lpg_family.make_agent(env, config, rule, sample_params=sampler)
+
+    @jax.jit
+    def train(key):
+        def body(state, _):
+            state, traj, _ = agent.rollout(state)
+            state, _, _ = agent.update(state, meta_params, traj)
+            return state, None
+        return jax.lax.scan(body, agent.init(key), None, length=updates)[0]
+
+    out = []
+    for i in range(seeds):
+        state = train(jax.random.fold_in(jax.random.PRNGKey(seed), i))
+        lts = jax.tree_util.tree_map(lambda x: x[None], state)
+        found = probe_y(e, Lifetimes(lts, None, None, None, None, None, None))
+        out.append(float("nan") if found is None else found["y_value_r2"])
+    return out

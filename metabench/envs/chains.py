@@ -3,33 +3,40 @@
 Two actions. The first action of an episode picks a branch of the chain; every later action
 just moves one state along it (both actions do the same). After ``chain_length`` steps the
 episode terminates with reward +1 if the first action was the level's ``good_action`` and -1
-otherwise; all earlier steps give 0. The agent must credit a reward ``chain_length`` steps
-late to the very first decision.
+otherwise. Earlier steps give 0, or, in the noisy chains, ``+noise_scale`` or
+``-noise_scale`` with probability 1/2 each (the paper's noisy chain: random +-1 rewards). The
+agent must credit a reward ``chain_length`` steps late to the very first decision; the optimal
+policy's expected return is exactly 1 in every variant (the noise has mean zero).
 
-**Observation.** The one-hot of the state index, ``[1 + 2 * max_length]``: index 0 is the
-start state, ``1 + branch * max_length + (pos - 1)`` the state ``pos`` steps along branch
-``branch`` (the first action taken). So the branch is part of the (Markov) state, as in the
-paper's chain where the state encodes the branch, and a tabular agent can propagate the
-final reward back along each branch; ``max_length`` is the top of the env's length range,
-static per id. Distractor variants append ``num_distractors`` (20) random bits, drawn afresh
-at every observation.
+**Observation.**
 
-**Variants** (Oh et al. 2020, appendix A; the usual reproduction settings):
+* plain and noisy chains: the one-hot of the state index, ``[1 + 2 * max_length]``: index 0
+  is the start state, ``1 + branch * max_length + (pos - 1)`` the state ``pos`` steps along
+  branch ``branch`` (the first action taken). So the branch is part of the (Markov) state,
+  and a tabular agent can propagate the final reward back along each branch; ``max_length``
+  is the top of the env's length range, static per id.
+* distractor chains (as in the paper): ``[2 + 20]`` bits and no position. Bit 0 is 1 at the
+  start state (before the first action), bit 1 is 1 once the first action taken this episode
+  was the good one (0 at the start and on the bad branch), and the 20 remaining bits are
+  Bernoulli(1/2), drawn afresh at every observation.
 
-==========================  ============  ========================================
+**Variants** (Oh et al. 2020, appendix A):
+
+==========================  ============  ==============================================
 id                          length range  extra
-==========================  ============  ========================================
+==========================  ============  ==============================================
 chain/short                 [5, 30]
 chain/long                  [5, 50]
-chain/short-noisy           [5, 30]       N(0, 1) reward noise on non-final steps
-chain/long-noisy            [5, 50]       N(0, 1) reward noise on non-final steps
-chain/short-distractor      [5, 30]       20 random observation bits
-chain/long-distractor       [5, 50]       20 random observation bits
-==========================  ============  ========================================
+chain/short-noisy           [5, 30]       +-1 reward (prob 1/2 each) on non-final steps
+chain/long-noisy            [5, 50]       +-1 reward (prob 1/2 each) on non-final steps
+chain/short-distractor      [5, 30]       2 informative + 20 random observation bits
+chain/long-distractor       [5, 50]       2 informative + 20 random observation bits
+==========================  ============  ==============================================
 
-Uncertain details: the paper's noisy chain may use random +-1 rewards (as bsuite's umbrella
-chain does) rather than Gaussian noise (``noise_std`` sets the Gaussian's scale); the number
-of distractor bits is our choice.
+Differences from the paper, and why: the plain and noisy chains observe a one-hot of (branch,
+position) rather than whatever encoding the paper used (the appendix does not give one; a
+one-hot state is what a tabular agent needs); the length ranges are those of the public
+reproductions.
 
 **Lifetimes and levels.** The chain length (and which first action is good) is drawn *per
 lifetime*, i.e. per seed, through ``level_seed``: ``-1`` (the default) uses ``chain_length``
@@ -42,7 +49,8 @@ max_length]`` and ``good_action`` from {0, 1}. ``default_params`` is level 0 (st
       params: {level_seed: {uniform: [0, 1000000000]}}
 
 (no change to ``metabench/spec.py`` needed), or fixes one with ``chain_length: 20``.
-``env.sample_params(key)`` draws a level from a PRNG key.
+``env.sample_params(key)`` draws a level from a PRNG key. ``noise_scale: 0`` turns a noisy
+chain's noise off.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ from metabench.envs.grids import DEFAULT_LEVEL_SEED, override_params
 from metabench.envs.registry import EnvEntry, register
 
 NUM_DISTRACTORS = 20
+NUM_INFORMATIVE_BITS = 2
+"""Distractor chains: bit 0 (at the start state) and bit 1 (the good branch was taken)."""
 
 
 @struct.dataclass
@@ -69,8 +79,9 @@ class ChainParams:
     """int32: steps per episode (the reward comes on the last)."""
     good_action: jax.Array
     """int32: the first action that earns +1 (the other earns -1)."""
-    noise_std: jax.Array
-    """float32: std of the Gaussian reward noise on every non-final step (0: none)."""
+    noise_scale: jax.Array
+    """float32: every non-final step rewards +noise_scale or -noise_scale with probability
+    1/2 each (0: no noise, reward 0)."""
     min_length: jax.Array
     """int32: lower end of the chain-length range a level seed draws from."""
     max_length: jax.Array
@@ -88,15 +99,15 @@ class ChainState:
 @dataclasses.dataclass(frozen=True)
 class ChainSetting:
     length: tuple[int, int]
-    noise_std: float = 0.0
+    noise_scale: float = 0.0
     distractors: int = 0
 
 
 SETTINGS: dict[str, ChainSetting] = {
     "short": ChainSetting((5, 30)),
     "long": ChainSetting((5, 50)),
-    "short-noisy": ChainSetting((5, 30), noise_std=1.0),
-    "long-noisy": ChainSetting((5, 50), noise_std=1.0),
+    "short-noisy": ChainSetting((5, 30), noise_scale=1.0),
+    "long-noisy": ChainSetting((5, 50), noise_scale=1.0),
     "short-distractor": ChainSetting((5, 30), distractors=NUM_DISTRACTORS),
     "long-distractor": ChainSetting((5, 50), distractors=NUM_DISTRACTORS),
 }
@@ -125,7 +136,7 @@ class ChainEnv:
         if self._default is None:
             lo, hi = self.setting.length
             base = ChainParams(chain_length=jnp.int32(hi), good_action=jnp.int32(0),
-                               noise_std=jnp.float32(self.setting.noise_std),
+                               noise_scale=jnp.float32(self.setting.noise_scale),
                                min_length=jnp.int32(lo), max_length=jnp.int32(hi),
                                level_seed=jnp.int32(DEFAULT_LEVEL_SEED))
             self._default = self.finalise_params(base).replace(level_seed=jnp.int32(-1))
@@ -152,21 +163,30 @@ class ChainEnv:
         seed = jax.random.randint(key, (), 0, np.iinfo(np.int32).max)
         return self.finalise_params(self.default_params.replace(level_seed=seed))
 
-    def _obs(self, key, state: ChainState) -> jax.Array:
-        index = jnp.where(state.pos == 0, 0, 1 + state.branch * self.max_length + state.pos - 1)
-        obs = jax.nn.one_hot(index, 1 + 2 * self.max_length, dtype=jnp.float32)
+    @property
+    def obs_size(self) -> int:
+        """``1 + 2 * max_length`` (one-hot state), or ``2 + num_distractors`` (distractor)."""
         if self.num_distractors:
-            bits = jax.random.bernoulli(key, 0.5, (self.num_distractors,)).astype(jnp.float32)
-            obs = jnp.concatenate([obs, bits])
-        return obs
+            return NUM_INFORMATIVE_BITS + self.num_distractors
+        return 1 + 2 * self.max_length
 
-    def _reset(self, key):
+    def _obs(self, key, state: ChainState, params: ChainParams) -> jax.Array:
+        if self.num_distractors:
+            start = state.pos == 0
+            good = ~start & (state.branch == params.good_action)
+            info = jnp.stack([start, good]).astype(jnp.float32)
+            bits = jax.random.bernoulli(key, 0.5, (self.num_distractors,)).astype(jnp.float32)
+            return jnp.concatenate([info, bits])
+        index = jnp.where(state.pos == 0, 0, 1 + state.branch * self.max_length + state.pos - 1)
+        return jax.nn.one_hot(index, 1 + 2 * self.max_length, dtype=jnp.float32)
+
+    def _reset(self, key, params: ChainParams):
         state = ChainState(pos=jnp.int32(0), branch=jnp.int32(0))
-        return self._obs(key, state), state
+        return self._obs(key, state, params), state
 
     @partial(jax.jit, static_argnums=0)
     def reset(self, key: jax.Array, params: ChainParams):
-        return self._reset(key)
+        return self._reset(key, params)
 
     @partial(jax.jit, static_argnums=0)
     def step(self, key, state: ChainState, action, params: ChainParams):
@@ -176,19 +196,18 @@ class ChainEnv:
         pos = state.pos + 1
         terminated = pos >= params.chain_length
         final = jnp.where(branch == params.good_action, 1.0, -1.0)
-        noise = params.noise_std * jax.random.normal(k_noise, ())
-        reward = jnp.where(terminated, final, noise).astype(jnp.float32)
+        sign = jnp.where(jax.random.bernoulli(k_noise, 0.5), 1.0, -1.0)
+        reward = jnp.where(terminated, final, params.noise_scale * sign).astype(jnp.float32)
         state_st = ChainState(pos=pos, branch=branch)
-        obs_st = self._obs(k_obs, state_st)
-        obs_re, state_re = self._reset(k_reset)
+        obs_st = self._obs(k_obs, state_st, params)
+        obs_re, state_re = self._reset(k_reset, params)
         state = jax.tree_util.tree_map(lambda a, b: jnp.where(terminated, a, b), state_re,
                                        state_st)
         obs = jnp.where(terminated, obs_re, obs_st)
         return obs, state, reward, terminated, jnp.bool_(False), {"final_observation": obs_st}
 
     def observation_space(self, params: ChainParams | None = None) -> spaces.Box:
-        return spaces.Box(0.0, 1.0, (1 + 2 * self.max_length + self.num_distractors,),
-                          jnp.float32)
+        return spaces.Box(0.0, 1.0, (self.obs_size,), jnp.float32)
 
     def action_space(self, params: ChainParams | None = None) -> spaces.Discrete:
         return spaces.Discrete(2)
@@ -227,8 +246,9 @@ def _factory(name: str) -> Callable[..., tuple[ChainEnv, ChainParams]]:
 
 
 for _name, _s in SETTINGS.items():
-    _extra = {0: "", NUM_DISTRACTORS: f", {NUM_DISTRACTORS} distractor bits"}[_s.distractors]
-    _noise = f", N(0, {_s.noise_std:g}) reward noise" if _s.noise_std else ""
+    _extra = {0: "", NUM_DISTRACTORS: f", obs: 2 informative + {NUM_DISTRACTORS} random bits"}[
+        _s.distractors]
+    _noise = f", +-{_s.noise_scale:g} reward noise" if _s.noise_scale else ""
     register(EnvEntry(
         id=f"chain/{_name}", factory=_factory(_name), jittable=True,
         note=f"LPG delayed chain, length {_s.length[0]}-{_s.length[1]} per level_seed"

@@ -1,29 +1,50 @@
 """The grid worlds of Oh et al. 2020 (LPG), as jittable gymnax-style envs: ``grid/<name>``.
 
-Every grid is a 2-D board of cells, some of them walls, with a few *objects*. An object has
-a reward, a probability of ending the episode when it is collected, and a probability of
-respawning on each step after it was collected. The agent has 4 actions (0 up, 1 down,
-2 left, 3 right); moving into a wall or off the board leaves it in place. Walking onto an
-object collects it: its reward is given, the episode ends with its termination probability,
-and it disappears until it respawns. Episodes are truncated at ``max_steps_in_episode``.
+Every grid is a board of ``H x W`` cells (cell index ``row * W + col``), some of them walls,
+with ``K`` object *slots*. An object has a reward, a probability of ending the episode when it
+is collected, and a per-step probability of respawning once it is gone.
+
+**Actions** (Oh et al. 2020, appendix A): every ``grid/<name>`` has **9** actions, 0 stay and
+the eight compass moves 1 N (row - 1), 2 NE (row - 1, col + 1), 3 E (col + 1), 4 SE, 5 S
+(row + 1), 6 SW, 7 W (col - 1), 8 NW. The agent moves to the target cell if it is on the board
+and not a wall, otherwise it stays where it is (only the target cell matters: a diagonal move
+squeezes between two walls). After moving (or staying) it collects a present object on its
+cell (*auto-collect*). ``grid/<name>-collect`` has **18** actions: 0-8 move as above *without*
+collecting; 9-17 do not move and collect the present object on the cell in direction
+``action - 9`` (9: the agent's own cell), if that cell is on the board and not a wall. The
+paper draws 9 or 18 actions per lifetime; here the action count is static per env id (the
+agent's policy head has a static size inside one compiled call), so a task that wants both
+lists both ids. ``env.num_actions`` and ``env.collect_actions`` say which set an env has.
+
+**A step**, in this order:
+
+1. move / collect as above. Collecting an object gives its reward, ends the episode
+   (``terminated``) with its termination probability, and makes it absent;
+2. every active object that was absent at the *start* of this step (so not one collected in
+   step 1) reappears with its respawn probability: a tabular object at its fixed cell, even
+   if the agent stands there (it is then collected the next time the agent moves onto, stays
+   on or collects that cell); a random-grid object at a uniformly random free cell that holds
+   neither the agent nor another present object (it stays absent if there is none);
+3. ``time += 1``; ``truncated = time >= max_steps_in_episode and not terminated``.
+
+When the episode ends the env auto-resets and puts the pre-reset observation in
+``info["final_observation"]``. At reset every active object is present.
 
 Two kinds (Oh et al. 2020, appendix A):
 
 * **tabular** grids: objects have fixed cells (they respawn where they were) and the agent
-  starts each episode in the same cell. The observation is the one-hot of the agent's cell
-  index (``[H*W]``), so a tabular agent indexes its table by ``argmax(obs)``. Object presence
-  is *not* part of the observation (a table over positions only), so respawning objects make
-  the problem partially observable; one public JAX re-implementation (groove, Jackson et al.
-  2023, github.com/EmptyJackson/groove) indexes the table by (cell, object-presence bits)
-  instead, which makes the state Markov.
+  starts every episode in the same cell. The observation is the one-hot of
+  ``cell * 2**K + mask`` with ``mask = sum_i present_i << i`` (size ``H * W * 2**K``), so the
+  state (agent cell, which objects are present) is Markov and a tabular agent indexes its
+  table by ``env.state_index(obs)`` (the argmax); ``tabular_index(cell, present)`` maps a
+  state to that index (for exact solvers).
 * **random** grids: objects are placed at random free cells at every reset and respawn at a
   random free cell; the agent starts at a random free cell. The observation is a binary map
   ``[H, W, T + 2]`` (float32): one channel per object *type* (objects with the same reward,
   termination and respawn probabilities share a type), one for the agent, one for walls.
 
-Settings (size; objects as (reward, termination prob, respawn prob) x count; episode length).
-These are the settings commonly used to reproduce the paper (Oh et al. 2020, appendix);
-where we are unsure they match it we say so below:
+Settings (rows x cols; objects as (reward, termination prob, respawn prob) x count; episode
+length), as in the paper's appendix:
 
 =========================  =====  ===========================================  =====
 id                          size   objects                                      steps
@@ -31,27 +52,47 @@ id                          size   objects                                      
 grid/tabular-dense          11x11  (+1, 0, .05)x2, (-1, .5, .1), (-1, 0, .5)    500
 grid/tabular-sparse         13x13  (+1, 1, 0), (-1, 1, 0)                       50
 grid/tabular-long           11x11  (+1, 0, .01)x2, (-1, .5, 1)x2                1000
-grid/tabular-longer         9x9    (+1, .1, .01)x2, (-1, .8, 1)x5; centre wall  2000
-grid/tabular-long_dense     11x11  (+1, 0, .005)x4; cross walls                 2000
+grid/tabular-longer         7x9    (+1, .1, .01)x2, (-1, .8, 1)x5; walls        2000
+grid/tabular-long_dense     11x11  (+1, 0, .005)x4; walls                       2000
 grid/random-dense           11x11  as tabular-dense                             500
 grid/random-long            11x11  as tabular-long                              1000
-grid/random-small           7x7    (+1, 0, .05)x2, (-1, .5, .1)x2               500
-grid/random-small_sparse    7x7    (+1, 1, 1), (-1, 1, 1)x2                     50
+grid/random-small           5x7    (+1, 0, .05)x2, (-1, .5, .1)x2; walls        500
+grid/random-small_sparse    5x7    (+1, 1, 1), (-1, 1, 1)x2                     50
 grid/random-very_dense      11x11  (+1, 0, 1)                                   2000
 =========================  =====  ===========================================  =====
 
-Uncertain details, chosen here and documented:
+(each also as ``grid/<name>-collect``). The wall maps (``SETTINGS[name].walls``, ``#`` wall)
+and the 7x9 / 5x7 sizes are those of one public re-implementation of the appendix figures,
+jinPrelude/LPG-miniworld-gymnasium (github.com/jinPrelude/LPG-miniworld-gymnasium, its
+``maps/*.txt`` without the border)::
 
-* The exact object cells and start cell of the tabular grids are not reproduced from the
-  paper's figures: they are drawn from level seed 0 (see *levels* below), fixed forever.
-* ``tabular-longer``: a wall down the centre column with two one-cell gaps (rows 1 and 7).
-  ``tabular-long_dense``: a cross of walls through the centre row and column (four rooms)
-  with one gap in each arm. The paper's figures may place walls and gaps elsewhere (groove
-  puts the horizontal arm one row higher), and groove's ``longer`` has 2 + 3 objects where
-  its own comment says the reference has 2 + 5 (we use 2 + 5).
-* ``random-small`` has no interior walls here; groove adds two wall cells.
-* 4 moves, no no-op (groove uses 5 actions). Respawn is checked from the step after a
-  collection on; a tabular object whose cell holds the agent waits until the agent leaves.
+    tabular-longer   tabular-long_dense   random-small
+    ....#....        ...........          .......
+    .........        .....#.....          ..#....
+    ....#....        .....#.....          .......
+    ...###...        .....#.....          ....#..
+    ....#....        ##.#####.##          .......
+    .........        .....#.....
+    ....#....        .....#.....
+                     ...........
+                     .....#.....
+                     .....#.....
+                     .....#.....
+
+The JAX re-implementation groove (Jackson et al. 2023, github.com/EmptyJackson/groove)
+differs: its ``longer`` is 9x9 with a wall down the centre column open at rows 1 and 7, and 2
++ 3 objects (its own comment says the reference has 2 + 5; we use 2 + 5); its ``long_dense``
+walls column 5 (open at rows 0 and 7) and row 4 (open at columns 2 and 8); its
+``rand_small`` and ``rand_sparse`` are 7x7 (``rand_small`` with the same two wall cells,
+(1, 2) and (3, 4)). It also has 5 actions (stay + 4 moves) rather than 9 / 18.
+
+Remaining differences from the paper, and why:
+
+* The object cells and start cell of the tabular grids are not read off the paper's figures:
+  they are drawn from level seed 0 (see *levels* below). The figures give no coordinates.
+* The 9- / 18-action choice is per env id, not drawn per lifetime (static policy-head size).
+* The tabular observation includes the object-presence bits, which makes the state Markov
+  (as groove does); the paper's exact tabular state encoding is not given in the appendix.
 
 **Params and levels.** ``GridParams`` (a flax struct of arrays, shapes static per env id)
 holds everything that defines a level: walls, each object slot's reward / termination /
@@ -62,7 +103,8 @@ hook: ``-1`` (the default) uses the params as given; ``>= 0`` makes ``finalise_p
 (which the task's param sampler calls, jitted, once per seed) redraw the level's random parts
 from that seed:
 
-* tabular grids: the object cells and the start cell;
+* tabular grids: the object cells and the start cell (distinct free cells), fixed for the
+  lifetime (every episode starts in that cell);
 * random grids: nothing (their placements are already random every episode);
 * ``grid/procgen``: everything (see below).
 
@@ -77,16 +119,17 @@ which needs no change to ``metabench/spec.py``: ``make_param_sampler`` casts the
 field's int32 dtype and calls ``finalise_params``. ``env.sample_params(key)`` and
 ``sample_procgen_params(key)`` do the same from a PRNG key. When ``level_seed >= 0`` the
 fields it redraws overwrite any override of theirs; the factory rejects that combination
-when both are constants.
+when both are constants. With ``start_pos = -1`` (only by override) a tabular grid starts
+each episode at a random free cell holding no active object.
 
-**``grid/procgen``** (for held-out testing): a random grid of height and width in [5, 11],
-padded to 11x11 with the unused area walled; interior walls with a per-level density in
-[0, 0.25] (free cells not connected to a random root cell become walls, so every free cell
-is reachable; if fewer than 7 cells remain the level has no interior walls); 1 to 5 objects
-(a mask over 5 slots, each slot its own type/channel) with rewards U(-1, 1) (the first made
-positive), termination probability 0 with probability 1/2 else log-uniform in [0.01, 1],
-respawn probability log-uniform in [0.005, 1]; episode length log-uniform in [50, 1000].
-Objects and start are random every episode, as in the random grids; observation
+**``grid/procgen``** (for held-out testing; 9 actions): a random grid of height and width in
+[5, 11], padded to 11x11 with the unused area walled; interior walls with a per-level density
+in [0, 0.25] (free cells not 4-connected to a random root cell become walls, so every free
+cell is reachable; if fewer than 7 cells remain the level has no interior walls); 1 to 5
+objects (a mask over 5 slots, each slot its own type/channel) with rewards U(-1, 1) (the
+first made positive), termination probability 0 with probability 1/2 else log-uniform in
+[0.01, 1], respawn probability log-uniform in [0.005, 1]; episode length log-uniform in [50,
+1000]. Objects and start are random every episode, as in the random grids; observation
 ``[11, 11, 7]``. These ranges are ours (the paper has no such distribution; groove samples
 similar ones).
 """
@@ -106,9 +149,14 @@ from gymnax.environments import spaces
 
 from metabench.envs.registry import EnvEntry, register
 
-NUM_ACTIONS = 4
-_DR = np.array([-1, 1, 0, 0], np.int32)  # up, down, left, right
-_DC = np.array([0, 0, -1, 1], np.int32)
+NUM_MOVES = 9
+"""Actions of ``grid/<name>``: 0 stay, 1 N, 2 NE, 3 E, 4 SE, 5 S, 6 SW, 7 W, 8 NW."""
+NUM_COLLECT_ACTIONS = 18
+"""Actions of ``grid/<name>-collect``: 0-8 move (no collecting), 9-17 collect in a direction."""
+# row / column offsets of directions 0..8: stay, N, NE, E, SE, S, SW, W, NW
+DROW = np.array([0, -1, -1, 0, 1, 1, 1, 0, -1], np.int32)
+DCOL = np.array([0, 0, 1, 1, 1, 0, -1, -1, -1], np.int32)
+COLLECT_SUFFIX = "-collect"
 
 DEFAULT_LEVEL_SEED = 0
 
@@ -124,7 +172,7 @@ class GridParams:
     obj_term: jax.Array
     """float32 ``[K]``: probability that collecting it ends the episode."""
     obj_respawn: jax.Array
-    """float32 ``[K]``: per-step probability that a collected object comes back."""
+    """float32 ``[K]``: per-step probability that an absent object comes back."""
     obj_type: jax.Array
     """int32 ``[K]``: observation channel of each object (random grids)."""
     obj_active: jax.Array
@@ -155,6 +203,7 @@ class GridSetting:
     """A fixed grid setting of the paper."""
 
     size: tuple[int, int]
+    """(rows, cols)."""
     objects: tuple[tuple[float, float, float, int], ...]
     """(reward, termination prob, respawn prob, count) per object type."""
     max_steps: int
@@ -163,25 +212,36 @@ class GridSetting:
     """Rows of ``#`` (wall) and ``.`` (free); empty for no walls."""
 
 
-def _cross(n: int, gaps: Sequence[int]) -> tuple[str, ...]:
-    """A wall through the centre row and column of an n x n board, with gaps at the offsets
-    ``gaps`` along each arm (four rooms)."""
-    c = n // 2
-    rows = [["."] * n for _ in range(n)]
-    for i in range(n):
-        rows[c][i] = "#"
-        rows[i][c] = "#"
-    for g in gaps:
-        rows[c][g] = rows[g][c] = "."
-    return tuple("".join(r) for r in rows)
-
-
-def _centre_wall(n: int, gaps: Sequence[int]) -> tuple[str, ...]:
-    c = n // 2
-    return tuple("".join("#" if (j == c and i not in gaps) else "." for j in range(n))
-                 for i in range(n))
-
-
+# wall maps of jinPrelude/LPG-miniworld-gymnasium (maps/*.txt, border removed)
+LONGER_WALLS = (
+    "....#....",
+    ".........",
+    "....#....",
+    "...###...",
+    "....#....",
+    ".........",
+    "....#....",
+)
+LONG_DENSE_WALLS = (
+    "...........",
+    ".....#.....",
+    ".....#.....",
+    ".....#.....",
+    "##.#####.##",
+    ".....#.....",
+    ".....#.....",
+    "...........",
+    ".....#.....",
+    ".....#.....",
+    ".....#.....",
+)
+SMALL_WALLS = (
+    ".......",
+    "..#....",
+    ".......",
+    "....#..",
+    ".......",
+)
 _DENSE = ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 1), (-1.0, 0.0, 0.5, 1))
 _LONG = ((1.0, 0.0, 0.01, 2), (-1.0, 0.5, 1.0, 2))
 
@@ -189,14 +249,15 @@ SETTINGS: dict[str, GridSetting] = {
     "tabular-dense": GridSetting((11, 11), _DENSE, 500, True),
     "tabular-sparse": GridSetting((13, 13), ((1.0, 1.0, 0.0, 1), (-1.0, 1.0, 0.0, 1)), 50, True),
     "tabular-long": GridSetting((11, 11), _LONG, 1000, True),
-    "tabular-longer": GridSetting((9, 9), ((1.0, 0.1, 0.01, 2), (-1.0, 0.8, 1.0, 5)), 2000, True,
-                                  _centre_wall(9, gaps=(1, 7))),
+    "tabular-longer": GridSetting((7, 9), ((1.0, 0.1, 0.01, 2), (-1.0, 0.8, 1.0, 5)), 2000, True,
+                                  LONGER_WALLS),
     "tabular-long_dense": GridSetting((11, 11), ((1.0, 0.0, 0.005, 4),), 2000, True,
-                                      _cross(11, gaps=(2, 8))),
+                                      LONG_DENSE_WALLS),
     "random-dense": GridSetting((11, 11), _DENSE, 500, False),
     "random-long": GridSetting((11, 11), _LONG, 1000, False),
-    "random-small": GridSetting((7, 7), ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 2)), 500, False),
-    "random-small_sparse": GridSetting((7, 7), ((1.0, 1.0, 1.0, 1), (-1.0, 1.0, 1.0, 2)), 50,
+    "random-small": GridSetting((5, 7), ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 2)), 500, False,
+                                SMALL_WALLS),
+    "random-small_sparse": GridSetting((5, 7), ((1.0, 1.0, 1.0, 1), (-1.0, 1.0, 1.0, 2)), 50,
                                        False),
     "random-very_dense": GridSetting((11, 11), ((1.0, 0.0, 1.0, 1),), 2000, False),
 }
@@ -333,6 +394,18 @@ def sample_procgen_params(key: jax.Array) -> GridParams:
 # --- the environment ---------------------------------------------------------------------
 
 
+def tabular_index(cell: Any, present: Any) -> Any:
+    """The tabular observation index of a state: ``cell * 2**K + sum_i present_i << i``, for
+    the agent's cell index ``cell`` (``row * W + col``) and the ``[..., K]`` object-presence
+    flags ``present``. Works on numpy and jax arrays (and batches of them)."""
+    xp = jnp if isinstance(present, jax.Array) or isinstance(cell, jax.Array) else np
+    present = xp.asarray(present).astype(xp.int32)
+    k = present.shape[-1]
+    mask = xp.sum(present * (2 ** xp.arange(k, dtype=xp.int32)), axis=-1)
+    return xp.asarray(cell, xp.int32) * (2 ** k) + mask
+
+
+
 class GridEnv:
     """A grid world: ``reset(key, params)``, ``step(key, state, action, params)``.
 
@@ -345,12 +418,16 @@ class GridEnv:
     def __init__(self, name: str, *, height: int, width: int, num_objects: int,
                  num_types: int, tabular: bool, base: Callable[[], GridParams],
                  level: Callable[[jax.Array, GridParams], GridParams],
-                 level_fields: tuple[str, ...]):
+                 level_fields: tuple[str, ...], collect_actions: bool = False):
         self.name = name
         self.id = f"grid/{name}"
         self.height, self.width = height, width
         self.num_objects, self.num_types = num_objects, num_types
         self.tabular = tabular
+        self.collect_actions = collect_actions
+        """True: 18 actions (9 moves without collecting, 9 collects); False: 9 auto-collecting
+        moves."""
+        self.num_actions = NUM_COLLECT_ACTIONS if collect_actions else NUM_MOVES
         self._base = base
         self._level = level
         self.level_fields = level_fields
@@ -381,11 +458,25 @@ class GridEnv:
 
     # -- dynamics --
 
+    @property
+    def num_states(self) -> int:
+        """Tabular grids: the observation size ``H * W * 2**K``."""
+        return self.height * self.width * 2 ** self.num_objects
+
+    def tabular_index(self, state: GridState) -> jax.Array:
+        """The tabular observation index of ``state`` (see the module's ``tabular_index``)."""
+        return tabular_index(state.agent, state.present)
+
+    @staticmethod
+    def state_index(obs: jax.Array) -> jax.Array:
+        """The state index a tabular observation one-hot encodes: ``argmax(obs)``."""
+        return jnp.argmax(obs, axis=-1)
+
     def _obs(self, state: GridState, params: GridParams) -> jax.Array:
         cells = self.height * self.width
-        agent = jax.nn.one_hot(state.agent, cells, dtype=jnp.float32)
         if self.tabular:
-            return agent
+            return jax.nn.one_hot(self.tabular_index(state), self.num_states, dtype=jnp.float32)
+        agent = jax.nn.one_hot(state.agent, cells, dtype=jnp.float32)
         objs = jnp.zeros((cells, self.num_types), jnp.float32)
         objs = objs.at[state.obj_pos, params.obj_type].add(state.present.astype(jnp.float32))
         walls = params.walls.reshape(-1).astype(jnp.float32)
@@ -417,13 +508,23 @@ class GridEnv:
         agent = jnp.where(params.start_pos >= 0, params.start_pos, random_start).astype(jnp.int32)
         if self.tabular:
             obj_pos = params.obj_pos.astype(jnp.int32)
-            present = params.obj_active & (obj_pos != agent)
+            present = params.obj_active
         else:
             obj_pos, present = self._place(u[1], params, agent,
                                            jnp.zeros(self.num_objects, jnp.int32),
                                            jnp.zeros(self.num_objects, bool), params.obj_active)
         state = GridState(agent=agent, obj_pos=obj_pos, present=present, time=jnp.int32(0))
         return self._obs(state, params), state
+
+    def _neighbour(self, cell, direction, params: GridParams):
+        """``(target, ok)``: the cell in ``direction`` (0-8) from ``cell`` and whether it is on
+        the board and not a wall."""
+        h, w = self.height, self.width
+        r = cell // w + jnp.asarray(DROW)[direction]
+        c = cell % w + jnp.asarray(DCOL)[direction]
+        on = (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        target = (jnp.clip(r, 0, h - 1) * w + jnp.clip(c, 0, w - 1)).astype(jnp.int32)
+        return target, on & ~params.walls.reshape(-1)[target]
 
     @partial(jax.jit, static_argnums=0)
     def reset(self, key: jax.Array, params: GridParams) -> tuple[jax.Array, GridState]:
@@ -435,24 +536,31 @@ class GridEnv:
         cells, k = self.height * self.width, self.num_objects
         u = jax.random.uniform(k_step, (2 * k + (0 if self.tabular else cells),))
         u_term, u_resp = u[:k], u[k:2 * k]
-        h, w = self.height, self.width
-        action = jnp.asarray(action, jnp.int32)
-        r, c = state.agent // w, state.agent % w
-        nr = jnp.clip(r + jnp.asarray(_DR)[action], 0, h - 1)
-        nc = jnp.clip(c + jnp.asarray(_DC)[action], 0, w - 1)
-        target = (nr * w + nc).astype(jnp.int32)
-        agent = jnp.where(params.walls.reshape(-1)[target], state.agent, target)
+        action = jnp.clip(jnp.asarray(action, jnp.int32), 0, self.num_actions - 1)
+        if self.collect_actions:
+            moving = action < NUM_MOVES
+            direction = jnp.where(moving, action, action - NUM_MOVES)
+        else:
+            moving, direction = jnp.bool_(True), action
+        # the cell in `direction` from the agent, or the agent's own if off the board / a wall
+        target, ok = self._neighbour(state.agent, direction, params)
+        agent = jnp.where(moving & ok, target, state.agent).astype(jnp.int32)
+        if self.collect_actions:
+            # a move collects nothing; a collect action takes the object on its target cell
+            collect_cell, collecting = target, ~moving & ok
+        else:
+            collect_cell, collecting = agent, jnp.bool_(True)
 
-        hit = state.present & (state.obj_pos == agent)
+        hit = state.present & (state.obj_pos == collect_cell) & collecting
         reward = jnp.sum(jnp.where(hit, params.obj_reward, 0.0)).astype(jnp.float32)
         terminated = jnp.any(hit & (u_term < params.obj_term))
         present = state.present & ~hit
-        # objects gone since an earlier step come back with their respawn probability
+        # objects absent at the start of this step come back with their respawn probability
         respawn = (~state.present & params.obj_active
                    & (u_resp < params.obj_respawn))
         if self.tabular:
-            obj_pos = state.obj_pos
-            present = present | (respawn & (obj_pos != agent))
+            obj_pos = state.obj_pos  # at its fixed cell, even under the agent
+            present = present | respawn
         else:
             obj_pos, present = self._place(u[2 * k:], params, agent,
                                            state.obj_pos, present, respawn)
@@ -471,13 +579,13 @@ class GridEnv:
 
     def observation_space(self, params: GridParams | None = None) -> spaces.Box:
         if self.tabular:
-            shape = (self.height * self.width,)
+            shape = (self.num_states,)
         else:
             shape = (self.height, self.width, self.num_types + 2)
         return spaces.Box(0.0, 1.0, shape, jnp.float32)
 
     def action_space(self, params: GridParams | None = None) -> spaces.Discrete:
-        return spaces.Discrete(NUM_ACTIONS)
+        return spaces.Discrete(self.num_actions)
 
     def __repr__(self) -> str:
         return f"GridEnv({self.name!r})"
@@ -512,13 +620,15 @@ def override_params(env_id: str, params: Any, overrides: dict[str, Any],
 
 
 def _env_for_setting(name: str) -> GridEnv:
-    s = SETTINGS[name]
+    collect = name.endswith(COLLECT_SUFFIX)
+    s = SETTINGS[name[: -len(COLLECT_SUFFIX)] if collect else name]
     k = sum(o[3] for o in s.objects)
     return GridEnv(name, height=s.size[0], width=s.size[1], num_objects=k,
                    num_types=len(s.objects), tabular=s.tabular,
                    base=lambda: _setting_params(s),
                    level=_tabular_level if s.tabular else _no_level,
-                   level_fields=("obj_pos", "start_pos") if s.tabular else ())
+                   level_fields=("obj_pos", "start_pos") if s.tabular else (),
+                   collect_actions=collect)
 
 
 def _procgen_env() -> GridEnv:
@@ -553,13 +663,19 @@ def _factory(name: str) -> Callable[..., tuple[GridEnv, GridParams]]:
 
 def _note(name: str) -> str:
     if name == "procgen":
-        return ("LPG-style procedurally generated grid (held-out levels): set level_seed "
-                "to draw a level per seed")
-    s = SETTINGS[name]
-    kind = "tabular (one-hot cell obs)" if s.tabular else "random objects (map obs)"
-    return f"LPG grid world, {kind}, {s.size[0]}x{s.size[1]}, {s.max_steps} steps"
+        return ("LPG-style procedurally generated grid (held-out levels), 9 actions: set "
+                "level_seed to draw a level per seed")
+    collect = name.endswith(COLLECT_SUFFIX)
+    s = SETTINGS[name[: -len(COLLECT_SUFFIX)] if collect else name]
+    kind = ("tabular (one-hot (cell, objects present) obs)" if s.tabular
+            else "random objects (map obs)")
+    acts = "18 actions (9 moves + 9 collects)" if collect else "9 actions (auto-collect)"
+    return f"LPG grid world, {kind}, {s.size[0]}x{s.size[1]}, {s.max_steps} steps, {acts}"
 
 
-for _name in (*SETTINGS, "procgen"):
+GRID_NAMES = (*SETTINGS, *(n + COLLECT_SUFFIX for n in SETTINGS), "procgen")
+"""Every registered ``grid/<name>``."""
+
+for _name in GRID_NAMES:
     register(EnvEntry(id=f"grid/{_name}", factory=_factory(_name), jittable=True,
                       note=_note(_name)), overwrite=True)

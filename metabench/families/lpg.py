@@ -19,8 +19,14 @@ Reference rules in the slot:
   and reset at episode ends, heads for ``pi_hat`` and ``y_hat``); parameters from
   ``metabench discover lpg``, else an untrained initialisation that says so.
 - ``actor_critic``: hand-designed A2C in the same slot: ``y`` is read as a categorical value
-  distribution over fixed bins, ``pi_hat`` is the GAE advantage and ``y_hat`` the two-hot
-  projection of the lambda-return, so A2C is scored through exactly the same agent.
+  distribution over fixed bins, ``pi_hat`` is the GAE advantage and ``y_hat`` a discretised
+  Gaussian centred on the lambda-return (whose KL minimiser reads out the mean return), so
+  A2C is scored through exactly the same agent.
+
+The rule's targets are computed from the agent's outputs *outside* the agent's gradient: the
+agent treats ``pi_hat`` and ``y_hat`` as constants, but a meta-gradient through several
+updates (``metabench discover lpg``) follows them back through the agent's earlier updates,
+which is the only path by which the rule learns what ``y`` should predict.
 """
 
 from __future__ import annotations
@@ -125,41 +131,56 @@ def two_hot(x: jax.Array, bins: jax.Array) -> jax.Array:
             + jax.nn.one_hot(hi, len(bins)) * w_hi[..., None])
 
 
-H_EPS = 1e-3
+def gaussian_bins(x: jax.Array, bins: jax.Array, sigma: float) -> jax.Array:
+    """Scalars ``[...]`` as distributions ``[..., m]`` over evenly spaced ``bins``:
+    ``softmax(-(bins - x)^2 / (2 sigma^2))``, a discretised Gaussian centred on ``x``.
+
+    Its log is, up to a normaliser that is constant for ``x`` away from the edges, linear in
+    ``x``. That is why :func:`actor_critic` uses it: the family's prediction loss is
+    KL(y || y_hat), whose minimiser over noisy targets is the normalised *geometric* mean
+    ``exp(E[log y_hat])``; for these targets that is again a discretised Gaussian, centred
+    on ``E[x]``, so the value read-out stays unbiased (a two-hot target's geometric mean is
+    not: targets 0 and 10 with probabilities 0.3/0.7 read out 3.4, not 7)."""
+    return jax.nn.softmax(-jnp.square(bins - x[..., None]) / (2.0 * sigma ** 2), axis=-1)
 
 
-def value_transform(x: jax.Array) -> jax.Array:
-    """``h(x) = sign(x)(sqrt(|x| + 1) - 1) + eps x`` (Pohlen et al. 2018): squashes large
-    values so that a few bins cover returns from -1 to 1000."""
-    return jnp.sign(x) * (jnp.sqrt(jnp.abs(x) + 1.0) - 1.0) + H_EPS * x
-
-
-def inverse_value_transform(x: jax.Array) -> jax.Array:
-    """The inverse of :func:`value_transform`."""
-    root = (jnp.sqrt(1.0 + 4.0 * H_EPS * (jnp.abs(x) + 1.0 + H_EPS)) - 1.0) / (2.0 * H_EPS)
-    return jnp.sign(x) * (root ** 2 - 1.0)
+def value_bins(v_max: float, m: int = PRED_DIM) -> jax.Array:
+    """The ``m`` evenly spaced value bins on ``[-v_max, v_max]`` that :func:`actor_critic`
+    reads ``y`` over."""
+    return jnp.linspace(-v_max, v_max, m)
 
 
 @functools.lru_cache(maxsize=None)
-def actor_critic(gae_lambda: float = 0.95, v_max: float = 1000.0) -> UpdateRule:
-    """A2C in the LPG slot: ``y`` is a categorical distribution over ``m`` bins evenly spaced
-    in ``h``-space (:func:`value_transform`) on ``[-h(v_max), h(v_max)]``, read as the value
-    ``v = h^-1(E_y[bin])``; ``pi_hat`` is the GAE(lambda) advantage and ``y_hat`` the
-    two-hot projection of ``h(lambda-return)``. Truncated episodes bootstrap from
-    ``y(s_t+1)``; terminated ones do not."""
+def actor_critic(gae_lambda: float = 0.95, v_max: float = 100.0,
+                 sigma_bins: float = 0.75) -> UpdateRule:
+    """A2C in the LPG slot (Mnih et al. 2016, the hand-designed rule of Oh et al. 2020):
+    ``y`` is a categorical value distribution over ``m`` bins evenly spaced on
+    ``[-v_max, v_max]``, read as the value ``v = E_y[bin]``; ``pi_hat`` is the GAE(lambda)
+    advantage and ``y_hat`` a discretised Gaussian (:func:`gaussian_bins`, ``sigma_bins``
+    bin widths wide) centred on the lambda-return, so that the family's KL(y || y_hat)
+    update makes ``y`` read out the expected return within bin resolution. Truncated
+    episodes bootstrap from ``y(s_t+1)``; terminated ones do not.
+
+    ``v_max = 100`` is ``r_max / (1 - gamma)`` for rewards in [-1, 1] at gamma = 0.99, the
+    largest value any LPG grid or chain can have, so no value is clipped; bins are 6.9
+    apart, and the read-out is a continuous mean, so values far below a bin width are
+    still represented (the Gaussian's mean moves smoothly with its centre)."""
 
     if not v_max > 0:
         raise ValueError(f"v_max must be positive, got {v_max}")
+    if not sigma_bins > 0:
+        raise ValueError(f"sigma_bins must be positive, got {sigma_bins}")
 
     def apply(meta_params, x: Inputs) -> Outputs:
-        edge = math.sqrt(v_max + 1.0) - 1.0 + H_EPS * v_max  # h(v_max), v_max > 0
-        bins = jnp.linspace(-edge, edge, x.y.shape[-1])
-        v = inverse_value_transform(x.y @ bins)
-        v_next = inverse_value_transform(x.y_next @ bins)
+        m = x.y.shape[-1]
+        bins = value_bins(v_max, m)
+        sigma = sigma_bins * 2.0 * v_max / (m - 1)
+        v = x.y @ bins
+        v_next = x.y_next @ bins
         term = x.terminated > 0.5
         trunc = jnp.logical_and(x.done > 0.5, ~term)
         adv, target = truncated_gae(x.reward, v, v_next, term, trunc, x.gamma, gae_lambda)
-        return Outputs(adv, two_hot(value_transform(target), bins))
+        return Outputs(adv, gaussian_bins(jnp.clip(target, -v_max, v_max), bins, sigma))
 
     return UpdateRule(lambda _: {}, apply)
 
@@ -226,8 +247,8 @@ REFERENCE_RULES = {
                     "agent's policy and prediction targets", "Oh et al. 2020",
                     default_params=_lpg_default_params),
     "actor_critic": RuleInfo("actor_critic", "lpg", actor_critic,
-                             "A2C in the LPG slot: GAE advantage and two-hot lambda-return "
-                             "into a categorical value", "Mnih et al. 2016; Oh et al. 2020"),
+                             "A2C in the LPG slot: GAE advantage, and a Gaussian over value "
+                             "bins centred on the lambda-return", "Mnih et al. 2016; Oh et al. 2020"),
 }
 
 
@@ -243,15 +264,20 @@ class LPGNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, obs):
-        if self.torso == "tabular":
-            # A table per state for one-hot observations: no bias, zero init (uniform pi and y).
-            x = obs.reshape((obs.shape[0], -1))
-            dense = functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.zeros)
-        else:
-            x = (nets.MinAtarTorso(hidden=self.hidden[-1])(obs) if self.torso == "cnn"
-                 else nets.MLPTorso(hidden=self.hidden, activation="relu")(obs))
-            dense = nn.Dense
+        x, dense = agent_torso(obs, self.torso, self.hidden)
         return dense(self.action_dim)(x), dense(PRED_DIM)(x)
+
+
+def agent_torso(obs, kind: str, hidden: tuple[int, ...]):
+    """``(features, head)`` for the LPG agent's networks, called inside a compact module:
+    ``tabular`` is the flattened one-hot observation with zero-initialised heads without bias
+    (a table per state: uniform outputs), ``mlp`` / ``cnn`` a relu torso with dense heads."""
+    if kind == "tabular":
+        x = obs.reshape((obs.shape[0], -1))
+        return x, functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.zeros)
+    x = (nets.MinAtarTorso(hidden=hidden[-1])(obs) if kind == "cnn"
+         else nets.MLPTorso(hidden=hidden, activation="relu")(obs))
+    return x, nn.Dense
 
 
 class Rollout(NamedTuple):
@@ -282,10 +308,14 @@ class Agent(NamedTuple):
     rollout: Callable[[RunnerState], tuple[RunnerState, Rollout, tuple]]
     """``rollout(state) -> (state, traj [T, N], (returns_sum, episodes))``."""
     rule_inputs: Callable[[Any, Rollout], Inputs]
-    """``rule_inputs(params, traj) -> Inputs`` (no gradient to the agent's parameters)."""
-    loss: Callable[..., tuple[jax.Array, Outputs]]
-    """``loss(params, meta_params, traj, alpha_y=None) -> (agent loss, rule outputs)``
-    (``alpha_y`` defaults to the config's)."""
+    """``rule_inputs(params, traj) -> Inputs``: what the rule sees of the agent's outputs."""
+    targets: Callable[[Any, Any, Rollout], Outputs]
+    """``targets(params, meta_params, traj) -> Outputs``: the rule applied to them."""
+    loss: Callable[..., jax.Array]
+    """``loss(params, target, traj, alpha_y=None) -> agent loss`` for fixed ``target``
+    (``alpha_y`` defaults to the config's). Differentiate it in ``params`` only with
+    ``target`` computed outside (as ``update`` does), so the agent never follows its
+    gradient through its own targets."""
     update: Callable[[RunnerState, Any, Rollout], tuple[RunnerState, jax.Array, Outputs]]
     """One agent update on a rollout; differentiable in ``meta_params``."""
 
@@ -357,32 +387,35 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
         pi_a = jnp.exp(nets.log_prob(logits, traj.action, False))
         term = traj.terminated.astype(jnp.float32)
         done = jnp.logical_or(traj.terminated, traj.truncated).astype(jnp.float32)
-        x = Inputs(traj.reward, term, done, jnp.full_like(term, config.gamma), pi_a, y, y_next)
-        return jax.lax.stop_gradient(x)
+        return Inputs(traj.reward, term, done, jnp.full_like(term, config.gamma), pi_a, y,
+                      y_next)
 
-    def loss(params, meta_params, traj: Rollout, alpha_y=None):
-        # The targets come from the agent's outputs without gradient (they are targets), but
-        # keep their dependence on meta_params (meta-gradients flow through them).
-        target = rule.apply(meta_params, rule_inputs(params, traj))
+    def targets(params, meta_params, traj: Rollout) -> Outputs:
+        return rule.apply(meta_params, rule_inputs(params, traj))
+
+    def loss(params, target: Outputs, traj: Rollout, alpha_y=None):
         logits, y = outputs(params, traj)
         logp = nets.log_prob(logits, traj.action, False)
         pg = jnp.mean(logp * target.pi_hat)
-        y_hat = target.y_hat
         kl = jnp.mean(jnp.sum(y * (jnp.log(jnp.maximum(y, 1e-30))
-                                   - jnp.log(jnp.maximum(y_hat, 1e-30))), axis=-1))
+                                   - jnp.log(jnp.maximum(target.y_hat, 1e-30))), axis=-1))
         ent = jnp.mean(nets.entropy(logits, False))
         alpha_y = config.alpha_y if alpha_y is None else alpha_y
-        return -pg + alpha_y * kl - config.ent_coef * ent, target
+        return -pg + alpha_y * kl - config.ent_coef * ent
 
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    grad_fn = jax.value_and_grad(loss)
 
     def update(state: RunnerState, meta_params, traj: Rollout):
-        (value, target), grads = grad_fn(state.params, meta_params, traj)
+        # The targets are computed outside the agent's gradient: the agent treats them as
+        # constants (Oh et al. 2020, eq. 2), while a meta-gradient still follows them back
+        # through ``state.params`` to earlier updates, and so to the y_hat head of the rule.
+        target = targets(state.params, meta_params, traj)
+        value, grads = grad_fn(state.params, target, traj)
         updates, opt_state = optimiser.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return state._replace(params=params, opt_state=opt_state), value, target
 
-    return Agent(network, optimiser, init, rollout, rule_inputs, loss, update)
+    return Agent(network, optimiser, init, rollout, rule_inputs, targets, loss, update)
 
 
 def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
