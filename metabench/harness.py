@@ -95,6 +95,8 @@ class EnvRun:
     # the env params that seed trained on; None when the reference is fixed or unknown.
     references: list[float] | None = None
     reference_error: str | None = None
+    # With a per-level reference, the random policy's return on each seed's level too.
+    randoms: list[float] | None = None
 
     @property
     def updates_done(self) -> int:
@@ -252,14 +254,16 @@ class _Trained(NamedTuple):
     agent_log: list[dict] | None = None
     references: list[float] | None = None
     reference_error: str | None = None
+    randoms: list[float] | None = None
 
 
 def _level_references(spec: EnvSpec, env: Any, states: Any, place: "_Placement"
-                      ) -> tuple[list[float] | None, str | None]:
-    """Each seed's per-level reference (``normalise.reference: optimal / oracle``), measured
-    on the env params in that seed's initial runner state: exactly the level it trains on."""
+                      ) -> tuple[list[float] | None, str | None, list[float] | None]:
+    """Each seed's per-level reference (``normalise.reference: optimal / oracle``) and random
+    return, measured on the env params in that seed's initial runner state: exactly the
+    level it trains on."""
     if not spec.normalise.per_level:
-        return None, None
+        return None, None, None
     try:
         params = getattr(states, "env_params", None)
         if params is None:
@@ -268,13 +272,14 @@ def _level_references(spec: EnvSpec, env: Any, states: Any, place: "_Placement"
         if place.axis == 1:  # a population: every candidate trains on the same seeds
             params = jax.tree_util.tree_map(lambda x: x[0], params)
         params = jax.tree_util.tree_map(lambda x: x[:place.seeds], params)
-        from metabench.envs.oracle import level_references
+        from metabench.envs.oracle import level_randoms, level_references
 
         refs = [float(r) for r in level_references(spec.normalise.method, env, params)]
-        return refs, None
+        randoms = [float(r) for r in level_randoms(spec.normalise.method, env, params)]
+        return refs, None, randoms
     except Exception as e:
         return None, f"{type(e).__name__} while measuring the {spec.normalise.method} " \
-                     f"reference: {e}"
+                     f"reference: {e}", None
 
 
 def memory_usage() -> dict:
@@ -334,7 +339,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
         # AOT-compile every distinct chunk shape now, so compile time is not run time.
         execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
         jax.block_until_ready(states)
-        references, reference_error = _level_references(spec, env, states, place)
+        references, reference_error, randoms = _level_references(spec, env, states, place)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
         _release(locals().get("env"))
         return _Trained(None, 1, 0, time.perf_counter() - t0, 0.0,
@@ -379,7 +384,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
             lambda *xs: np.take(np.concatenate(xs, axis=-1), np.arange(place.seeds),
                                 axis=place.axis), *chunks)
     return _Trained(metrics, trainer.steps_per_update, trainer.num_updates, compile_s, run_s,
-                    failure, memory_usage(), agent_log, references, reference_error)
+                    failure, memory_usage(), agent_log, references, reference_error, randoms)
 
 
 def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> EnvRun:
@@ -396,7 +401,7 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
         log = log[index * len(seeds):(index + 1) * len(seeds)]
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
                   t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
-                  t.memory, log, t.references, t.reference_error)
+                  t.memory, log, t.references, t.reference_error, t.randoms)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,
@@ -494,15 +499,16 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                 final = scoring.final_window_return(run.returns_sum[i], run.episodes[i], window)
                 if not math.isfinite(final):
                     reason = "no episode completed during training"
-        reference = norm.reference
+        reference, random = norm.reference, norm.random
         if norm.per_level:
             reference = None if run.references is None else run.references[i]
-            if reason is None and reference is None:
+            random = None if run.randoms is None else run.randoms[i]
+            if reason is None and (reference is None or random is None):
                 reason = run.reference_error or f"no {norm.method} reference was measured"
-            elif reason is None and reference == norm.random:
-                reason = (f"the level's {norm.method} reference equals random ({reference}): "
-                          f"no score")
-        score = (float(scoring.normalise(final, norm.random, reference))
+            elif reason is None and reference <= random:
+                reason = (f"the level's {norm.method} reference ({reference}) is not above "
+                          f"its random return ({random}): no score")
+        score = (float(scoring.normalise(final, random, reference))
                  if reason is None else None)
         steps, rets = downsample_curve(run.returns_sum[i], run.episodes[i] if run.episodes.size
                                        else run.episodes, run.steps_per_update)
@@ -512,6 +518,7 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
                "curve": {"steps": steps, "returns": rets}}
         if norm.per_level:
             rec["reference"] = reference
+            rec["random"] = random
             rec["reference_method"] = norm.method
         if reason is None and run.agent_log is not None and len(run.agent_log) == len(run.seeds):
             rec.update(agent_returns(run.agent_log[i], window))

@@ -435,8 +435,8 @@ def _series_matrix(rec: dict, env: str, get: Callable[[dict], dict], key: str
 
 def _normaliser(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray] | None:
     """``(random, reference)`` per row of :func:`curve_matrix` (runs with a curve, in order):
-    a run's own ``reference`` where it has one (per-level references, ``optimal`` /
-    ``oracle``), else the env's; None when some row has no usable pair."""
+    a run's own ``reference`` and ``random`` where it has them (per-level references,
+    ``optimal`` / ``oracle``), else the env's; None when some row has no usable pair."""
     rnd = ref = None
     for e in _l(rec.get("envs")):
         e = _d(e)
@@ -450,9 +450,10 @@ def _normaliser(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray] | None:
     for r in _l(rec.get("runs")):
         if isinstance(r, dict) and _s(r.get("env")) == env and _d(r.get("curve")):
             run_ref = _f(r.get("reference")) if per_level else ref
-            if rnd is None or run_ref is None or run_ref == rnd:
+            run_rnd = _f(r.get("random")) if per_level and "random" in r else rnd
+            if run_rnd is None or run_ref is None or run_ref == run_rnd:
                 return None
-            rnds.append(rnd)
+            rnds.append(run_rnd)
             refs.append(run_ref)
     return np.array(rnds), np.array(refs)
 

@@ -10,7 +10,10 @@ scoring. Unknown keys are errors; every error names the file, the key and what w
 by :mod:`metabench.envs.optimal`; tabular grids and chains) or ``oracle`` (per seed: the mean
 return of a scripted full-information agent on that seed's level, :mod:`metabench.envs.oracle`;
 grid envs where the optimum is intractable). Either per-level reference is measured by the
-harness from the env params the run actually trained on.
+harness from the env params the run actually trained on, and so is the random policy's return
+on that level (exact for ``optimal``, simulated for ``oracle``), which then replaces the
+calibrated mean in that run's score: with one mean random over levels, a level whose reference
+falls below it would flip the sign of its scores.
 """
 
 from __future__ import annotations

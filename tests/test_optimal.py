@@ -229,10 +229,14 @@ def test_harness_normalises_each_seed_by_its_levels_optimum(tmp_path):
     for i, key in enumerate(keys):
         params = sampler(jax.random.split(key, 4)[3])
         assert run.references[i] == pytest.approx(optimal.optimal_return(env, params))
+        assert run.randoms[i] == pytest.approx(optimal.random_return_exact(env, params))
     part = harness.env_part(run, t.scoring.window)
     for i, r in enumerate(part["runs"]):
         assert r["reference_method"] == "optimal" and r["reference"] == run.references[i]
-        assert r["score"] == pytest.approx((r["final_return"] + 0.5) / (r["reference"] + 0.5))
+        # the level's own random return, not the task's calibrated mean (-0.5)
+        assert r["random"] == run.randoms[i] != -0.5
+        assert r["score"] == pytest.approx((r["final_return"] - r["random"])
+                                           / (r["reference"] - r["random"]))
     e = part["env"]
     assert e["reference_method"] == "optimal"
     assert e["reference"] == pytest.approx(np.mean(run.references))
@@ -245,7 +249,7 @@ def test_harness_normalises_each_seed_by_its_levels_optimum(tmp_path):
     envs_, mat = leaderboard.score_matrix(rec)
     assert mat[:, 0] == pytest.approx([r["score"] for r in part["runs"]])
     rnd, ref = leaderboard._normaliser(rec, envs_[0])
-    assert list(ref) == run.references and list(rnd) == [-0.5] * 3
+    assert list(ref) == run.references and list(rnd) == run.randoms
     # shards merge into one summary over all runs
     a = {"env": dict(e), "runs": part["runs"][:1]}
     b = {"env": dict(e), "runs": part["runs"][1:]}
@@ -290,3 +294,17 @@ def test_oracle_is_strong_on_a_tabular_level():
     best = optimal.optimal_return(env, p)
     got = oracle.oracle_return(env, p, num_envs=8, episodes=2)
     assert got == pytest.approx(best)  # a deterministic walk to the +1 object
+
+
+def test_oracle_levels_get_their_own_random_return():
+    """procgen levels differ wildly (the oracle gets 3 to 83 on held-out levels), so each
+    level's score needs that level's random return: measured by the same simulation."""
+    from metabench.envs import make
+    from metabench.envs.oracle import level_randoms, level_references
+
+    env, _ = make("grid/procgen")
+    batch = jax.vmap(env.sample_params)(jax.random.split(jax.random.PRNGKey(3), 2))
+    refs = level_references("oracle", env, batch)
+    rnds = level_randoms("oracle", env, batch)
+    assert all(r < o for r, o in zip(rnds, refs)), (rnds, refs)
+    assert rnds[0] != rnds[1]

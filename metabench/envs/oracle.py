@@ -114,8 +114,9 @@ def oracle_action(env: Any, state: Any, params: Any) -> jax.Array:
 
 
 def _level_returns(env: Any, params: Any, key: jax.Array, steps: int, num_envs: int,
-                   episodes: int) -> jax.Array:
-    """Mean return of the first ``episodes`` episodes of ``num_envs`` copies of one level."""
+                   episodes: int, policy: str = "oracle") -> jax.Array:
+    """Mean return of the first ``episodes`` episodes of ``num_envs`` copies of one level,
+    played by the oracle or (``policy="random"``) by uniformly random actions."""
 
     def one(key):
         k_reset, k_run = jax.random.split(key)
@@ -123,7 +124,11 @@ def _level_returns(env: Any, params: Any, key: jax.Array, steps: int, num_envs: 
 
         def step(carry, key):
             state, ret, done_n, total = carry
-            action = oracle_action(env, state, params)
+            if policy == "random":
+                k_act, key = jax.random.split(key)
+                action = jax.random.randint(k_act, (), 0, env.num_actions)
+            else:
+                action = oracle_action(env, state, params)
             _, state, r, term, trunc, _ = env.step(key, state, action, params)
             ret = ret + r
             done = term | trunc
@@ -143,9 +148,11 @@ _CACHE: dict[tuple, float] = {}
 
 
 def oracle_returns(env: Any, params_batch: Any, *, num_envs: int = NUM_ENVS,
-                   episodes: int = EPISODES, seed: int = 0) -> list[float]:
-    """The oracle's mean return per level of ``params_batch`` (params with a leading level
-    axis), each over ``num_envs * episodes`` complete episodes; cached per (env, level)."""
+                   episodes: int = EPISODES, seed: int = 0,
+                   policy: str = "oracle") -> list[float]:
+    """The oracle's (or, with ``policy="random"``, a uniform random policy's) mean return per
+    level of ``params_batch`` (params with a leading level axis), each over
+    ``num_envs * episodes`` complete episodes; cached per (env, level, policy)."""
     from metabench.envs.optimal import _key
 
     if not can_play(env):
@@ -153,18 +160,18 @@ def oracle_returns(env: Any, params_batch: Any, *, num_envs: int = NUM_ENVS,
     params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
     n = int(np.asarray(params_batch.max_steps_in_episode).shape[0])
     levels = [jax.tree_util.tree_map(lambda x: x[i], params_batch) for i in range(n)]
-    keys = [_key(env, p, "oracle", num_envs, episodes, seed) for p in levels]
+    keys = [_key(env, p, policy, num_envs, episodes, seed) for p in levels]
     todo = [i for i, k in enumerate(keys) if k not in _CACHE]
     if todo:
         batch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[levels[i] for i in todo])
         steps = int(episodes * np.max(np.asarray(batch.max_steps_in_episode)))
         fn = jax.jit(jax.vmap(lambda p, k: _level_returns(env, p, k, steps, num_envs,
-                                                          episodes)))
+                                                          episodes, policy)))
         rngs = jnp.stack([jax.random.PRNGKey(seed)] * len(todo))
         means, counts = jax.device_get(fn(batch, rngs))
         for j, i in enumerate(todo):
             if int(counts[j]) < num_envs * episodes:
-                raise RuntimeError(f"{getattr(env, 'id', env)}: the oracle completed only "
+                raise RuntimeError(f"{getattr(env, 'id', env)}: the {policy} policy completed only "
                                    f"{int(counts[j])} of {num_envs * episodes} episodes")
             _CACHE[keys[i]] = float(means[j])
     return [_CACHE[k] for k in keys]
@@ -188,5 +195,24 @@ def level_references(method: str, env: Any, params_batch: Any) -> Sequence[float
         n = int(np.asarray(jax.tree_util.tree_leaves(params_batch)[0]).shape[0])
         return [optimal.optimal_return(env, jax.tree_util.tree_map(lambda x: x[i],
                                                                    params_batch))
+                for i in range(n)]
+    raise ValueError(f"unknown reference method {method!r}; expected optimal or oracle")
+
+
+def level_randoms(method: str, env: Any, params_batch: Any) -> Sequence[float]:
+    """The uniform random policy's expected return per level, measured the way ``method``'s
+    reference is: exactly for ``optimal`` (:func:`metabench.envs.optimal.random_return_exact`),
+    by simulation with the oracle's episode protocol for ``oracle``. A per-level reference
+    needs a per-level random: a level whose reference is below the mean random return over
+    levels would otherwise flip the sign of every score on it."""
+    from metabench.envs import optimal
+
+    params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
+    if method == "oracle":
+        return oracle_returns(env, params_batch, policy="random")
+    if method == "optimal":
+        n = int(np.asarray(jax.tree_util.tree_leaves(params_batch)[0]).shape[0])
+        return [optimal.random_return_exact(env, jax.tree_util.tree_map(lambda x: x[i],
+                                                                        params_batch))
                 for i in range(n)]
     raise ValueError(f"unknown reference method {method!r}; expected optimal or oracle")
