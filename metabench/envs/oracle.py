@@ -183,36 +183,32 @@ def oracle_return(env: Any, params: Any, **kwargs: Any) -> float:
     return oracle_returns(env, batch, **kwargs)[0]
 
 
-def level_references(method: str, env: Any, params_batch: Any) -> Sequence[float]:
-    """Per-level references of a batch of levels (leading axis): ``optimal`` (exact,
-    :mod:`metabench.envs.optimal`) or ``oracle`` (this module)."""
+def _per_level(method: str, env: Any, params_batch: Any, policy: str) -> Sequence[float]:
+    """``policy`` ("best" or "random") returns per level of a batch (leading axis), measured
+    the way ``method`` says: exactly (``optimal``, :mod:`metabench.envs.optimal`) or by
+    simulation with the oracle's episode protocol (``oracle``)."""
     from metabench.envs import optimal
 
     params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
     if method == "oracle":
-        return oracle_returns(env, params_batch)
+        return oracle_returns(env, params_batch,
+                              policy="oracle" if policy == "best" else "random")
     if method == "optimal":
+        exact = optimal.optimal_return if policy == "best" else optimal.random_return_exact
         n = int(np.asarray(jax.tree_util.tree_leaves(params_batch)[0]).shape[0])
-        return [optimal.optimal_return(env, jax.tree_util.tree_map(lambda x: x[i],
-                                                                   params_batch))
+        return [exact(env, jax.tree_util.tree_map(lambda x: x[i], params_batch))
                 for i in range(n)]
     raise ValueError(f"unknown reference method {method!r}; expected optimal or oracle")
+
+
+def level_references(method: str, env: Any, params_batch: Any) -> Sequence[float]:
+    """Per-level references of a batch of levels (leading axis): ``optimal`` (exact,
+    :mod:`metabench.envs.optimal`) or ``oracle`` (this module)."""
+    return _per_level(method, env, params_batch, "best")
 
 
 def level_randoms(method: str, env: Any, params_batch: Any) -> Sequence[float]:
     """The uniform random policy's expected return per level, measured the way ``method``'s
-    reference is: exactly for ``optimal`` (:func:`metabench.envs.optimal.random_return_exact`),
-    by simulation with the oracle's episode protocol for ``oracle``. A per-level reference
-    needs a per-level random: a level whose reference is below the mean random return over
-    levels would otherwise flip the sign of every score on it."""
-    from metabench.envs import optimal
-
-    params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
-    if method == "oracle":
-        return oracle_returns(env, params_batch, policy="random")
-    if method == "optimal":
-        n = int(np.asarray(jax.tree_util.tree_leaves(params_batch)[0]).shape[0])
-        return [optimal.random_return_exact(env, jax.tree_util.tree_map(lambda x: x[i],
-                                                                        params_batch))
-                for i in range(n)]
-    raise ValueError(f"unknown reference method {method!r}; expected optimal or oracle")
+    reference is. A per-level reference needs a per-level random: a level whose reference is
+    below the mean random return over levels would otherwise flip the sign of its scores."""
+    return _per_level(method, env, params_batch, "random")
