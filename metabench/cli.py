@@ -189,7 +189,8 @@ def cmd_discover_evolve(args) -> int:
                        seeds=args.seeds, timesteps=_int_or_none(args.timesteps),
                        hurdle_timesteps=_int_or_none(args.hurdle_timesteps),
                        hurdle_threshold=None if args.no_hurdle else args.hurdle_threshold,
-                       hurdle_env=args.hurdle_env, seed=args.seed)
+                       hurdle_env=args.hurdle_env, seed=args.seed,
+                       fitness={"all": "all_episodes", "final": "final_window"}[args.fitness])
     out = Path(args.out) if args.out else RUNS_DIR / "discover" / "evolve" / \
         f"{task.id}-seed{cfg.seed}"
     command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
@@ -438,11 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--timesteps", default=None, help="env steps per agent (default: task's)")
     ev.add_argument("--hurdle-timesteps", default=None,
                     help="env steps on the hurdle (default: a third of --timesteps)")
-    ev.add_argument("--hurdle-threshold", type=float, default=0.05,
-                    help="normalised hurdle score needed for a full evaluation")
+    ev.add_argument("--hurdle-threshold", type=float, default=0.01,
+                    help="normalised hurdle score needed for a full evaluation (0.05 suits "
+                         "--fitness final)")
     ev.add_argument("--no-hurdle", action="store_true", help="evaluate every child fully")
     ev.add_argument("--hurdle-env", default=None, help="train env name (default: the first)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the search")
+    ev.add_argument("--fitness", choices=("all", "final"), default="all",
+                    help="all: normalised return averaged over all training episodes (the "
+                         "paper's objective); final: over the task's final scoring window")
     ev.add_argument("--out", default=None,
                     help="output folder (default runs/discover/evolve/<task>-seed<seed>)")
     ev.add_argument("--author", default="metabench discover evolve",

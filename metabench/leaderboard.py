@@ -88,6 +88,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .badge.verified{background:#dcf5e0;border-color:#7cc68a}
 .badge.self{background:#f3f3f3}
 .badge.baseline{background:#e3ecfd;border-color:#8fb0f0}
+.badge.control{background:#eee;border-color:#aaa}
 .badge.stale{background:#fde2e1;border-color:#e59a96}
 .note{background:#fff8e1;border:1px solid #f0d68a;padding:6px 10px;margin:.6em 0}
 .warn{background:#fde2e1;border:1px solid #e59a96;padding:6px 10px;margin:.6em 0}
@@ -369,7 +370,10 @@ def nan_iqm(a: np.ndarray) -> np.ndarray:
 
 def score_matrix(rec: dict) -> tuple[list[str], np.ndarray]:
     """``[seeds, envs]`` normalised scores in the order of the record's ``envs``; failed,
-    missing or null runs score the floor (0), as the harness does."""
+    missing or null runs score the floor and completed runs are clipped below at it, as the
+    harness does (``scoring.floor_scores``)."""
+    from metabench.scoring import floor_scores
+
     runs = [r for r in _l(rec.get("runs")) if isinstance(r, dict)]
     envs = [_s(_d(e).get("name")) for e in _l(rec.get("envs"))]
     if not envs:
@@ -377,12 +381,12 @@ def score_matrix(rec: dict) -> tuple[list[str], np.ndarray]:
     seeds = sorted({_s(r.get("seed")) for r in runs}, key=lambda s: (len(s), s))
     col = {e: j for j, e in enumerate(envs)}
     row = {s: i for i, s in enumerate(seeds)}
-    mat = np.zeros((len(seeds), len(envs)))
+    mat = np.full((len(seeds), len(envs)), np.nan)
     for r in runs:
         j, score = col.get(_s(r.get("env"))), _f(r.get("score"))
         if j is not None and r.get("status") == "ok" and score is not None:
             mat[row[_s(r.get("seed"))], j] = score
-    return envs, mat
+    return envs, floor_scores(mat, np.isfinite(mat))
 
 
 def _floats(values: list) -> np.ndarray:
@@ -516,6 +520,11 @@ class Entry:
     def verified(self) -> bool:
         return self.record.get("verified") is True
 
+    @property
+    def is_control(self) -> bool:
+        """A family's control (``null_<family>``): listed below every contender."""
+        return self.sub.get("control") is True
+
 
 @dataclasses.dataclass
 class TaskView:
@@ -533,6 +542,11 @@ class TaskView:
     @property
     def entries(self) -> list[Entry]:
         return self.ranked + self.stale
+
+    @property
+    def contenders(self) -> list[Entry]:
+        """The ranked entries that are not controls."""
+        return [e for e in self.ranked if not e.is_control]
 
     @property
     def records(self) -> list[dict]:
@@ -666,8 +680,10 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
             e.train_stale = _staleness(e.train, task_id, "train", view.spec, view.spec_error)
     ordered = sorted(entries.values(), key=lambda e: e.stem)
     _assign_slugs(ordered)
+    # Controls rank below every contender, whatever their IQM: they mark the floor of what
+    # a task awards, and a task that cannot separate them from its baselines says so.
     view.ranked = sorted((e for e in ordered if e.stale is None),
-                         key=lambda e: (-e.agg("iqm")[0], e.name, e.stem))
+                         key=lambda e: (e.is_control, -e.agg("iqm")[0], e.name, e.stem))
     view.stale = sorted((e for e in ordered if e.stale is not None),
                         key=lambda e: (e.name, e.stem))
     for i, e in enumerate(view.ranked):
@@ -971,7 +987,11 @@ def _env_means(rec: dict, env: str) -> tuple[float | None, float | None]:
     runs = [_d(r) for r in _l(rec.get("runs")) if _s(_d(r).get("env")) == env]
     if not runs:
         return None, None
-    scores = [(_f(r.get("score")) or 0.0) if r.get("status") == "ok" else 0.0 for r in runs]
+    from metabench.scoring import floor_scores
+
+    raw = np.array([_f(r.get("score")) if r.get("status") == "ok" else None for r in runs],
+                   dtype=np.float64)  # None -> NaN
+    scores = floor_scores(raw, np.isfinite(raw))
     finals = [v for r in runs if (v := _f(r.get("final_return"))) is not None]
     return float(np.mean(scores)), (float(np.mean(finals)) if finals else None)
 
@@ -997,7 +1017,8 @@ def _sub_href(view: TaskView, e: Entry, root: str) -> str:
 def _rank_row(view: TaskView, i: int, e: Entry) -> str:
     rec = e.test
     iqm, mean, gap = e.agg("iqm"), e.agg("mean"), e.agg("optimality_gap")
-    rank = esc(str(i + 1))
+    rank = _badge("control", "control", "gives the agent no learning signal; not ranked") \
+        if e.is_control else esc(str(i + 1))
     if e.tied:
         rank += _badge("tied", "tied", "its IQM 95% CI overlaps the row above's")
     name = (f'<a href="{esc(_sub_href(view, e, "../"))}">{esc(e.name)}</a>'
@@ -1299,6 +1320,8 @@ def submission_page(view: TaskView, e: Entry, builder: str) -> str:
     badges = _verified_badge(e)
     if e.is_baseline:
         badges += _badge("baseline", "baseline")
+    if e.is_control:
+        badges += _badge("control", "control", "gives the agent no learning signal")
     if e.stale:
         badges += _badge("stale", "stale")
     version = _s(sub.get("version"))
@@ -1393,14 +1416,14 @@ def index_page(views: Sequence[TaskView], builder: str) -> str:
     for v in views:
         top = "".join(f'<li><a href="{esc(_sub_href(v, e, ""))}">{esc(e.name)}</a> '
                       f'<span class="muted">IQM {esc(_ci_text(e.agg("iqm")))}</span></li>'
-                      for e in v.ranked[:TOP_N])
+                      for e in v.contenders[:TOP_N])
         desc = v.spec.description.strip() if v.spec is not None else (v.spec_error or "")
         rows.append("<tr>" + "".join([
             _td_html(_a(f"tasks/{v.slug}.html", v.id)),
             _td(desc),
             _td_html(f"<ol>{top}</ol>" if top else '<span class="muted">no ranked results'
                      "</span>"),
-            _td(f"{len(v.ranked)} ranked / {len(v.entries)} total", num=True),
+            _td(f"{len(v.contenders)} ranked / {len(v.entries)} total", num=True),
             _td(_last_updated(v.records)),
             _td(_versions(v.records)),
         ]) + "</tr>")

@@ -27,6 +27,12 @@ Algorithm (kept identical to the harness so the timing comparison is fair):
 A seed's key draws the same weights, resets, actions and permutations as the family's
 ``init`` and ``step`` with the same key, so the two train the same agent (with the default
 config, bit for bit).
+
+The family also keeps, per env, a buffer of its ``buffer_len`` most recent steps across
+updates, which a learned loss reads (``Inputs.history``, re-evaluated with the current
+parameters). REINFORCE never reads it, so its network passes over the buffer are dead code
+there and this twin keeps no buffer; what the harness still does for it (shifting the
+buffer's arrays in its state once per update) is harness overhead in the timing.
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ class RuleInfo:
     default_params: Callable[[UpdateRule], tuple[PyTree, str]] | None = None
     """``rule -> (meta_params, note)`` for rules whose parameters are learned; the note says
     where they came from (a shipped file, or an honest "untrained initialisation")."""
+    control: bool = False
+    """A control, not a contender: the rule gives the agent no learning signal, so its score
+    is what a task awards an agent that cannot learn. Every family has one
+    (``null_<family>``); the leaderboard lists controls below every contender."""
 
 
 def params_hash(meta_params: PyTree) -> str:

@@ -10,8 +10,11 @@ Conventions:
 
 * A score is ``(R - random) / (reference - random)``: 0 is a uniformly random
   policy, 1 is the reference agent.
-* A failed run is never dropped; it scores the floor (see ``floor_scores``).
-  Dropping failures would reward rules that crash on hard seeds.
+* A failed run is never dropped; it scores the floor ``SCORE_FLOOR`` = -1, and every
+  completed score is clipped below at the same floor (see ``floor_scores``), so a failed
+  run ranks at or below every completed run of its env. Dropping failures would reward
+  rules that crash on hard seeds; flooring them at 0 would rank a crash above a rule that
+  trains below random.
 * Bootstrap CIs are reproducible from ``seed`` alone and leave the caller's
   global numpy RNG untouched.
 """
@@ -29,6 +32,7 @@ from rliable import metrics
 __all__ = [
     "AGGREGATES",
     "Interval",
+    "SCORE_FLOOR",
     "aggregate_functions",
     "aggregates",
     "final_window_return",
@@ -38,6 +42,12 @@ __all__ = [
 ]
 
 AGGREGATES: tuple[str, ...] = ("iqm", "mean", "median", "optimality_gap")
+
+SCORE_FLOOR: float = -1.0
+"""The lowest score a run can count for, and the score of a failed run: as far below the
+random policy as the reference is above it. Completed runs below it are clipped to it (the
+scale says nothing finer down there, and it keeps one crashed seed from costing more than
+the worst completed one)."""
 
 
 class Interval(NamedTuple):
@@ -68,18 +78,22 @@ def normalise(returns, random: float, reference: float) -> np.ndarray:
     return (np.asarray(returns, dtype=np.float64) - float(random)) / span
 
 
-def floor_scores(scores: np.ndarray, ok: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """Return a copy of ``scores`` with failed runs set to ``floor``.
+def floor_scores(scores: np.ndarray, ok: np.ndarray, floor: float = SCORE_FLOOR) -> np.ndarray:
+    """Return a copy of ``scores`` with failed runs at ``floor`` and the others clipped
+    below at it.
 
-    A run counts as failed when ``ok`` is False or its score is non-finite.
-    Failed runs are never dropped: removing them would shrink the sample and
-    bias every aggregate upwards for rules that fail often.
+    A run counts as failed when ``ok`` is False or its score is non-finite. Failed runs are
+    never dropped: removing them would shrink the sample and bias every aggregate upwards
+    for rules that fail often. Clipping completed runs at the same floor makes a failure
+    rank at or below every completed run, however far below random that run trained.
     """
     out = np.array(scores, dtype=np.float64, copy=True)
     ok = np.asarray(ok, dtype=bool)
     if ok.shape != out.shape:
         raise ValueError(f"ok has shape {ok.shape} but scores has shape {out.shape}")
-    out[~ok | ~np.isfinite(out)] = float(floor)
+    failed = ~ok | ~np.isfinite(out)
+    out[failed] = float(floor)
+    np.maximum(out, float(floor), out=out)
     return out
 
 

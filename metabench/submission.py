@@ -105,6 +105,17 @@ class Submission:
     def slug(self) -> str:
         return slug(self.name)
 
+    @property
+    def control(self) -> bool:
+        """Whether the rule is one of its family's controls (a reference rule that gives the
+        agent no learning signal, ``RuleInfo.control``)."""
+        if self.factory is None:
+            return False
+        from metabench.families import get_family
+
+        info = get_family(self.family).reference_rules.get(self.factory)
+        return bool(info is not None and info.control)
+
     def metadata(self, baseline: bool = False) -> dict:
         """The ``submission`` block of a result record."""
         d = self.disclosure
@@ -113,6 +124,7 @@ class Submission:
                 "description": self.description, "paper": self.paper, "code": self.code,
                 "licence": self.licence, "content_hash": self.content_hash,
                 "params_sha256": self.params_sha256, "baseline": baseline,
+                "control": self.control,
                 "disclosure": {"task": d.task, "train_envs": list(d.train_envs),
                                "env_steps": d.env_steps,
                                "accelerator_hours": d.accelerator_hours, "notes": d.notes}}

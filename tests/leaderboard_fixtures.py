@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rliable import metrics
 
-from metabench import results, spec
+from metabench import results, scoring, spec
 
 HOSTILE = '<script>alert(1)</script>"onmouseover="alert(2)'
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;onmouseover=&quot;alert(2)"
@@ -105,7 +105,8 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
                          "score": float(scores[s, j]) if ok else None,
                          "curve": {"steps": steps, "returns": rets}})
             if not ok:
-                floored[s, j] = 0.0
+                floored[s, j] = np.nan
+    floored = scoring.floor_scores(floored, np.isfinite(floored))
     aggs = {
         "iqm": _interval(metrics.aggregate_iqm(floored) if iqm is None else iqm, iqm_ci),
         "mean": _interval(metrics.aggregate_mean(floored) if mean is None else mean, None),

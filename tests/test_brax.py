@@ -231,3 +231,20 @@ def test_ppo_with_normalized_observations_learns_reacher(worked):
 
 if __name__ == "__main__":  # a worker: python test_brax.py OUT JOB...
     _worker(sys.argv[2:], sys.argv[1])
+
+
+def test_the_reacher_controller_pushes_the_tip_towards_the_target():
+    # Straight arm along +x (q = 0, 0): the tip is at (0.21, 0); a target at (0, 0.21) lies
+    # counter-clockwise, so both joint torques must be positive, and the farther joint
+    # (the shoulder, lever 0.21) gets the larger one; a target on the tip gives no torque.
+    from metabench.envs.brax_oracle import reacher_action
+
+    def obs(tip_minus_target, tip_vel=(0.0, 0.0)):
+        return np.array([1, 1, 0, 0, 0.0, 0.21, *tip_vel, *tip_minus_target, 0.0], np.float32)
+
+    a = np.asarray(reacher_action(obs((0.21, -0.21)), 1.0, 0.0))
+    np.testing.assert_allclose(a, [0.21 * 0.21, 0.11 * 0.21], rtol=1e-5)
+    assert np.all(np.asarray(reacher_action(obs((0.0, 0.0)), 10.0, 8.0)) == 0.0)
+    # the damping opposes the tip's motion, and torques stay in the action box
+    assert np.asarray(reacher_action(obs((0.0, 0.0), (0.0, 1.0)), 0.0, 8.0))[0] < 0
+    assert np.all(np.abs(np.asarray(reacher_action(obs((5.0, -5.0)), 100.0, 0.0))) <= 1.0)

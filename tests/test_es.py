@@ -1,4 +1,5 @@
-"""ES discovery: OpenAI-ES on a toy fitness, and ``metabench discover lpo`` end to end."""
+"""ES discovery: OpenAI-ES on a toy fitness, EPG's guidance schedule, and ``metabench discover
+lpo`` end to end."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def test_discover_lpo_trains_the_population_in_one_compiled_call(lpo_runs):
     # PPO-clip-initialised LPO learns CartPole a little in 8192 steps: positive fitness.
     assert curve[0]["fitness_max"] > 0.0
     assert curve[-1]["env_steps"] == 3 * 4 * 2 * 8192
+    # No policy-gradient guidance outside EPG: the curve and config are as they were.
+    assert "guidance" not in curve[0]
+    summary = json.loads((tmp / "full" / "summary.json").read_text())
+    assert "guidance_generations" not in summary["config"]
 
 
 def test_discover_lpo_resumes_to_identical_results(lpo_runs):
@@ -131,3 +136,40 @@ def test_es_improves_an_rl_fitness(tmp_path):
     first, last = res.curve[0], res.curve[-1]
     assert float(res.mean["w"]) < 0.6, res.mean
     assert last["fitness_mean"] > first["fitness_mean"] + 0.015, (first, last)
+
+
+def test_guidance_weight_anneals_linearly_to_zero_and_stays_there():
+    """EPG's schedule (the paper's code: ``PiecewiseSchedule([(0, 1.), (int(outer_n_epoch /
+    8), 0.)], outside_value=0.)``): 1 at the first generation, 0 from generation ``anneal``
+    on; an eighth of the search by default."""
+    assert [es_mod.guidance_weight(g, 4) for g in range(7)] == [1.0, 0.75, 0.5, 0.25, 0.0,
+                                                              0.0, 0.0]
+    assert es_mod.guidance_weight(0, 0) == 0.0
+    assert es_mod.default_guidance_generations(80) == 10
+    assert es_mod.default_guidance_generations(3) == 1
+
+
+def test_a_guided_search_anneals_the_weight_and_perturbs_only_the_loss(tmp_path):
+    """Each generation's candidates get one guidance weight from the schedule as a
+    meta-parameter leaf; ES moves the loss's parameters only, and the curve and config
+    record the schedule. (A toy fitness: no training.)"""
+    task = spec.load(write_task(tmp_path, TASK, "lpo-tiny"))
+    seen = []
+
+    def fitness(batch):
+        seen.append(batch)
+        w = batch["loss"]["w"]
+        return -np.asarray(jnp.sum((w - 0.5) ** 2, axis=1)), {}
+
+    cfg = es_mod.ESConfig(generations=5, population=4, sigma_init=0.1, lr=0.05)
+    res = es_mod.es_search(task, "epg", None, {"w": jnp.zeros(3)}, cfg, tmp_path / "g",
+                           fitness=fitness, log=lambda _: None, guidance_generations=2)
+    alphas = [np.asarray(b["guidance"]) for b in seen]
+    assert [a.shape for a in alphas] == [(4,)] * 5
+    assert [float(a[0]) for a in alphas] == [1.0, 0.5, 0.0, 0.0, 0.0]
+    assert all(np.all(a == a[0]) for a in alphas)
+    assert [c["guidance"] for c in res.curve] == [1.0, 0.5, 0.0, 0.0, 0.0]
+    assert np.unique(np.asarray(seen[0]["loss"]["w"]), axis=0).shape[0] == 4
+    assert set(res.mean) == {"w"}  # the search's result is the loss alone
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary["config"]["guidance_generations"] == 2

@@ -12,8 +12,9 @@ import pytest
 
 from metabench import graphs, harness, spec, submission
 from metabench.cli import main
-from metabench.discover import EvolveConfig, evolve
-from metabench.discover.evolution import Evaluation, pad_graph
+from metabench.discover import EvolveConfig, evolution, evolve
+from metabench.discover.evolution import (Evaluation, TrainSplitFitness, _seed_scores,
+                                         fitness_window, pad_graph)
 from metabench.families import td_loss
 
 from conftest import write_task
@@ -170,7 +171,8 @@ def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
     code = main(["discover", "evolve", "--task", str(path), "--population", "6",
                  "--tournament", "3", "--children", "3", "--generations", "2",
                  "--graph-nodes", "8", "--timesteps", "8000", "--hurdle-timesteps", "4000",
-                 "--hurdle-threshold", "0.02", "--seed", "1", "--out", str(out)])
+                 "--hurdle-threshold", "0.02", "--seed", "1", "--fitness", "final",
+                 "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "best fitness" in printed and "submission:" in printed
@@ -198,4 +200,93 @@ def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
     discovery = json.loads((out / "submission" / "discovery.json").read_text())
     assert discovery["provenance"]["command"].startswith("metabench discover evolve --task")
     assert discovery["config"]["population"] == 6
+    # These figures were measured on the final-window fitness (the flag reaches the config).
+    assert discovery["config"]["fitness"] == "final_window"
+    assert discovery["fitness"]["objective"] == summary["evaluation"]["fitness"] == "final_window"
     assert submission.check(out / "submission").ok
+
+
+# --- the fitness objective: all training episodes (the paper's) or the final window ---------
+
+# Returns normalised by random 0 and reference 10, so a return of R scores R / 10.
+TEN = CHEAP.replace("random: 22.0, reference: 500.0", "random: 0.0, reference: 10.0")
+
+
+def _hand_run(env: spec.EnvSpec) -> harness.EnvRun:
+    """Two seeds, 20 updates (the 5% final window is the last update alone).
+    Seed 0: four episodes, returning 0, 0, 10, 10 in updates 4, 9, 14, 19.
+    Seed 1: three episodes returning 0 in update 0, one returning 10 in update 19."""
+    rs, ep = np.zeros((2, 20)), np.zeros((2, 20))
+    for u, r in ((4, 0.0), (9, 0.0), (14, 10.0), (19, 10.0)):
+        rs[0, u], ep[0, u] = r, 1
+    ep[1, 0], rs[1, 19], ep[1, 19] = 3, 10.0, 1
+    return harness.EnvRun(env, [0, 1], rs, ep, np.zeros((2, 20)), steps_per_update=4,
+                          num_updates=20, compile_s=0.0, run_s=1.0)
+
+
+def test_all_episode_and_final_window_fitness_of_a_hand_built_run(tmp_path):
+    task = spec.load(write_task(tmp_path, TEN, "ten"))
+    run = _hand_run(task.train[0])
+    assert fitness_window("all_episodes", task) == 1.0
+    assert fitness_window("final_window", task) == task.scoring.window == 0.05
+    # All episodes, each weighing the same: seed 0 (0+0+10+10)/4 = 5 -> 0.5; seed 1
+    # (0+0+0+10)/4 = 2.5 -> 0.25 (not 0.5, as weighting updates would give); mean 0.375.
+    per_seed = [r["score"] for r in harness.run_records(run, 1.0)]
+    np.testing.assert_allclose(per_seed, [0.5, 0.25])
+    assert _seed_scores(run, fitness_window("all_episodes", task)) == pytest.approx(0.375)
+    # The final window holds update 19 only: both seeds returned 10 -> 1.0.
+    assert _seed_scores(run, fitness_window("final_window", task)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="fitness must be one of"):
+        EvolveConfig(fitness="final")
+
+
+@pytest.fixture
+def hand_training(monkeypatch):
+    """Replaces training with :func:`_hand_run` for every candidate; records the budgets.
+    The no-gradient check is stubbed too (compiling it costs seconds; the end-to-end test
+    runs it)."""
+    budgets: list[int] = []
+
+    def train_population(family, rule, batch, task, env, seeds, total_timesteps=None):
+        budgets.append(total_timesteps)
+        return [_hand_run(env) for _ in range(len(batch.op))]
+
+    monkeypatch.setattr(harness, "train_population", train_population)
+    monkeypatch.setattr(evolution, "_q_gradient_norm", lambda enc, x: 1.0)
+    return budgets
+
+
+def test_the_fitness_option_switches_full_evaluation_and_hurdle(tmp_path, hand_training):
+    task = spec.load(write_task(tmp_path, TEN, "ten"))
+    dqn = [graphs.library()["dqn"]]
+    name = task.train[0].name
+    for fitness, want in (("final_window", 1.0), ("all_episodes", 0.375)):
+        # Hurdle at 0.3: both pass; the hurdle and the full evaluation score the objective.
+        ev = TrainSplitFitness(task, EvolveConfig(children=1, hurdle_threshold=0.3,
+                                                  fitness=fitness))(dqn)[0]
+        assert ev.status == "trained" and ev.fitness == pytest.approx(want)
+        assert ev.hurdle == pytest.approx(want) and ev.scores == {name: pytest.approx(want)}
+    # Hurdle at 0.6: passed on the final window (1.0), failed on all episodes (0.375).
+    cfg = EvolveConfig(children=1, hurdle_threshold=0.6, fitness="all_episodes")
+    fit = TrainSplitFitness(task, cfg)
+    ev = fit(dqn)[0]
+    assert (ev.status, ev.fitness, ev.scores) == ("hurdle_failed", pytest.approx(0.375), {})
+    assert fit.info()["fitness"] == "all_episodes" and fit.info()["fitness_window"] == 1.0
+    assert hand_training == [8000 // 3, 8000] * 2 + [8000 // 3]  # hurdle, full, ...
+
+
+def test_evolve_records_its_fitness_objective(tmp_path, hand_training):
+    path = write_task(tmp_path, TEN, "ten")
+    args = ["discover", "evolve", "--task", str(path), "--population", "2", "--tournament",
+            "1", "--children", "1", "--generations", "1", "--seeds", "2", "--seed", "0"]
+    for flag, objective, best in ((None, "all_episodes", 0.375), ("final", "final_window", 1.0)):
+        out = tmp_path / objective
+        assert main(args + (["--fitness", flag] if flag else []) + ["--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        discovery = json.loads((out / "submission" / "discovery.json").read_text())
+        for s in (summary, discovery):
+            assert s["config"]["fitness"] == s["fitness"]["objective"] == objective
+            assert s["evaluation"]["fitness"] == objective
+        assert summary["best"]["fitness"] == pytest.approx(best)
+        notes = submission.load(out / "submission").disclosure.notes
+        assert f"fitness {objective}: {summary['fitness']['definition']}" in notes

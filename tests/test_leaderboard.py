@@ -94,6 +94,25 @@ def test_ranks_by_iqm_point_not_mean(env):
     assert index.index("bravo") < index.index("alpha") < index.index("charlie")
 
 
+def test_controls_are_listed_below_every_contender_and_never_numbered(env):
+    # A control that scores above a contender (a task that cannot separate them) is still
+    # listed last, badged, and left out of the index's top list and ranked count.
+    add(env, "good", iqm=0.7, iqm_ci=(0.65, 0.75))
+    add(env, "poor", iqm=0.2, iqm_ci=(0.15, 0.25))
+    add(env, "null_drift", iqm=0.4, iqm_ci=(0.35, 0.45),
+        submission=submission_block("null_drift", control=True))
+    site = env["build"]()
+    task_page = (site / "tasks" / "t.html").read_text()
+    rows = rank_rows(task_page)
+    assert [r["name"] for r in rows] == ["good", "poor", "null_drift"]
+    assert [r["rank"][1] for r in rows[:2]] == ["1", "2"]
+    assert "control" in rows[2]["rank"][0] and rows[2]["rank"][1] == "3"
+    index = (site / "index.html").read_text()
+    assert "null_drift" not in index and "2 ranked / 3 total" in index
+    sub_page = next(p for p in (site / "submissions" / "t").iterdir() if "null" in p.name)
+    assert 'class="badge control"' in sub_page.read_text()
+
+
 def test_overlapping_cis_are_marked_tied(env):
     add(env, "a", iqm=0.80, iqm_ci=(0.75, 0.85))
     add(env, "b", iqm=0.70, iqm_ci=(0.60, 0.76))   # reaches into a's CI
@@ -425,3 +444,17 @@ def test_build_50_submissions_x_3_tasks_under_30s(tmp_path):
     for t in range(3):
         assert len(rank_rows((site / "tasks" / f"bench-{t}.html").read_text())) == 50
     assert elapsed < 30, f"building took {elapsed:.1f}s"
+
+
+def test_the_site_scores_failed_runs_at_the_floor_below_every_completed_run(env):
+    # Seed 0 of env 0 fails; seed 1 trained far below random (-2.5, clipped) and seed 2 a
+    # little below (-0.4). The failure must not outrank either completed run.
+    scores = np.array([[0.8, 0.5], [-2.5, 0.6], [-0.4, 0.7]])
+    _, rec = add(env, "mixed", scores, failed=[(0, 0)])
+    envs, mat = lb.score_matrix(rec)
+    assert envs == [e[0] for e in ENVS]
+    np.testing.assert_allclose(mat[:, 0], [-1.0, -1.0, -0.4])
+    np.testing.assert_allclose(mat[:, 1], [0.5, 0.6, 0.7])
+    mean_score, _ = lb._env_means(rec, ENVS[0][0])
+    assert mean_score == pytest.approx((-1.0 - 1.0 - 0.4) / 3)
+    assert rec["aggregates"]["mean"]["point"] == pytest.approx(mat.mean())

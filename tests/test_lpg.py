@@ -276,3 +276,32 @@ def test_shipped_lpg_learns_held_out_grid_layouts(tmp_path):
     run = harness.train_env(ref, task, env, [0, 1])
     finals = [r["final_return"] for r in harness.run_records(run, 0.05)]
     assert run.failure is None and min(finals) > random + 2.0, (random, finals)
+
+
+def test_a_tabular_head_looks_rows_up_exactly_as_the_one_hot_product():
+    # The lookup is an optimisation only: same parameters, outputs and gradients as the
+    # dense product on one-hot observations (the grids' tabular states, plain chains).
+    from metabench.envs import make
+
+    for env_id, one_hot in (("grid/tabular-dense", True), ("chain/short", True),
+                            ("chain/short-distractor", False)):
+        env, _ = make(env_id)
+        assert env.one_hot_obs is one_hot, env_id
+    obs = jax.nn.one_hot(jnp.array([3, 0, 7, 3]), 11)
+    dense, table = lpg.LPGNetwork(5, "tabular"), lpg.LPGNetwork(5, "tabular", one_hot=True)
+    params = jax.tree_util.tree_map(
+        lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape),
+        dense.init(jax.random.PRNGKey(0), obs))
+    t_def = jax.tree_util.tree_structure(table.init(jax.random.PRNGKey(0), obs))
+    t_params = jax.tree_util.tree_unflatten(t_def, jax.tree_util.tree_leaves(params))
+
+    def loss(net, p):
+        pi, y = net.apply(p, obs)
+        return jnp.sum(jnp.sin(pi)) + jnp.sum(y ** 2)
+
+    for a, b in zip(dense.apply(params, obs), table.apply(t_params, obs)):
+        np.testing.assert_array_equal(a, b)
+    ga = jax.tree_util.tree_leaves(jax.grad(lambda p: loss(dense, p))(params))
+    gb = jax.tree_util.tree_leaves(jax.grad(lambda p: loss(table, p))(t_params))
+    for a, b in zip(ga, gb):
+        np.testing.assert_array_equal(a, b)

@@ -3,6 +3,8 @@
 import dataclasses
 import inspect
 
+import jax
+import numpy as np
 import pytest
 
 from metabench.families import epg
@@ -29,3 +31,17 @@ def test_config_defaults_match_the_epg_family():
     assert c.num_updates == 100_000 // (16 * 32)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.num_envs = 8  # type: ignore[misc]
+
+
+def test_the_twin_keeps_no_buffer_because_reinforce_never_reads_it():
+    """The family's buffer across updates is context for learned losses; REINFORCE's loss is
+    the same whatever the history holds, so the twin (which has no buffer) trains what the
+    harness trains with ``reinforce``."""
+    assert "buffer_len" not in {f.name for f in dataclasses.fields(Config)}
+    assert epg.Config().buffer_len > epg.Config().rollout_len
+    rule = epg.reinforce()
+    x = epg.random_inputs(jax.random.PRNGKey(0))
+    moved = x._replace(history=jax.tree_util.tree_map(lambda a: a + 5.0, x.history))
+    for other in (moved, x._replace(history=None)):
+        np.testing.assert_array_equal(np.asarray(rule.apply({}, x)),
+                                      np.asarray(rule.apply({}, other)))

@@ -14,6 +14,7 @@ from metabench.scoring import (
     Interval,
     aggregate_functions,
     aggregates,
+    SCORE_FLOOR,
     final_window_return,
     floor_scores,
     normalise,
@@ -260,11 +261,24 @@ def test_floor_scores_sets_failed_and_nan_entries():
     assert out.shape == s.shape
 
 
-def test_floor_scores_default_floor_is_zero_and_feeds_aggregates():
-    s = np.array([[np.nan, 1.0], [0.5, 2.0]])
-    out = floor_scores(s, np.ones_like(s, dtype=bool))
-    np.testing.assert_array_equal(out, [[0.0, 1.0], [0.5, 2.0]])
-    assert aggregates(out, reps=50)["mean"].point == pytest.approx(0.875)
+def test_the_default_floor_is_minus_one_and_clips_completed_runs():
+    # A failure scores -1 and a completed run 1.5 gaps below random is clipped to -1, so a
+    # crash never outranks a completed run; runs above the floor are kept as they are.
+    s = np.array([[np.nan, 1.0], [-1.5, -0.7]])
+    out = floor_scores(s, np.array([[False, True], [True, True]]))
+    np.testing.assert_array_equal(out, [[-1.0, 1.0], [-1.0, -0.7]])
+    assert SCORE_FLOOR == -1.0
+    assert aggregates(out, reps=50)["mean"].point == pytest.approx((-1 + 1 - 1 - 0.7) / 4)
+
+
+def test_a_failed_run_ranks_at_or_below_every_completed_run_of_its_env():
+    below_random = np.array([[-0.7], [-0.4], [-3.0], [0.1]])   # completes, trains badly
+    crashes = np.array([[np.nan], [0.9], [0.9], [0.9]])        # one seed fails
+    ok = np.isfinite(crashes)
+    a = floor_scores(below_random, np.ones_like(ok))
+    b = floor_scores(crashes, ok)
+    assert b.min() <= a.min()
+    assert b[0, 0] == SCORE_FLOOR and a[2, 0] == SCORE_FLOOR
 
 
 def test_floor_scores_rejects_shape_mismatch():

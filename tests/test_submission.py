@@ -315,7 +315,7 @@ def test_failures_while_scoring_become_failed_records(case, tmp_path, task_path)
                             timeout=12 if case == "hangs_in_training" else None, log=print)
     assert res.ok and res.record["status"] == "failed", res.message
     assert all(r["status"] == "failed" and reason in r["reason"] for r in res.record["runs"])
-    assert res.record["aggregates"]["mean"]["point"] == 0.0  # failures score the floor
+    assert res.record["aggregates"]["mean"]["point"] == -1.0  # failures score the floor
     assert json.loads(res.path.read_text())["runs"][0]["reason"]
 
 

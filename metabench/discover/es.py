@@ -15,6 +15,15 @@ every candidate on the same seed keys (common random numbers). Only the train sp
 Every ``checkpoint_every`` generations the ES state, key and curve are saved; re-running the
 same command resumes from there to identical results. The mean of the final search
 distribution is written as a ready submission folder with its disclosure filled in.
+
+EPG is meta-trained with policy-gradient guidance, as in Houthooft et al. 2018's code
+(github.com/openai/EPG, ``evolution.py``): every candidate's inner loop minimises
+``(1 - alpha) L_phi + alpha L_PG``, ``alpha`` annealed linearly from 1 at the first generation
+to 0 at generation ``guidance_generations`` (the code's ``PiecewiseSchedule([(0, 1.),
+(int(outer_n_epoch / 8), 0.)], outside_value=0.)``: an eighth of the search by default) and 0
+after; ES perturbs ``phi`` only, and ``alpha`` is the same for every candidate of a
+generation. What is written and scored is ``phi`` alone (the ``epg`` rule, alpha = 0), as the
+paper tests its learned loss without the guide.
 """
 
 from __future__ import annotations
@@ -122,13 +131,39 @@ class ESResult(NamedTuple):
     out_dir: Path
 
 
+def guidance_weight(generation: int, anneal: int) -> float:
+    """The guidance weight ``alpha`` of 0-based ``generation``: linear from 1 at generation 0
+    to 0 at generation ``anneal``, 0 from there on (and always 0 when ``anneal`` is 0)."""
+    if anneal <= 0:
+        return 0.0
+    return max(0.0, 1.0 - generation / anneal)
+
+
+def default_guidance_generations(generations: int) -> int:
+    """An eighth of the search, as in the EPG code (``int(outer_n_epoch / 8)``), at least 1."""
+    return max(1, int(generations) // 8)
+
+
+def guided_batch(population: Any, alpha: float) -> dict:
+    """A population of losses as the meta-parameters of ``epg.guided``: ``{"loss":
+    population, "guidance": [K] alpha}`` (one alpha for every candidate)."""
+    k = len(jax.tree_util.tree_leaves(population)[0])
+    return {"loss": population, "guidance": jnp.full((k,), alpha, jnp.float32)}
+
+
 def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, cfg: ESConfig,
               out_dir: str | Path, *,
               fitness: Callable[[Any], tuple[np.ndarray, dict]] | None = None,
-              command: str | None = None, log: Callable[[str], None] = print) -> ESResult:
+              command: str | None = None, log: Callable[[str], None] = print,
+              guidance_generations: int = 0) -> ESResult:
     """Runs OpenAI-ES from ``init_params`` (maximising ``fitness``, by default
     :class:`TrainFitness`); writes ``curve.jsonl``, ``checkpoint.{npz,json}`` and
-    ``summary.json`` under ``out_dir`` and returns the final mean."""
+    ``summary.json`` under ``out_dir`` and returns the final mean.
+
+    With ``guidance_generations > 0``, ``rule`` is a guided rule (``epg.guided``) and each
+    generation's candidates are evaluated as :func:`guided_batch` with the weight
+    :func:`guidance_weight` (recorded per generation as ``guidance`` in the curve); ES moves
+    only the loss's parameters, ``init_params``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fit = fitness or TrainFitness(task, family, rule, cfg)
@@ -138,6 +173,9 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
     key, k0 = jax.random.split(key)
     state = es.init(k0, init_params, params)
     config_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if guidance_generations:
+        # Only when guided, so that an unguided search's checkpoints keep their config.
+        config_json["guidance_generations"] = int(guidance_generations)
     start, curve, env_steps, wall_prev = 0, [], 0, 0.0
     ckpt_json, ckpt_npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
     if ckpt_json.exists() and ckpt_npz.exists():
@@ -157,7 +195,8 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
     for gen in range(start, cfg.generations):
         key, k_ask, k_tell = jax.random.split(key, 3)
         population, state = ask(k_ask, state, params)
-        f, per_env = fit(population)
+        alpha = guidance_weight(gen, guidance_generations) if guidance_generations else None
+        f, per_env = fit(population if alpha is None else guided_batch(population, alpha))
         if not np.all(np.isfinite(f)):
             f = np.where(np.isfinite(f), f, 0.0)  # a NaN candidate scores the floor
         # evosax minimises.
@@ -168,11 +207,15 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
                "per_env_mean": {k: float(np.mean(v)) for k, v in per_env.items()},
                "sigma": float(state.std), "env_steps": int(env_steps),
                "wall_s": round(wall_prev + time.perf_counter() - t0, 2)}
+        if alpha is not None:
+            row["guidance"] = alpha
         curve.append(row)
         with open(out_dir / "curve.jsonl", "a" if gen else "w") as fh:
             fh.write(json.dumps(row) + "\n")
         log(f"  generation {gen + 1:4d}: fitness mean {row['fitness_mean']:.3f} max "
-            f"{row['fitness_max']:.3f}  sigma {row['sigma']:.4f}  {row['wall_s']:.0f}s")
+            f"{row['fitness_max']:.3f}  sigma {row['sigma']:.4f}"
+            + ("" if alpha is None else f"  guidance {alpha:.3f}")
+            + f"  {row['wall_s']:.0f}s")
         if (gen + 1) % cfg.checkpoint_every == 0 or gen + 1 == cfg.generations:
             save_tree(ckpt_npz, (state, key))
             write_json_atomic(ckpt_json, {
@@ -196,20 +239,29 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
 def discover_rule(task: TaskSpec, family: str, factory: str, cfg: ESConfig,
                   out_dir: str | Path, *, what: str, start: str, paper: str,
                   command: str | None = None, log: Callable[[str], None] = print,
-                  author: str | None = None) -> ESResult:
+                  author: str | None = None,
+                  guide: Callable[[UpdateRule], UpdateRule] | None = None,
+                  guidance_generations: int = 0, extra_notes: str = "") -> ESResult:
     """A reference rule's meta-parameters by OpenAI-ES from its ``init`` (the rule built by
     its factory with default arguments); writes ``out_dir/submission``. ``what`` names the
-    rule's network and ``start`` what its initialisation is, for the submission's text."""
+    rule's network and ``start`` what its initialisation is, for the submission's text.
+    With ``guide`` (e.g. ``epg.guided``) and ``guidance_generations``, candidates train with
+    the guided rule (see :func:`es_search`); the submission is the unguided rule."""
     from metabench.families import base
 
     if family not in task.families():
         raise ValueError(f"task {task.id} has no {family} agent config")
     rule = base.get_family(family).reference_rules[factory].factory()
     init = rule.init(jax.random.PRNGKey(0))
+    search_rule = rule if guide is None or not guidance_generations else guide(rule)
     log(f"discover {factory}: {task.id} train split "
         f"({', '.join(e.name for e in task.split('train'))}), population {cfg.population} x "
-        f"{cfg.seeds} seeds, {cfg.generations} generations")
-    res = es_search(task, family, rule, init, cfg, out_dir, command=command, log=log)
+        f"{cfg.seeds} seeds, {cfg.generations} generations"
+        + (f", guidance annealed over {guidance_generations}"
+           if search_rule is not rule else ""))
+    res = es_search(task, family, search_rule, init, cfg, out_dir, command=command, log=log,
+                    guidance_generations=guidance_generations if search_rule is not rule
+                    else 0)
     write_submission(
         Path(out_dir) / "submission", name=f"{factory}-{task.id}", family=family,
         rule={"factory": factory}, params=res.mean, task=task, summary=res.summary,
@@ -218,7 +270,7 @@ def discover_rule(task: TaskSpec, family: str, factory: str, cfg: ESConfig,
                      f"(OpenAI-ES) on {task.id} (train split), from its {start} "
                      "initialisation."),
         notes=(f"metabench discover {factory}: {cfg.generations} generations of "
-               f"{cfg.population} candidates x {cfg.seeds} seeds."))
+               f"{cfg.population} candidates x {cfg.seeds} seeds." + extra_notes))
     return res
 
 
@@ -233,9 +285,22 @@ def discover_lpo(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
 
 def discover_epg(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
                  command: str | None = None, log: Callable[[str], None] = print,
-                 author: str = "metabench discover epg") -> ESResult:
-    """EPG's loss network by OpenAI-ES from its REINFORCE initialisation (Houthooft et al.
-    2018 evolve their loss with ES too, over a population of inner-loop agents)."""
+                 author: str = "metabench discover epg",
+                 guidance_generations: int | None = None) -> ESResult:
+    """EPG's loss network by OpenAI-ES from its random initialisation (Houthooft et al. 2018
+    evolve their loss with ES too, over a population of inner-loop agents), guided by
+    REINFORCE with a weight annealed from 1 to 0 over ``guidance_generations`` (default: an
+    eighth of the generations, as the paper's code) and 0 after; the loss that is written
+    and scored is the learned loss alone."""
+    from metabench.families import epg
+
+    anneal = (default_guidance_generations(cfg.generations) if guidance_generations is None
+              else int(guidance_generations))
     return discover_rule(task, "epg", "epg", cfg, out_dir, what="EPG's loss network",
-                         start="REINFORCE", paper="https://arxiv.org/abs/1802.04821",
-                         command=command, log=log, author=author)
+                         start="random", paper="https://arxiv.org/abs/1802.04821",
+                         command=command, log=log, author=author, guide=epg.guided,
+                         guidance_generations=anneal,
+                         extra_notes=(f" Policy-gradient guidance (REINFORCE) annealed "
+                                      f"linearly from weight 1 to 0 over the first {anneal} "
+                                      f"generations, 0 after; scored without it."
+                                      if anneal else ""))

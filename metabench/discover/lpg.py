@@ -184,10 +184,11 @@ class Critic(nn.Module):
 
     torso: str = "tabular"
     hidden: tuple[int, ...] = (64,)
+    one_hot: bool = False
 
     @nn.compact
     def __call__(self, obs):
-        x, dense = lpg_family.agent_torso(obs, self.torso, self.hidden)
+        x, dense = lpg_family.agent_torso(obs, self.torso, self.hidden, self.one_hot)
         return dense(1)(x)[:, 0]
 
 
@@ -260,7 +261,7 @@ class _EnvMeta:
         agent, k = self.agent, cfg.inner_updates
         gamma = config.gamma
 
-        critic = Critic(config.network, config.hidden)
+        critic = Critic(config.network, config.hidden, self.agent.network.one_hot)
         self.critic = critic
         critic_opt = optax.adam(cfg.critic_lr)
         self.critic_opt = critic_opt

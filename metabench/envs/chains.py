@@ -164,6 +164,11 @@ class ChainEnv:
         return self.finalise_params(self.default_params.replace(level_seed=seed))
 
     @property
+    def one_hot_obs(self) -> bool:
+        """Every observation is exactly one-hot (all but the distractor chains)."""
+        return not self.num_distractors
+
+    @property
     def obs_size(self) -> int:
         """``1 + 2 * max_length`` (one-hot state), or ``2 + num_distractors`` (distractor)."""
         if self.num_distractors:

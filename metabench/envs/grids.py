@@ -459,6 +459,12 @@ class GridEnv:
     # -- dynamics --
 
     @property
+    def one_hot_obs(self) -> bool:
+        """Every observation is exactly one-hot (tabular grids), so an agent may index a table
+        by it instead of multiplying."""
+        return bool(self.tabular)
+
+    @property
     def num_states(self) -> int:
         """Tabular grids: the observation size ``H * W * 2**K``."""
         return self.height * self.width * 2 ** self.num_objects

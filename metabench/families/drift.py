@@ -130,6 +130,20 @@ def dpo(alpha: float = 2.0, beta: float = 0.6) -> UpdateRule:
     return UpdateRule(no_params, apply)
 
 
+@functools.lru_cache(maxsize=None)
+def null_drift() -> UpdateRule:
+    """A control, not a rule to use: the drift ``(r - 1) A`` cancels the objective's ``r A``
+    up to the constant ``A``, so the policy gets no gradient from the advantage at all; only
+    the entropy bonus moves it (towards uniform) and the critic still learns. It is not a
+    mirror drift (negative wherever ``(r - 1) A < 0``), and the family's check says so."""
+
+    def apply(meta_params, x: Inputs):
+        del meta_params
+        return (x.ratio - 1.0) * x.advantage
+
+    return UpdateRule(no_params, apply)
+
+
 def lpo_features(x: Inputs) -> jax.Array:
     """LPO's 8 inputs: ``(1-r), (1-r)^2, log r, (log r)^2`` and each times ``A``."""
     one_minus_r = 1.0 - x.ratio
@@ -179,6 +193,9 @@ REFERENCE_RULES = {
     "lpo": RuleInfo("lpo", "drift", lpo, "Learned Policy Optimisation drift network",
                     "Lu et al. 2022, Discovered Policy Optimisation",
                     default_params=_lpo_default_params),
+    "null_drift": RuleInfo("null_drift", "drift", null_drift,
+                           "control: the drift (r - 1) A cancels the policy gradient",
+                           "metabench control", control=True),
 }
 
 

@@ -185,6 +185,19 @@ def actor_critic(gae_lambda: float = 0.95, v_max: float = 100.0,
     return UpdateRule(lambda _: {}, apply)
 
 
+@functools.lru_cache(maxsize=None)
+def null_lpg() -> UpdateRule:
+    """A control, not a rule to use: ``pi_hat = 0`` (no policy gradient) and ``y_hat = y(s)``
+    (KL(y || y_hat) is at its minimum, so no prediction gradient); the agent gets no signal
+    from rewards, and only the entropy bonus moves its policy (towards uniform)."""
+
+    def apply(meta_params, x: Inputs) -> Outputs:
+        del meta_params
+        return Outputs(jnp.zeros_like(x.reward), x.y)
+
+    return UpdateRule(lambda _: {}, apply)
+
+
 class _Phi(nn.Module):
     embed: int
 
@@ -249,6 +262,9 @@ REFERENCE_RULES = {
     "actor_critic": RuleInfo("actor_critic", "lpg", actor_critic,
                              "A2C in the LPG slot: GAE advantage, and a Gaussian over value "
                              "bins centred on the lambda-return", "Mnih et al. 2016; Oh et al. 2020"),
+    "null_lpg": RuleInfo("null_lpg", "lpg", null_lpg,
+                         "control: pi_hat = 0 and y_hat = y, so no learning signal",
+                         "metabench control", control=True),
 }
 
 
@@ -261,19 +277,39 @@ class LPGNetwork(nn.Module):
     action_dim: int
     torso: str = "tabular"
     hidden: tuple[int, ...] = (64,)
+    one_hot: bool = False
+    """The observations are exactly one-hot (``env.one_hot_obs``): a tabular head then looks
+    its row up instead of multiplying by the one-hot vector."""
 
     @nn.compact
     def __call__(self, obs):
-        x, dense = agent_torso(obs, self.torso, self.hidden)
+        x, dense = agent_torso(obs, self.torso, self.hidden, self.one_hot)
         return dense(self.action_dim)(x), dense(PRED_DIM)(x)
 
 
-def agent_torso(obs, kind: str, hidden: tuple[int, ...]):
+class TableLookup(nn.Module):
+    """``x @ kernel`` for exactly one-hot ``x`` ``[N, S]``, computed as the row lookup
+    ``kernel[argmax x]``: the same parameters (``kernel [S, out]``, zeros), the same outputs
+    and gradients, without the ``N x S x out`` product, which dominates the tabular agent's
+    cost on grids with thousands of states."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features))
+        return jnp.take(kernel, jnp.argmax(x, axis=-1), axis=0)
+
+
+def agent_torso(obs, kind: str, hidden: tuple[int, ...], one_hot: bool = False):
     """``(features, head)`` for the LPG agent's networks, called inside a compact module:
-    ``tabular`` is the flattened one-hot observation with zero-initialised heads without bias
-    (a table per state: uniform outputs), ``mlp`` / ``cnn`` a relu torso with dense heads."""
+    ``tabular`` is the flattened observation with zero-initialised heads without bias (a
+    table per state for one-hot observations, looked up when ``one_hot``: uniform outputs at
+    initialisation), ``mlp`` / ``cnn`` a relu torso with dense heads."""
     if kind == "tabular":
         x = obs.reshape((obs.shape[0], -1))
+        if one_hot:
+            return x, TableLookup
         return x, functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.zeros)
     x = (nets.MinAtarTorso(hidden=hidden[-1])(obs) if kind == "cnn"
          else nets.MLPTorso(hidden=hidden, activation="relu")(obs))
@@ -329,7 +365,8 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
                          f"{getattr(env, 'id', env)} has continuous actions")
     n_actions = int(space.n)
     obs_shape = tuple(env.observation_space(probe).shape)
-    network = LPGNetwork(n_actions, config.network, config.hidden)
+    network = LPGNetwork(n_actions, config.network, config.hidden,
+                         one_hot=bool(getattr(env, "one_hot_obs", False)))
     # eps_root keeps Adam differentiable where a gradient is exactly zero (sqrt'(0) is
     # infinite), which meta-gradients through the update need; 1e-12 leaves it unchanged.
     optimiser = {"adam": lambda lr: optax.adam(lr, eps_root=1e-12), "rmsprop": optax.rmsprop,

@@ -159,6 +159,19 @@ def metagrad_gamma_lambda(gamma: float = 0.99, lambda_: float = 0.95) -> UpdateR
     return _squashed_return(gamma, lambda_, ("gamma", "lambda"))
 
 
+@functools.lru_cache(maxsize=None)
+def null_metagrad() -> UpdateRule:
+    """A control, not a rule to use: the return is the critic's own value, ``g = v(s)``, so
+    the advantage ``g - v`` is 0 and the critic's target is itself; the agent gets no signal
+    from rewards (only the entropy bonus moves the policy, towards uniform)."""
+
+    def apply(meta_params, x: Inputs) -> Outputs:
+        del meta_params
+        return Outputs(x.value, {})
+
+    return UpdateRule(lambda _: {}, apply)
+
+
 _XU = "Xu, van Hasselt and Silver 2018, Meta-Gradient Reinforcement Learning"
 REFERENCE_RULES = {
     "a2c_fixed": RuleInfo("a2c_fixed", "metagrad", a2c_fixed,
@@ -170,6 +183,9 @@ REFERENCE_RULES = {
     "metagrad_gamma_lambda": RuleInfo("metagrad_gamma_lambda", "metagrad",
                                       metagrad_gamma_lambda,
                                       "lambda-return with gamma and lambda adapted online", _XU),
+    "null_metagrad": RuleInfo("null_metagrad", "metagrad", null_metagrad,
+                              "control: the return is the critic's value, so no advantage",
+                              "metabench control", control=True),
 }
 
 

@@ -155,8 +155,15 @@ def cql(beta: float = 0.1) -> UpdateRule:
 
 @functools.lru_cache(maxsize=None)
 def munchausen(alpha: float = 0.9, tau: float = 0.03, clip_min: float = -1.0) -> UpdateRule:
-    """Munchausen-DQN (Vieillard et al. 2020): a soft target plus the scaled, clipped log-policy
-    of the action taken. The paper takes that log-policy from the target net at s; the family
+    """Munchausen-DQN (Vieillard et al. 2020, section 3, the M-DQN regression target)::
+
+        y = r + alpha clip(tau log pi(a|s), clip_min, 0)
+              + discount sum_a' pi(a'|s') (Q_target(s', a') - tau log pi(a'|s')),
+
+    with ``pi = softmax(Q / tau)``. The clip ``[., l_0, 0]`` (``l_0 = -1``) applies to the
+    scaled term ``tau log pi``, not to ``log pi`` itself: with ``tau = 0.03`` clipping
+    ``log pi`` would bound the Munchausen term by ``alpha tau = 0.027`` instead of
+    ``alpha = 0.9``. The paper takes the log-policy at s from the target net; the family
     hands rules the online net at s, so this uses ``stop_gradient(q_tm1)`` there."""
 
     def apply(p, x: Inputs):
@@ -164,10 +171,19 @@ def munchausen(alpha: float = 0.9, tau: float = 0.03, clip_min: float = -1.0) ->
         log_pi_sa = jnp.take_along_axis(log_pi_s, x.a_tm1[:, None].astype(jnp.int32), 1)[:, 0]
         log_pi_next = jax.nn.log_softmax(x.q_target_t / tau, axis=1)
         soft_v = jnp.sum(jnp.exp(log_pi_next) * (x.q_target_t - tau * log_pi_next), axis=1)
-        y = x.r_t + alpha * tau * jnp.clip(log_pi_sa, clip_min, 0.0) + x.discount_t * soft_v
+        y = x.r_t + alpha * jnp.clip(tau * log_pi_sa, clip_min, 0.0) + x.discount_t * soft_v
         return (_q_sa(x) - y) ** 2
 
     return UpdateRule(no_params, apply)
+
+
+@functools.lru_cache(maxsize=None)
+def null_td_loss() -> UpdateRule:
+    """A control, not a learning rule: ``0 * Q(s,a)``, a loss whose gradient in Q is exactly
+    zero and that never reads the reward, so the agent keeps its initial network. Its score
+    is what the family's agent gets from not learning at all (epsilon-greedy on a random
+    network); a rule that does no better has learned nothing."""
+    return UpdateRule(no_params, lambda p, x: 0.0 * _q_sa(x))
 
 
 _PAPER = "Co-Reyes et al. 2021, Evolving Reinforcement Learning Algorithms"
@@ -182,6 +198,9 @@ REFERENCE_RULES = {
                     "Kumar et al. 2020, Conservative Q-Learning"),
     "munchausen": RuleInfo("munchausen", "td_loss", munchausen, "Munchausen-DQN target",
                            "Vieillard et al. 2020, Munchausen Reinforcement Learning"),
+    "null_td_loss": RuleInfo("null_td_loss", "td_loss", null_td_loss,
+                             "control: zero loss, the agent never learns", "metabench control",
+                             control=True),
 }
 
 
