@@ -146,3 +146,8 @@ def test_every_shipped_task_loads_and_is_calibrated():
                                                                                      5e-3)
     assert [e.env for e in full.train] == ["gymnax/Breakout-MinAtar", "gymnax/Freeway-MinAtar"]
     assert [e.env for e in full.test] == ["gymnax/Asterix-MinAtar", "gymnax/SpaceInvaders-MinAtar"]
+    # the task files' claims: PureJaxRL's MinAtar PPO is relu; Brax clips no values, quick or not
+    for name in ("minatar-transfer-v1", "minatar-transfer-v1-quick"):
+        assert spec.load(name).agent_config("drift").activation == "relu", name
+    for name in ("brax-transfer-v1", "brax-transfer-v1-quick"):
+        assert spec.load(name).agent_config("drift").value_clip == 0.0, name
