@@ -5,8 +5,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 TASK ?= classic-transfer-v1-quick
-# Each family's baseline and its best-known discovered rule; `make run-all` scores all nine.
-MAIN_BASELINES ?= ppo_clip dpo dqn dqn_reg
+# The drift and td_loss baselines, their best-known discovered rules and the drift control;
+# `make run-all` scores every folder in submissions/baselines (all families, all controls).
+MAIN_BASELINES ?= ppo_clip dpo dqn dqn_reg null_drift
 
 .PHONY: run run-all test setup bench clean
 
