@@ -9,7 +9,7 @@ TASK ?= classic-transfer-v1-quick
 # `make run-all` scores every folder in submissions/baselines (all families, all controls).
 MAIN_BASELINES ?= ppo_clip dpo dqn dqn_reg null_drift
 
-.PHONY: run run-all test setup bench clean
+.PHONY: run run-all test setup bench clean mutants
 
 setup: $(VENV)/.installed
 
@@ -39,3 +39,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Planted bugs (tools/mutants/*.yaml), one at a time in a scratch copy: every one must be
+# killed by the tests it names. Slower than `make test`, so not part of it.
+mutants: setup
+	$(BIN)/python tools/mutants/run.py

@@ -78,8 +78,7 @@ def dqn_pair(env_name: str, total_timesteps: int) -> Pair:
                          eps_decay_steps=m.eps_decay_steps,
                          target_update_period=m.target_update_period, lr=m.lr,
                          learning_starts=m.learning_starts, train_every=m.train_every,
-                         gamma=m.gamma, hidden=tuple(m.hidden),
-                         max_grad_norm=0.0 if m.max_grad_norm == float("inf") else m.max_grad_norm)
+                         gamma=m.gamma, hidden=tuple(m.hidden), max_grad_norm=m.max_grad_norm)
     return Pair(minimal_dqn, m, (total_timesteps // m.num_envs) * m.num_envs, "td_loss", cfg,
                 "dqn")
 
@@ -288,10 +287,12 @@ def bench_env(env_id: str, total_timesteps: int, seeds: int = 1, repeats: int = 
 def _bench_env(env_id: str, total_timesteps: int, seeds: int, repeats: int,
                algo: str) -> dict:
     pair = PAIRS[algo](env_id.split("/", 1)[1], total_timesteps)
-    rngs = jax.random.split(jax.random.PRNGKey(0), seeds)
     minimal, minimal_compile_s = _minimal_compiled(pair.module, pair.config, seeds)
 
     task = _task(env_id, total_timesteps, pair.family, pair.harness_config, seeds)
+    # The harness's keys for these seeds: the epg, metagrad and lpg twins draw from a key
+    # what their family draws, so both sides then train the same agents (equal returns).
+    rngs = harness.seed_keys(task.seed, range(seeds))
     ref = harness.reference_rule(pair.rule)
     first = harness.train_env(ref, task, task.test[0], range(seeds))  # compiles
     minimal_sps, harness_sps = [], []

@@ -682,7 +682,11 @@ def assemble(rule: dict, task: TaskSpec, split: str, parts: Sequence[dict],
     envs = []
     for p in parts:
         finals = [r["final_return"] for r in p["runs"] if r["final_return"] is not None]
-        scores = [r["score"] if r["score"] is not None else 0.0 for r in p["runs"]]
+        # The env's share of the aggregates: failed runs at the floor, completed ones clipped
+        # at it, as in the score matrix (it counted failures as 0 before the floor was -1).
+        raw = np.array([r["score"] if r["status"] == "ok" and r["score"] is not None
+                        else np.nan for r in p["runs"]], dtype=np.float64)
+        scores = scoring.floor_scores(raw, np.isfinite(raw))
         envs.append({**p["env"], "mean_return": float(np.mean(finals)) if finals else None,
                      "mean_score": float(np.mean(scores))})
     return {

@@ -30,7 +30,8 @@ Algorithm (kept identical to the harness so the timing comparison is fair):
   ``y = stop_gradient(r + gamma * (1 - terminated) * max_a' Q_target(s', a'))``;
   truncated episodes are bootstrapped because ``s'`` is the true final
   observation and only ``terminated`` cuts the bootstrap.
-  ``optax.clip_by_global_norm(max_grad_norm)`` followed by adam.
+  Plain adam, as PureJaxRL's DQN and the td_loss family's default (``max_grad_norm = 0``);
+  ``optax.clip_by_global_norm(max_grad_norm)`` before it when ``max_grad_norm > 0``.
 * Target update ``target <- tau * online + (1 - tau) * target`` (``tau=1``:
   hard copy) in every iteration in which ``t`` crosses a multiple of
   ``target_update_period``, after that iteration's gradient step.
@@ -69,7 +70,7 @@ class Config:
     train_every: int = 10  # env steps per gradient step
     gamma: float = 0.99
     hidden: Sequence[int] = (120, 84)
-    max_grad_norm: float = 10.0  # PureJaxRL itself uses plain adam (no clipping)
+    max_grad_norm: float = 0.0  # 0 disables the clip: PureJaxRL's DQN uses plain adam
     tau: float = 1.0
 
     @property
@@ -163,10 +164,9 @@ def _setup(config: Config):
     env, env_params = gymnax.make(config.env_name)
     num_actions = env.action_space(env_params).n
     network = QNetwork(tuple(config.hidden), num_actions)
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm),
-        optax.adam(config.lr),
-    )
+    tx = optax.adam(config.lr)
+    if config.max_grad_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
     return env, env_params, network, tx, num_actions
 
 

@@ -72,6 +72,21 @@ class Config:
 # --------------------------------------------------------------------------- #
 
 
+class MLPTorso(nn.Module):
+    """The relu torso. Its class name makes flax call it ``MLPTorso_0``, the family's name
+    for its torso: flax derives each layer's init key from its path in the parameter tree,
+    so the same tree is what makes one key draw the family's weights."""
+
+    hidden: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2.0)),
+                                 bias_init=nn.initializers.zeros)(x))
+        return x
+
+
 class Network(nn.Module):
     """Policy logits ``[B, A]`` and prediction logits ``[B, num_bins]`` from one relu torso."""
 
@@ -81,9 +96,7 @@ class Network(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array):
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2.0)),
-                                 bias_init=nn.initializers.zeros)(x))
+        x = MLPTorso(self.hidden)(x)
         return nn.Dense(self.num_actions)(x), nn.Dense(self.num_bins)(x)
 
 
@@ -135,7 +148,9 @@ def make_init(config: Config) -> Callable[[jax.Array], RunnerState]:
     env, env_params, network, tx = _setup(config)
 
     def init(rng: jax.Array) -> RunnerState:
-        rng, k_net, k_env = jax.random.split(rng, 3)
+        # Four keys, the last unused (the family draws env parameters with it): a seed's
+        # key then gives the family's weights and resets.
+        rng, k_net, k_env, _ = jax.random.split(rng, 4)
         obs0, env_state = jax.vmap(env.reset, in_axes=(0, None))(
             jax.random.split(k_env, config.num_envs), env_params
         )

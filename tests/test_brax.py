@@ -27,9 +27,13 @@ from metabench.rl import normalise_obs, running_stats_init, running_stats_update
 # Every env of tasks/brax-transfer-v1*.yaml (checked below), with per-env options for the
 # episode tests: reacher never terminates, so a 5-step limit must truncate it every 5 steps;
 # a random inverted double pendulum falls (terminates) within 20 steps.
+# The comparison with brax stepped by hand checks the adapter, which is one code path for
+# every env: it runs on the quick task's envs, and the full task's three (the costliest to
+# compile, twice with it) keep the rest of the contract.
 CONFORMANCE = {
-    "ant": {}, "halfcheetah": {}, "hopper": {}, "humanoid": {},
-    "walker2d": {}, "reacher": {"max_steps_in_episode": 5}, "inverted_double_pendulum": {},
+    "ant": {}, "halfcheetah": {"reference": False}, "hopper": {},
+    "humanoid": {"reference": False}, "walker2d": {"reference": False},
+    "reacher": {"max_steps_in_episode": 5}, "inverted_double_pendulum": {},
 }
 # Two workers with about equal compile work (measured), the learning run with the lighter.
 WORKERS = (("humanoid", "walker2d", "hopper", "ant"),

@@ -27,7 +27,7 @@ def test_every_gymnax_env_is_registered():
 def test_env_resets_and_steps_under_jit_and_vmap(env_id):
     env, params = envs.make(env_id)
     n, steps = 3, 4
-    obs0, obs, r, term, trunc, final = conformance.rollout_fn(env, params, n, steps)(
+    obs0, obs, r, term, trunc, final, *_ = conformance.rollout_fn(env, params, n, steps)(
         jax.random.PRNGKey(0))
     obs_shape = env.observation_space(params).shape
     assert obs0.shape == (n, *obs_shape)

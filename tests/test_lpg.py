@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +78,23 @@ def test_actor_critic_targets_are_gae_and_the_lambda_return():
                                 jnp.asarray(np.array(done) * (1 - np.array(term)), bool),
                                 0.9, 0.8)
     np.testing.assert_allclose(out.pi_hat, adv, rtol=1e-3, atol=1e-3)
-    # By hand for env 0: t=1 terminates, so A_1 = r_1 - v_1 = 1 - 3 = -2.
+    # By hand (gamma 0.9, lambda 0.8, so the trace decays by 0.72), independently of
+    # truncated_gae. Env 0: t=1 terminates, so A_1 = r_1 - v_1 = 1 - 3 = -2.
     assert float(out.pi_hat[1, 0]) == pytest.approx(-2.0, abs=1e-3)
+    # Env 0 inside its second episode: the rollout's last step bootstraps,
+    # A_3 = -1 + 0.9 * 1 - 2 = -2.1, and A_2 = (0 + 0.9 * 2 - 0.5) + 0.72 * A_3 = -0.212.
+    assert float(out.pi_hat[3, 0]) == pytest.approx(-2.1, abs=1e-3)
+    assert float(out.pi_hat[2, 0]) == pytest.approx(-0.212, abs=1e-3)
     # Truncation at t=2 in env 1 bootstraps: A_2 = 1 + 0.9 * 7 - 4 = 3.3.
     assert float(out.pi_hat[2, 1]) == pytest.approx(3.3, abs=1e-3)
+    # Inside env 1's episode lambda weighs the later errors: delta_1 = 2 + 0.9 * 4 + 1 = 6.6,
+    # A_1 = 6.6 + 0.72 * 3.3 = 8.976; delta_0 = 0 - 0.9 - 2 = -2.9, A_0 = -2.9 + 0.72 * 8.976.
+    assert float(out.pi_hat[1, 1]) == pytest.approx(8.976, abs=1e-3)
+    assert float(out.pi_hat[0, 1]) == pytest.approx(3.56272, abs=1e-3)
     decoded = out.y_hat @ lpg.value_bins(100.0)
     np.testing.assert_allclose(decoded, target, rtol=1e-3, atol=2e-3)
+    # y_hat reads out the lambda-return A + v: 3.56272 + 2 at t=0 of env 1.
+    assert float(decoded[0, 1]) == pytest.approx(5.56272, abs=2e-3)
 
 
 def test_lpg_network_runs_backwards_and_resets_at_episode_ends():
@@ -159,6 +171,67 @@ def test_agent_update_follows_the_targets():
     logp1, kl1 = stats(new.params)
     assert logp1 > logp0 and kl1 < kl0
     assert np.isfinite(float(loss)) and out.pi_hat.shape == (8, 4)
+
+
+class Clock:
+    """A deterministic gymnax-like env whose state is the step count t = 1, 2, ... (it goes on
+    across episodes, so every step is told apart) and whose reward is t. Step t terminates the
+    episode when t % 7 == 0 and is otherwise truncated by a time limit when t % 3 == 0. The
+    observation after step t is one-hot(1 + t % 8); after an episode end it is the reset
+    observation one-hot(0), and the true next state is in info["final_observation"]."""
+
+    default_params = None
+    size = 9
+
+    def reset(self, key, params):
+        return jax.nn.one_hot(0, self.size), jnp.int32(0)
+
+    def step(self, key, state, action, params):
+        t = state + 1
+        final = jax.nn.one_hot(1 + t % 8, self.size)
+        term = t % 7 == 0
+        trunc = (t % 3 == 0) & ~term
+        obs = jnp.where(term | trunc, jax.nn.one_hot(0, self.size), final)
+        return obs, t, t.astype(jnp.float32), term, trunc, {"final_observation": final}
+
+    def action_space(self, params):
+        return types.SimpleNamespace(n=2)
+
+    def observation_space(self, params):
+        return types.SimpleNamespace(shape=(self.size,))
+
+
+def test_rule_inputs_tell_truncations_from_terminations_and_read_y_of_the_final_obs():
+    """Inside the agent's loop: at a time limit the rule sees done = 1 and terminated = 0 (so
+    a value-based rule bootstraps there), and y(s_t+1) is y of the true next state, not of
+    the reset observation the env returns after an episode end."""
+    cfg = lpg.Config(num_envs=2, rollout_len=24, network="tabular")
+    agent = lpg.make_agent(Clock(), cfg, lpg.actor_critic(), sample_params=lambda _: None)
+    state = agent.init(jax.random.PRNGKey(0))
+    # Random tables: at their zero initialisation y is uniform in every state.
+    params = jax.tree_util.tree_map(
+        lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape), state.params)
+    _, traj, _ = agent.rollout(state._replace(params=params))
+    x = agent.rule_inputs(params, traj)
+    t = np.arange(1, 25)
+    term, trunc = t % 7 == 0, (t % 3 == 0) & (t % 7 != 0)
+    assert trunc.sum() == 7 and term.sum() == 3
+    for n in range(2):
+        np.testing.assert_array_equal(np.asarray(x.terminated[:, n]), term)
+        np.testing.assert_array_equal(np.asarray(x.done[:, n]), term | trunc)
+        np.testing.assert_array_equal(np.asarray(x.reward[:, n]), t)
+    # y of the true next states, written out: the tabular y head is the table's y columns.
+    _, y_logits = agent.network.apply(params, jax.nn.one_hot(1 + t % 8, Clock.size))
+    want = np.asarray(jax.nn.softmax(y_logits, -1))
+    for n in range(2):
+        np.testing.assert_allclose(np.asarray(x.y_next[:, n]), want, rtol=1e-5, atol=1e-6)
+    # Where an episode ends, the next step's y(s) is the reset state's, and differs.
+    ends = np.flatnonzero((term | trunc)[:-1])
+    assert np.abs(np.asarray(x.y_next[ends, 0] - x.y[ends + 1, 0])).max() > 1e-2
+    # Away from episode ends y(s_t+1) is the next step's y(s).
+    inner = np.flatnonzero(~(term | trunc)[:-1])
+    np.testing.assert_allclose(np.asarray(x.y_next[inner]), np.asarray(x.y[inner + 1]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_meta_gradient_flows_through_the_agent_update():

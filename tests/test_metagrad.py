@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, leaderboard, results, spec
+from metabench import envs, harness, leaderboard, results, spec
 from metabench.families import metagrad as mg
 from metabench.rl import truncated_gae
+from metabench.rules import UpdateRule
 from tests.conftest import write_task
+from tests.test_rl import EpisodesEnv
 
 
 def test_lambda_return_matches_a_hand_computation():
@@ -72,23 +74,148 @@ def _batch(key, t=6, b=3, obs_dim=4, dtype=jnp.float64):
                     next_value=jax.random.normal(k[5], (t, b), dtype))
 
 
+def _warm_agent():
+    """A float64 agent after three Adam steps (its first step is ~lr * sign(g), almost flat
+    in eta), and a fixed (previous, next) pair of rollouts. Call under ``enable_x64``."""
+    rule = mg.metagrad_gamma_lambda(gamma=0.9, lambda_=0.8)
+    config = mg.Config(hidden=(8,), lr=0.05, max_grad_norm=1.0, gamma_bar=0.95)
+    agent = mg.make_agent(rule, config, action_dim=2, continuous=False)
+    params = agent.network.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.float64))
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
+    opt_state = agent.optimiser.init(params)
+    eta = jax.tree_util.tree_map(lambda v: jnp.float64(v), rule.init(None))
+    update = jax.jit(agent.inner_update)
+    for i in range(3):
+        params, opt_state, _ = update(params, opt_state, _batch(jax.random.PRNGKey(10 + i)), eta)
+    return agent, params, opt_state, eta, _batch(jax.random.PRNGKey(1)), _batch(
+        jax.random.PRNGKey(2))
+
+
+def _np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_gae_targets(b: mg.Batch, gamma: float, lambda_: float) -> np.ndarray:
+    """GAE(lambda) value targets by an explicit backward loop: bootstrap from next_value
+    unless terminated, cut the trace at every episode end."""
+    r, v, nv = (np.asarray(a, np.float64) for a in (b.reward, b.value, b.next_value))
+    term, done = np.asarray(b.terminated), np.asarray(b.terminated) | np.asarray(b.truncated)
+    adv, acc = np.zeros_like(r), np.zeros(r.shape[1])
+    for t in reversed(range(len(r))):
+        acc = r[t] + gamma * np.where(term[t], 0.0, nv[t]) - v[t] + np.where(
+            done[t], 0.0, gamma * lambda_ * acc)
+        adv[t] = acc
+    return adv + v
+
+
+def test_meta_loss_is_minus_the_policy_gradient_surrogate_by_hand():
+    rule = mg.a2c_fixed()
+    agent = mg.make_agent(rule, mg.Config(hidden=(4,)), action_dim=2, continuous=False)
+    obs = jnp.asarray(np.arange(16, dtype=np.float32).reshape(2, 2, 4) / 8.0 - 1.0)
+    params = agent.network.init(jax.random.PRNGKey(3), obs[0])
+    action = jnp.array([[0, 1], [1, 1]])
+    adv = np.array([[1.5, -2.0], [0.5, 3.0]], np.float32)
+    zeros, no = jnp.zeros((2, 2)), jnp.zeros((2, 2), bool)
+    batch = mg.Batch(obs, action, zeros, no, no, zeros, zeros)
+    logits = np.asarray(agent.network.apply(params, obs.reshape(4, 4))[0], np.float64)
+    logp = _np_log_softmax(logits)[np.arange(4), np.asarray(action).ravel()].reshape(2, 2)
+    # -J' = -(1/4) sum_ij A_ij log pi(a_ij | s_ij): the meta-objective is maximised
+    want = -(adv * logp).sum() / 4
+    assert float(agent.meta_loss(params, batch, jnp.asarray(adv))) == pytest.approx(
+        want, rel=1e-5)
+    assert abs(want) > 0.1  # not a degenerate case where the sign would not show
+
+
+def test_meta_gradient_ascends_an_independent_meta_objective():
+    """Stepping eta against d(-J')/d eta raises J' = mean((g_bar - v) log pi_theta'(a'|s'))
+    computed here in numpy; stepping along it lowers J'. A sign flip anywhere in the
+    meta-gradient (the surrogate, the advantage, the gradient) reverses both."""
+    with jax.enable_x64(True):
+        agent, params, opt_state, eta, prev, nxt = _warm_agent()
+        grads = jax.jit(agent.meta_gradient)(params, opt_state, prev, nxt, eta)
+        adv = _np_gae_targets(nxt, 0.95, 1.0) - np.asarray(nxt.value)
+        a = np.asarray(nxt.action).ravel()
+
+        def j_prime(e):
+            new, _, _ = agent.inner_update(params, opt_state, prev, e)
+            logits = np.asarray(agent.network.apply(new, nxt.obs.reshape(-1, 4))[0])
+            logp = _np_log_softmax(logits)[np.arange(len(a)), a].reshape(adv.shape)
+            return float(np.mean(adv * logp))
+
+        def moved(h):
+            return {k: eta[k] + h * jnp.sign(grads[k]) for k in eta}
+
+        j0, j_down, j_up = j_prime(eta), j_prime(moved(-0.05)), j_prime(moved(0.05))
+        assert j_down > j0 > j_up, (j_down, j0, j_up)
+
+
+def test_the_family_moves_eta_down_the_meta_gradient():
+    """Update 1 adapts eta with Adam on d(-J')/d eta of update 0 measured on rollout 1: its
+    first moment is 0.1 x that gradient (recomputed here from the states) and its first step
+    is -meta_lr x its sign. Update 0 has no previous rollout and leaves eta alone."""
+    env, env_params = envs.make("gymnax/CartPole-v1")
+    rule = mg.metagrad_gamma_lambda()
+    cfg = mg.Config(num_envs=4, rollout_len=8, hidden=(16,), meta_lr=0.01)
+    trainer = mg.make_train(env, cfg, rule, total_timesteps=64, env_params=env_params)
+    eta0 = rule.init(None)
+    step = jax.jit(trainer.step)
+    s1, _ = step(trainer.init(jax.random.PRNGKey(0)), eta0, 0)
+    s2, m1 = step(s1, eta0, 1)
+    assert all(float(v) == 0.0 for v in s1.eta_delta.values())
+    agent = mg.make_agent(rule, cfg, action_dim=2, continuous=False)
+    grads = agent.meta_gradient(s1.prev_params, s1.prev_opt_state, s1.prev_batch,
+                                s2.prev_batch, eta0)
+    mu = s2.meta_opt_state[0].mu
+    for k in ("gamma", "lambda"):
+        g, d = float(grads[k]), float(s2.eta_delta[k])
+        assert abs(g) > 1e-6, (k, g)
+        assert float(mu[k]) == pytest.approx(0.1 * g, rel=1e-3), k
+        assert np.sign(d) == -np.sign(g) and abs(d) == pytest.approx(0.01, rel=0.05), (k, d)
+    gamma1 = float(jax.nn.sigmoid(eta0["gamma"] + s2.eta_delta["gamma"]))
+    assert float(m1.traces["gamma"]) == pytest.approx(gamma1, rel=1e-6)
+
+
+def test_the_rule_is_told_to_bootstrap_only_at_truncations():
+    """With gymnax's flags (a terminal limit step is also `truncated`) the rule still sees
+    `truncated` only where the episode was cut in a non-terminal state, `terminated` where it
+    ended, and next_value = V(final observation), not V(reset observation)."""
+    seen = []
+    base = mg.a2c_fixed(gamma=0.9, lambda_=0.5)
+
+    def apply(meta_params, x):
+        out = base.apply(meta_params, x)
+        jax.debug.callback(lambda *a: seen.append([np.asarray(v) for v in a]), x.next_value,
+                           x.terminated, x.truncated, out.g)
+        return out
+
+    rule = UpdateRule(base.init, apply)
+    cfg = mg.Config(num_envs=2, rollout_len=8, hidden=(8,))
+    trainer = mg.make_train(EpisodesEnv(both_flags=True), cfg, rule, total_timesteps=16)
+    state = trainer.init(jax.random.PRNGKey(0))
+    jax.jit(trainer.step)(state, rule.init(None), 0)
+    assert len(seen) == 1
+    next_value, term, trunc, g = seen[0]
+    _, final, reward, want_term, want_trunc = EpisodesEnv.expected(8)
+    net = mg.make_agent(rule, cfg, 2, False).network
+    v_final = np.asarray(net.apply(state.params, jnp.asarray(final), method=net.value))
+    v_reset = np.asarray(net.apply(state.params, EpisodesEnv.obs_of(0, 1)[None],
+                                   method=net.value))
+    assert abs(v_final[2] - v_reset[0]) > 1e-3  # the two candidates are told apart
+    for b in range(2):
+        np.testing.assert_array_equal(term[:, b], want_term)
+        np.testing.assert_array_equal(trunc[:, b], want_trunc)
+        np.testing.assert_allclose(next_value[:, b], v_final, rtol=1e-5, atol=1e-6)
+        # the lambda-return ends each episode: step 2 bootstraps from V(final), step 5 not
+        assert g[2, b] == pytest.approx(reward[2] + 0.9 * v_final[2], rel=1e-5)
+        assert g[5, b] == pytest.approx(reward[5], rel=1e-6)
+
+
 def test_meta_gradient_equals_finite_differences():
     """d J'(theta'(eta)) / d eta through clipping and a warmed-up Adam step, against central
     differences in float64."""
     with jax.enable_x64(True):
-        rule = mg.metagrad_gamma_lambda(gamma=0.9, lambda_=0.8)
-        config = mg.Config(hidden=(8,), lr=0.05, max_grad_norm=1.0, gamma_bar=0.95)
-        agent = mg.make_agent(rule, config, action_dim=2, continuous=False)
-        params = agent.network.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.float64))
-        params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
-        opt_state = agent.optimiser.init(params)
-        eta = jax.tree_util.tree_map(lambda v: jnp.float64(v), rule.init(None))
-        # Warm Adam up: its first step is ~lr * sign(g), almost flat in eta.
-        update = jax.jit(agent.inner_update)
-        for i in range(3):
-            params, opt_state, _ = update(params, opt_state, _batch(jax.random.PRNGKey(10 + i)),
-                                          eta)
-        prev, nxt = _batch(jax.random.PRNGKey(1)), _batch(jax.random.PRNGKey(2))
+        agent, params, opt_state, eta, prev, nxt = _warm_agent()
         grads = jax.jit(agent.meta_gradient)(params, opt_state, prev, nxt, eta)
 
         _, adv = truncated_gae(nxt.reward, nxt.value, nxt.next_value, nxt.terminated,

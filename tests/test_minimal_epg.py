@@ -7,8 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+from metabench import bench, harness
 from metabench.families import epg
 from metabench.minimal_epg import Config
+
+ALGO = 'epg'  # the bench's name for this pair
 
 
 def test_config_defaults_match_the_epg_family():
@@ -45,3 +48,18 @@ def test_the_twin_keeps_no_buffer_because_reinforce_never_reads_it():
     for other in (moved, x._replace(history=None)):
         np.testing.assert_array_equal(np.asarray(rule.apply({}, x)),
                                       np.asarray(rule.apply({}, other)))
+
+
+def test_the_twin_reproduces_the_harness_bit_for_bit():
+    """With the harness's key for seed 0, the twin's per-update episode returns and counts are
+    the harness's exactly (the bench's configuration, 2e4 CartPole steps): the same weights,
+    resets, actions and updates, so the twin times the very computation the harness runs."""
+    pair = bench.PAIRS[ALGO]("CartPole-v1", 20_000)
+    task = bench._task("gymnax/CartPole-v1", 20_000, pair.family, pair.harness_config, 1)
+    run = harness.train_env(harness.reference_rule(pair.rule), task, task.test[0], [0])
+    key = harness.seed_keys(task.seed, [0])[0]
+    m = jax.device_get(jax.jit(pair.module.make_train(pair.config))(key))
+    assert run.returns_sum.shape == (1, pair.config.num_updates)
+    assert run.episodes.sum() > 100  # many episodes: the equality has something to say
+    np.testing.assert_array_equal(m["returns_sum"], run.returns_sum[0])
+    np.testing.assert_array_equal(m["episodes"], run.episodes[0])

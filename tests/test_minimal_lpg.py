@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import minimal_lpg
+from metabench import bench, harness, minimal_lpg
 from metabench.families import lpg
 from metabench.minimal_lpg import Config
+
+ALGO = 'lpg'  # the bench's name for this pair
 
 
 def test_config_defaults_match_the_family():
@@ -37,3 +39,18 @@ def test_gaussian_targets_match_the_family():
     ours, theirs = jax.jit(lambda: (minimal_lpg.gaussian_bins(x, bins, 5.0),
                                     lpg.gaussian_bins(x, bins, 5.0)))()
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_the_twin_reproduces_the_harness_bit_for_bit():
+    """With the harness's key for seed 0, the twin's per-update episode returns and counts are
+    the harness's exactly (the bench's configuration, 2e4 CartPole steps): the same weights,
+    resets, actions and updates, so the twin times the very computation the harness runs."""
+    pair = bench.PAIRS[ALGO]("CartPole-v1", 20_000)
+    task = bench._task("gymnax/CartPole-v1", 20_000, pair.family, pair.harness_config, 1)
+    run = harness.train_env(harness.reference_rule(pair.rule), task, task.test[0], [0])
+    key = harness.seed_keys(task.seed, [0])[0]
+    m = jax.device_get(jax.jit(pair.module.make_train(pair.config))(key))
+    assert run.returns_sum.shape == (1, pair.config.num_updates)
+    assert run.episodes.sum() > 100  # many episodes: the equality has something to say
+    np.testing.assert_array_equal(m["returns_sum"], run.returns_sum[0])
+    np.testing.assert_array_equal(m["episodes"], run.episodes[0])

@@ -30,9 +30,12 @@ test:
     normalise: {random: 22.0, reference: 500.0}
 agents:
   drift: {num_envs: 4, rollout_len: 32, epochs: 1, minibatches: 4}
+  td_loss: {}
 budget: {seeds: 2, max_seconds_per_env: 600}
 scoring: {bootstrap_reps: 200}
 """
+# Two families: a record carries its own family's fingerprint, which differs from the
+# whole-spec one, so retuning one family's agent leaves the other family's records current.
 
 KL_RULE = '''
 import jax.numpy as jnp
@@ -91,32 +94,83 @@ def test_external_rule_folder_becomes_a_record(scored, task_path):
     assert rec["submission"]["content_hash"] == submission.load(folder).content_hash
     assert rec["check"]["passed"] and rec["check"]["mirror_valid"] is True
     assert len(rec["runs"]) == 4 and all(r["status"] == "ok" for r in rec["runs"])
-    assert rec["task"]["fingerprint"] == spec.load(task_path).fingerprint()
+    task = spec.load(task_path)
+    assert rec["task"]["fingerprint"] == task.fingerprint("drift") != task.fingerprint()
     assert rec["rule"]["factory"] == "rule.py:make_rule"
 
 
-def test_resubmitting_unchanged_content_is_a_no_op_unless_forced(scored, task_path):
+def _checked(monkeypatch):
+    """Replaces the child-process check with a pass: the checks are tested on their own."""
+    monkeypatch.setattr(submission, "check", lambda f: submission.CheckResult(
+        True, "", {"passed": True}, submission.load(f)))
+
+
+def _dead_scoring(monkeypatch):
+    """Scoring that 'dies' at once: the record is written (every run failed) without
+    training, which is all the staleness tests need."""
+    dead = submission._Cell({}, None, None, None, "", 1.0)
+    monkeypatch.setattr(submission, "_score_alone", lambda p, command, backend, address, log:
+                        [(set(range(len(p.per_env))), dead)])
+
+
+def test_resubmitting_unchanged_content_is_a_no_op_unless_forced(scored, task_path,
+                                                                  monkeypatch):
     results_dir, folder, _ = scored
+    _checked(monkeypatch)
     before = snapshot(results_dir)
     again = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
     assert again.ok and "unchanged" in again.message and "--force" in again.message
     assert snapshot(results_dir) == before
 
 
-def test_changed_task_fingerprint_moves_the_old_record_aside(scored, tmp_path, task_path):
-    results_dir, folder, _ = scored
-    copy = tmp_path / "results"
+def test_retuning_a_family_moves_only_its_stale_record_aside(scored, tmp_path, monkeypatch):
+    """Through ``submit``: retuning td_loss leaves the drift record current (no stale/);
+    retuning drift moves the old record to stale/<stem>.<old fingerprint>.json with its runs
+    as they were, and writes a fresh one; an unreadable record is moved aside as it is."""
     import shutil
 
+    results_dir, folder, res = scored
+    copy = tmp_path / "results"
     shutil.copytree(results_dir, copy)
-    changed = tmp_path / "one.yaml"
-    changed.write_text(ONE_ENV_TASK.replace("masspole: 0.3", "masspole: 0.35"))
-    task = spec.load(changed)
-    submission._move_stale(copy / "one" / "kl-drift.json", task, "drift", print)
-    assert not (copy / "one" / "kl-drift.json").exists()
-    (stale,) = (copy / "one" / "stale").iterdir()
+    record = copy / "one" / "kl-drift.json"
+    old_bytes, old_fp = record.read_bytes(), res.record["task"]["fingerprint"]
+    _checked(monkeypatch)
+    _dead_scoring(monkeypatch)
+    logged = []
+
+    def submit_with(text):
+        path = tmp_path / "one.yaml"
+        path.write_text(text)
+        return submission.submit(folder, str(path), results_dir=copy, log=logged.append)
+
+    again = submit_with(ONE_ENV_TASK.replace("td_loss: {}", "td_loss: {lr: 1.0e-3}"))
+    assert again.ok and "unchanged" in again.message, again.message
+    assert record.read_bytes() == old_bytes and not (copy / "one" / "stale").exists()
+
+    retuned = ONE_ENV_TASK.replace("minibatches: 4}", "minibatches: 2}")
+    new_fp = spec.load(write_task_text(tmp_path / "probe", retuned)).fingerprint("drift")
+    assert new_fp != old_fp
+    moved = submit_with(retuned)
+    assert moved.ok and moved.path == record, moved.message
+    stale = copy / "one" / "stale" / f"kl-drift.{old_fp}.json"
+    assert sorted(p.name for p in stale.parent.iterdir()) == [stale.name]
     old = results.read(stale)
-    assert "fingerprint changed" in old["stale"]["reason"]
+    assert json.dumps(old["runs"], sort_keys=True) == json.dumps(res.record["runs"],
+                                                                 sort_keys=True)
+    assert old["stale"]["reason"] == f"task fingerprint changed from {old_fp} to {new_fp}"
+    assert results.read(record)["task"]["fingerprint"] == new_fp
+    assert any(f"moved stale record (fingerprint {old_fp})" in m for m in logged)
+
+    record.write_text("{ not json")
+    again = submit_with(retuned)
+    assert again.ok and results.read(record)["task"]["fingerprint"] == new_fp
+    assert (copy / "one" / "stale" / "kl-drift.unreadable.json").read_text() == "{ not json"
+
+
+def write_task_text(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "one.yaml").write_text(text)
+    return folder / "one.yaml"
 
 
 def test_shards_merge_to_the_unsharded_record(scored, tmp_path, task_path):
@@ -132,8 +186,7 @@ def test_shards_merge_to_the_unsharded_record(scored, tmp_path, task_path):
     merged = submission.merge(paths, results_dir=shard_dir, task=task_path)
     assert merged.ok, merged.message
     full = res.record
-    strip = lambda runs: [{k: v for k, v in r.items()} for r in runs]  # noqa: E731
-    assert strip(merged.record["runs"]) == strip(full["runs"])
+    assert merged.record["runs"] == full["runs"]  # runs carry no timings: equal as they are
     assert merged.record["aggregates"] == full["aggregates"]
     incomplete = submission.merge(paths[:1], results_dir=shard_dir, task=task_path)
     assert not incomplete.ok and "expected shards 1..2" in incomplete.message
@@ -198,6 +251,9 @@ BAD_RULES = {
 }
 
 
+SUBMITTED = ("import_error", "nan_output")
+
+
 @pytest.mark.parametrize("case", sorted(BAD_RULES))
 def test_bad_rules_are_refused_with_a_clear_message_and_results_intact(case, scored, tmp_path,
                                                                         task_path):
@@ -205,14 +261,24 @@ def test_bad_rules_are_refused_with_a_clear_message_and_results_intact(case, sco
     code, expected = BAD_RULES[case]
     folder = write_sub(tmp_path / case, yaml_for(name=case), {"rule.py": code})
     before = snapshot(results_dir)
-    # 12 s covers importing and checking a rule; the one that never returns is killed at it.
-    check = submission.check(folder, timeout=12 if case == "never_returns" else 30)
-    assert not check.ok and expected in check.message, check.message
     if case == "never_returns":
-        return  # submit runs the same check with a 5-minute limit; the check above covers it
-    res = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
-    assert not res.ok and expected in res.message
-    assert snapshot(results_dir) == before
+        # 12 s covers importing and checking a rule; the one that never returns is killed.
+        check = submission.check(folder, timeout=12)
+        assert not check.ok and expected in check.message, check.message
+        return
+    if case in SUBMITTED:
+        # The whole path, child process included, for one rule the child reports as an
+        # error and one whose conformance report fails.
+        res = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
+        assert not res.ok and expected in res.message, res.message
+        assert snapshot(results_dir) == before
+        return
+    # The rest: what the check's child computes, in this process (one child each saved).
+    out = tmp_path / "check.json"
+    assert submission._child_check(str(folder), str(out)) == 0
+    got = json.loads(out.read_text())
+    message = got.get("error") or got["text"]
+    assert expected in message and (got.get("error") or not got["report"]["passed"]), got
 
 
 def test_bad_folders_are_refused_with_file_key_and_expectation(tmp_path, scored, task_path):
@@ -261,9 +327,13 @@ def test_parameters_are_hashed_and_must_match_the_rule_structure(tmp_path):
     folder = _lpo_folder(tmp_path, good)
     sub = submission.load(folder)
     ref = submission.build_rule(sub)
+    # Same tree (an empty or partial tree would make a leaf-wise zip vacuous), same values.
+    assert jax.tree_util.tree_structure(ref.meta_params) == jax.tree_util.tree_structure(good)
     got = jax.tree_util.tree_leaves(ref.meta_params)
     want = jax.tree_util.tree_leaves(good)
-    assert all(np.allclose(a, b) for a, b in zip(got, want)) and ref.note == ""
+    assert len(got) == len(want) > 0 and ref.note == ""
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # a wrong hash is named with the right one
     bad_hash = _lpo_folder(tmp_path / "h", good, sha="a" * 64)
     with pytest.raises(submission.SubmissionError, match="params.sha256.*the sha256 of params.npz"):

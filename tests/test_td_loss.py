@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from metabench.families import td_loss
 from metabench.rules import UpdateRule, no_params
 
 from conftest import write_task
+from tests.test_rl import EpisodesEnv
 
 X = td_loss.random_inputs(jax.random.PRNGKey(7), batch=32, actions=3)
 Q, A, R, D = (np.asarray(X.q_tm1, np.float64), np.asarray(X.a_tm1), np.asarray(X.r_t, np.float64),
@@ -31,9 +34,13 @@ def apply(rule, x=X):
 
 
 def test_dqn_and_ddqn():
-    np.testing.assert_allclose(apply(td_loss.dqn()), (QSA - Y) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(apply(td_loss.dqn()), (QSA - Y) ** 2, rtol=1e-5, atol=1e-8)
     y_double = R + D * QTT[np.arange(len(A)), QT.argmax(1)]
-    np.testing.assert_allclose(apply(td_loss.ddqn()), (QSA - y_double) ** 2, rtol=1e-5)
+    np.testing.assert_allclose(apply(td_loss.ddqn()), (QSA - y_double) ** 2, rtol=1e-5,
+                               atol=1e-8)
+    # the online and target nets disagree on argmax a' on the random inputs, so the two differ
+    assert (QT.argmax(1) != QTT.argmax(1)).mean() > 0.3
+    assert not np.allclose(apply(td_loss.ddqn()), apply(td_loss.dqn()))
     assert apply(td_loss.dqn(), HAND)[0] == pytest.approx(0.49, abs=1e-6)
     # double DQN: the online net picks action 1 at s', the target net values it at -1
     assert apply(td_loss.ddqn(), HAND)[0] == pytest.approx((3 - (0.5 - 0.9)) ** 2, abs=1e-5)
@@ -104,6 +111,38 @@ def test_check_catches_bad_losses():
     constant = UpdateRule(no_params, lambda p, x: x.r_t)
     report = td_loss.check(constant, {})
     assert report.passed and not report.get("depends_on_q").passed
+
+
+def test_the_defaults_are_purejaxrls_dqn():
+    # PureJaxRL's DQN CartPole config (purejaxrl/dqn.py), plain Adam without clipping
+    assert dataclasses.asdict(td_loss.Config()) == {
+        "num_envs": 10, "buffer_size": 10_000, "batch_size": 128, "eps_start": 1.0,
+        "eps_end": 0.05, "eps_decay_steps": 250_000, "target_update_period": 500,
+        "lr": 2.5e-4, "learning_starts": 10_000, "train_every": 10, "gamma": 0.99,
+        "max_grad_norm": 0.0, "network": "mlp", "hidden": (120, 84)}
+
+
+@pytest.mark.parametrize("both_flags", [False, True])
+def test_the_buffer_bootstraps_truncations_from_the_final_observation(both_flags):
+    """Stored transitions are (s, a, r, terminated, final s'): a time-limit cut stores
+    terminated=False (so the target bootstraps) and the pre-reset observation as s', with
+    either convention for the flags of a terminal limit step."""
+    cfg = td_loss.Config(num_envs=2, buffer_size=32, batch_size=8)
+    trainer = td_loss.make_train(EpisodesEnv(both_flags), cfg, td_loss.dqn(),
+                                 total_timesteps=20)
+    state = trainer.init(jax.random.PRNGKey(0))
+    step = jax.jit(trainer.step)
+    for i in range(8):
+        state, _ = step(state, {}, i)
+    obs, final, reward, term, _ = EpisodesEnv.expected(8)
+    b = state.buffer
+    assert int(b.size) == 16 and int(b.pos) == 16
+    rows = np.arange(16).reshape(8, 2)  # row of env j at step k: 2 k + j
+    for j in range(2):
+        np.testing.assert_array_equal(np.asarray(b.terminated)[rows[:, j]], term)
+        np.testing.assert_array_equal(np.asarray(b.next_obs)[rows[:, j]], final)
+        np.testing.assert_array_equal(np.asarray(b.obs)[rows[:, j]], obs)
+        np.testing.assert_array_equal(np.asarray(b.reward)[rows[:, j]], reward)
 
 
 def test_the_rule_sees_q_values_only():

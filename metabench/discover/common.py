@@ -3,10 +3,16 @@
 Checkpoints hold any pytree as the leaves of one ``.npz``, written atomically. The tree's
 structure is not stored: a run rebuilds a fresh state of the same shape and :func:`load_tree`
 fills it, which keeps the file free of pickles.
+
+A run appends one ``curve.jsonl`` row per step but checkpoints only every few steps, so a run
+stopped between checkpoints leaves rows past its last checkpoint; :func:`reset_curve` rewrites
+the file to the checkpoint's rows when a run (re)starts, so that a resumed run holds each step
+exactly once.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,16 @@ def load_tree(path: Path, like: Any) -> Any:
     if treedef.num_leaves != len(leaves):
         raise ValueError(f"{path} does not match this run's state")
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def reset_curve(path: Path, rows: list[dict]) -> None:
+    """Rewrites ``curve.jsonl`` at ``path`` to hold exactly ``rows`` (the resumed checkpoint's
+    curve, or none for a fresh run), atomically: rows a stopped run wrote after its last
+    checkpoint are dropped here and written again by the resumed run, never twice."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    tmp.replace(path)
 
 
 def write_submission(folder: Path, *, name: str, family: str, rule: dict, description: str,

@@ -13,8 +13,10 @@ population x seeds trains in one compiled call per env (``harness.train_populati
 every candidate on the same seed keys (common random numbers). Only the train split is used.
 
 Every ``checkpoint_every`` generations the ES state, key and curve are saved; re-running the
-same command resumes from there to identical results. The mean of the final search
-distribution is written as a ready submission folder with its disclosure filled in.
+same command resumes from there to identical results, and ``curve.jsonl`` is cut back to the
+checkpoint's rows first, so generations a stopped run did after it are not listed twice. The
+mean of the final search distribution is written as a ready submission folder with its
+disclosure filled in.
 
 EPG is meta-trained with policy-gradient guidance, as in Houthooft et al. 2018's code
 (github.com/openai/EPG, ``evolution.py``): every candidate's inner loop minimises
@@ -40,7 +42,7 @@ import numpy as np
 import optax
 
 from metabench import harness
-from metabench.discover.common import load_tree, save_tree, write_submission
+from metabench.discover.common import load_tree, reset_curve, save_tree, write_submission
 from metabench.results import write_json_atomic
 from metabench.rules import UpdateRule
 from metabench.spec import TaskSpec, require_calibrated
@@ -190,6 +192,8 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
             log(f"resuming from generation {start} ({ckpt_json})")
         else:
             log(f"ignoring {ckpt_json}: it is from another config or task version")
+    # Rows past the checkpoint (a run stopped between checkpoints) are dropped and redone.
+    reset_curve(out_dir / "curve.jsonl", curve)
     t0 = time.perf_counter()
     ask, tell = jax.jit(es.ask), jax.jit(es.tell)
     for gen in range(start, cfg.generations):
@@ -210,7 +214,7 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
         if alpha is not None:
             row["guidance"] = alpha
         curve.append(row)
-        with open(out_dir / "curve.jsonl", "a" if gen else "w") as fh:
+        with open(out_dir / "curve.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         log(f"  generation {gen + 1:4d}: fitness mean {row['fitness_mean']:.3f} max "
             f"{row['fitness_max']:.3f}  sigma {row['sigma']:.4f}"

@@ -288,9 +288,11 @@ class TrainSplitFitness:
         return out  # type: ignore[return-value]
 
 
-def _record(ind: Individual, ev: Evaluation | None, cached_from: int | None) -> dict:
+def _record(ind: Individual, ev: Evaluation | None, cached_from: int | None,
+            tournament: list[int] | None = None) -> dict:
     return {"id": ind.id, "generation": ind.generation, "parent": ind.parent,
-            "hash": ind.hash, "status": ind.status, "fitness": ind.fitness,
+            "tournament": tournament, "hash": ind.hash, "status": ind.status,
+            "fitness": ind.fitness,
             "hurdle_score": None if ev is None else ev.hurdle,
             "scores": {} if ev is None else ev.scores, "cached_from": cached_from,
             "equation": graphs.equation(ind.graph), "graph": graphs.dump_graph(ind.graph)}
@@ -308,7 +310,8 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
            command: str | None = None, log: Callable[[str], None] = print,
            author: str = "metabench discover evolve") -> EvolveResult:
     """Runs the search; writes ``history.jsonl`` (every individual: graph, hash, status,
-    scores), ``summary.json`` (config, budget, best-so-far curve, provenance; rewritten each
+    scores, and for a child its parent and the ids of the tournament sample it won),
+    ``summary.json`` (config, budget, best-so-far curve, provenance; rewritten each
     generation) and ``submission/`` (the best loss as a ready ``td_loss`` graph submission
     with its disclosure filled in) under ``out_dir``. ``evaluator`` defaults to
     :class:`TrainSplitFitness`."""
@@ -332,7 +335,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
     t0 = time.perf_counter()
     n_trained = 0
 
-    def add(graph_list, parents, generation) -> list[Individual]:
+    def add(graph_list, parents, generation, tournaments=None) -> list[Individual]:
         nonlocal n_trained
         hashes = [graphs.functional_hash(g) for g in graph_list]
         new, first = [], {}
@@ -356,7 +359,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
                 ind = Individual(ident, g, h, everyone[cached_from].fitness, "cached",
                                  generation, parents[i])
             everyone[ident] = ind
-            rec = _record(ind, ev, cached_from)
+            rec = _record(ind, ev, cached_from, None if tournaments is None else tournaments[i])
             history.append(rec)
             with open(hist_path, "a") as f:
                 f.write(json.dumps(rec, allow_nan=False) + "\n")
@@ -410,14 +413,16 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
     interrupted = False
     try:
         for gen in range(cfg.generations):
-            children, parents = [], []
+            children, parents, samples = [], [], []
             members = list(population)
             for _ in range(cfg.children):
                 picks = rng.choice(len(members), cfg.tournament, replace=False)
                 parent = max((members[j] for j in picks), key=lambda d: d.fitness)
                 children.append(graphs.mutate(parent.graph, rng))
                 parents.append(parent.id)
-            for child in add(children, parents, gen):
+                # Logged so that selection can be checked: the parent beats the rest.
+                samples.append([members[j].id for j in picks])
+            for child in add(children, parents, gen, samples):
                 population.append(child)
                 population.popleft()
             note(gen)

@@ -480,8 +480,10 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
              command: str | None = None, log: Callable[[str], None] = print,
              author: str = "metabench discover lpg") -> DiscoverResult:
     """Meta-trains LPG on ``task``'s train split; writes ``curve.jsonl``, checkpoints
-    (``checkpoint.npz`` + ``checkpoint.json``, resumed from when present and compatible),
-    ``summary.json`` and ``submission/`` (parameters + disclosure) under ``out_dir``."""
+    (``checkpoint.npz`` + ``checkpoint.json``, resumed from when present and compatible;
+    ``curve.jsonl`` is then cut back to the checkpoint's rows, so meta-steps a stopped run did
+    after it are not listed twice), ``summary.json`` and ``submission/`` (parameters +
+    disclosure) under ``out_dir``."""
     if FAMILY not in task.families():
         raise ValueError(f"task {task.id} has no {FAMILY} agent config")
     out_dir = Path(out_dir)
@@ -514,6 +516,8 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
             log(f"resuming from meta-step {start_step} ({ckpt_json})")
         else:
             log(f"ignoring {ckpt_json}: it is from another config or task version")
+    # Rows past the checkpoint (a run stopped between checkpoints) are dropped and redone.
+    common.reset_curve(out_dir / "curve.jsonl", curve)
     update_eta = jax.jit(lambda g, s, p: _adam_step(opt, g, s, p))
     t0 = time.perf_counter()
     log(f"discover lpg: {task.id} train split ({', '.join(e.spec.name for e in envs)}), "
@@ -561,7 +565,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
                "validation_reward": float(np.mean([r["validation_reward"]
                                                    for r in rows.values()]))}
         curve.append(row)
-        with open(out_dir / "curve.jsonl", "a" if step else "w") as f:
+        with open(out_dir / "curve.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.meta_steps:
             save(step + 1)

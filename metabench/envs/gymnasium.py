@@ -12,6 +12,11 @@ gymnax's contract, so ``terminated``/``truncated`` and ``final_observation`` mea
 both backends and truncated episodes bootstrap from the right state. (gymnasium's default,
 ``NEXT_STEP``, would instead spend one extra step per episode on a no-op reset transition.)
 
+gymnasium's ``TimeLimit`` sets ``truncated`` whenever the limit is reached, whatever the env
+said, so an episode whose real termination falls on its limit step comes back terminated
+*and* truncated; the pool reports it as terminated only (a terminal state must not be
+bootstrapped), as the gymnax backend does.
+
 Keyword params of ``make`` (task YAML ``params:``) go to ``gymnasium.make`` (e.g.
 ``continuous: true`` for LunarLander), except ``vectorization`` (``sync``/``async``) and
 ``max_episode_steps``. Observations are cast to float32; only ``Discrete`` and ``Box``
@@ -76,7 +81,8 @@ class VectorPool(HostPool):
         term, trunc = np.empty(n, bool), np.empty(n, bool)
         for v, rows in groups.items():
             o, r, te, tr, info = results[v]
-            obs[rows], reward[rows], term[rows], trunc[rows] = o, r, te, tr
+            # A real termination on the limit step is terminated only.
+            obs[rows], reward[rows], term[rows], trunc[rows] = o, r, te, tr & ~te
         final = obs.copy()
         for v, rows in groups.items():
             info = results[v][4]

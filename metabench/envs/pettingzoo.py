@@ -7,9 +7,22 @@ learn with the same rule. A family's ``num_envs`` copies per seed are therefore
 Sharing parameters needs every agent to have the same observation and action spaces; games
 whose agents differ are refused with a clear error when built.
 
-A game ends for all of its agents together (the host resets it): agents whose own episode is
-still running when another agent's ends are marked truncated, so they bootstrap from their
-last observation. (In the MPE games every agent's episode ends at ``max_cycles`` anyway.)
+Episodes end as the library ends them. An agent whose episode ends while its game plays on
+(a knight killed in knights_archers_zombies, a walker that falls in multiwalker with
+``terminate_on_fall: false``) leaves the game, and the other agents play on, exactly as in the
+library. Its copy cannot start a new episode before the game does, so it waits in an absorbing
+state: it keeps its last observation, gets reward 0 and its actions are not sent. Its end is
+reported, with the flag the library gave it when it left (``terminated``, or ``truncated``) and
+that last observation as ``final_observation``, on the step the game is over (every agent has
+left) and is reset; every copy of the game then gets the new game's first observation. So a
+copy's episode return is the agent's return in the library, and its waiting steps are those of
+a terminal absorbing state (reward 0, no effect, value 0). (In the MPE games every agent's
+episode ends at ``max_cycles`` anyway, and nobody waits.)
+
+A time limit is a truncation (:mod:`metabench.envs.conformance`). ``sisl.multiwalker_v9``
+reports its ``max_cycles`` limit as a termination of every agent; the pool reads it as the
+library means it (:data:`TIME_LIMIT_AS_TERMINATION`): the walkers the step really ended (a
+fall, the package dropped or delivered) are terminated, the others truncated.
 
 Returns per agent are what the families record and score (the mean over agents); the pool
 also keeps every finished game's per-agent and team (summed) returns, which the harness adds
@@ -44,6 +57,23 @@ SUITES: dict[str, tuple[str, tuple[str, ...]]] = {
 _NOTES = {"butterfly": "host-stepped, multi-agent; pistonball needs pymunk"}
 
 
+def _multiwalker_terminations(env: Any, terminated: dict) -> dict:
+    """multiwalker_v9 marks every agent terminated once ``frames >= max_cycles``; its base
+    env's last dones say which walkers the step really ended."""
+    base = env.unwrapped.env
+    if base.frames < base.max_cycles:
+        return {}
+    really = base.get_last_dones()
+    return {a: bool(really[i]) for i, a in enumerate(env.possible_agents) if a in terminated}
+
+
+# Games that report their time limit as a termination: ``(parallel env, terminations of the
+# step) -> {agent: really terminated}`` on the steps where the limit is reached.
+TIME_LIMIT_AS_TERMINATION: dict[str, Callable[[Any, dict], dict]] = {
+    "sisl.multiwalker_v9": _multiwalker_terminations,
+}
+
+
 class _Game:
     """One live parallel env and the running returns of its current episode."""
 
@@ -52,6 +82,8 @@ class _Game:
         self.obs = obs
         self.returns = np.zeros(len(agents))
         self.t = 0
+        self.left: dict[str, bool] = {}
+        """Agents whose episode ended, and whether it was terminated (else truncated)."""
 
 
 class GamePool(HostPool):
@@ -59,8 +91,10 @@ class GamePool(HostPool):
     ``len(seeds) / num_agents`` games."""
 
     def __init__(self, make_game: Callable[[], Any], agents: list[str], obs_shape: tuple,
-                 action_shape: tuple):
+                 action_shape: tuple,
+                 real_terminations: Callable[[Any, dict], dict] | None = None):
         self._make_game = make_game
+        self._real_terminations = real_terminations
         self.agents = list(agents)
         self._obs_shape, self._act_shape = obs_shape, action_shape
         self._games: list[_Game] = []
@@ -101,27 +135,31 @@ class GamePool(HostPool):
         term, trunc = np.zeros(n, bool), np.zeros(n, bool)
         for g, rows in groups.items():
             game = self._games[g]
-            o, r, te, tr, _ = game.env.step({a: actions[row] for a, row in zip(game.agents,
-                                                                             rows)})
+            playing = set(game.env.agents)
+            o, r, te, tr, _ = game.env.step({a: actions[row] for a, row in zip(game.agents, rows)
+                                             if a in playing})
             game.t += 1
             self._log[game.group]["total_steps"] = max(self._log[game.group]["total_steps"],
                                                        game.t)
             game.obs = {**game.obs, **o}  # an agent that left keeps its last observation
+            really = self._real_terminations(game.env, te) if self._real_terminations else {}
+            for a in game.agents:
+                if a not in game.left and (te.get(a, False) or tr.get(a, False)):
+                    game.left[a] = really.get(a, bool(te.get(a, False)))
             r_vec = np.array([float(r.get(a, 0.0)) for a in game.agents])
-            te_vec = np.array([bool(te.get(a, False)) for a in game.agents])
-            tr_vec = np.array([bool(tr.get(a, False)) for a in game.agents])
             game.returns += r_vec
             reward[rows], final[rows] = r_vec, self._obs(game, game.obs)
-            ended = te_vec | tr_vec
-            if ended.any() or not game.env.agents:
-                # The game ends for everyone; agents still playing are cut off (truncated).
-                term[rows], trunc[rows] = te_vec, ~te_vec
+            if len(game.left) == k or not game.env.agents:
+                # Every agent has left: the game is over. Each agent's end is reported now,
+                # with the flag the library gave it when it left.
+                ended = np.array([game.left.get(a, False) for a in game.agents])
+                term[rows], trunc[rows] = ended, ~ended
                 log = self._log[game.group]
                 log["steps"].append(game.t)
                 log["team"].append(float(game.returns.sum()))
                 log["agents"].append(game.returns.copy())
                 new_obs, _ = game.env.reset()
-                game.obs, game.returns = new_obs, np.zeros(k)
+                game.obs, game.returns, game.left = new_obs, np.zeros(k), {}
                 obs[rows] = self._obs(game, new_obs)
             else:
                 obs[rows] = final[rows]
@@ -191,7 +229,8 @@ def _factory(suite: str, module: str) -> Callable[..., tuple[MultiAgentEnv, Any]
             raise ValueError(f"{env_id}: {e}") from None
         act_shape = () if hasattr(act_space, "n") else tuple(act_space.shape)
         pool = GamePool(lambda: mod.parallel_env(**kwargs), agents,
-                        tuple(obs_space.shape), act_shape)
+                        tuple(obs_space.shape), act_shape,
+                        TIME_LIMIT_AS_TERMINATION.get(f"{suite}.{module}"))
         # parallel_env(**kwargs) forwards to raw_env, whose signature names the options.
         sig = inspect.signature(getattr(mod, "raw_env", mod.parallel_env))
         options = tuple(sorted(n for n, p in sig.parameters.items() if n != "render_mode"

@@ -51,7 +51,10 @@ class Inputs(NamedTuple):
     terminated: jax.Array
     """The episode ended in a terminal state after this step (no bootstrap)."""
     truncated: jax.Array
-    """The episode was cut by a time limit after this step (bootstrap from next_value)."""
+    """The episode was cut by a time limit after this step, in a non-terminal state
+    (bootstrap from next_value). Never set together with ``terminated``: gymnax and
+    gymnasium also report the time limit on a terminal last step, and the family clears it
+    there, so a rule may bootstrap wherever ``truncated`` is set."""
 
 
 class Outputs(NamedTuple):
@@ -339,7 +342,10 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
             state.rng)
         next_value = network.apply(state.params, traj.final_obs.reshape((-1, *obs_shape)),
                                    method=network.value).reshape(traj.reward.shape)
-        batch = Batch(traj.obs, traj.action, traj.reward, traj.terminated, traj.truncated,
+        # A terminal step on the time limit comes back with both flags set from gymnax and
+        # gymnasium; `truncated` promises a bootstrap, so it is cleared where terminated.
+        truncated = jnp.logical_and(traj.truncated, jnp.logical_not(traj.terminated))
+        batch = Batch(traj.obs, traj.action, traj.reward, traj.terminated, truncated,
                       traj.value, next_value)
 
         def adapt(delta_and_opt):

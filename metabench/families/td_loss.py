@@ -343,13 +343,15 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
 
 def random_inputs(key: jax.Array, batch: int = 64, actions: int = 4) -> Inputs:
-    k = jax.random.split(key, 5)
+    """Random transitions; the online and target nets' Q-values at s' are drawn apart, so
+    their argmaxes differ (a rule that confuses q_t with q_target_t shows)."""
+    k = jax.random.split(key, 6)
     return Inputs(jax.random.normal(k[0], (batch, actions)),
                   jax.random.randint(k[1], (batch,), 0, actions),
                   jax.random.normal(k[2], (batch,)),
                   0.99 * (jax.random.uniform(k[3], (batch,)) > 0.1),
                   jax.random.normal(k[4], (batch, actions)),
-                  jax.random.normal(k[4], (batch, actions)) + 0.1)
+                  jax.random.normal(k[5], (batch, actions)))
 
 
 def check(rule: UpdateRule, meta_params, name: str = "rule", batch: int = 64) -> CheckReport:
