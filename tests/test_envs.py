@@ -54,6 +54,9 @@ def test_param_overrides_are_checked_and_derived_fields_follow():
     assert float(p.total_mass) == pytest.approx(1.2)
     with pytest.raises(ValueError, match="no parameter.*lenght.*length"):
         envs.make("gymnax/CartPole-v1", lenght=1.0)
+    # a derived field cannot be set: it would be recomputed from the others at once
+    with pytest.raises(ValueError, match="polemass_length is derived .*masspole and length"):
+        envs.make("gymnax/CartPole-v1", polemass_length=1.0)
 
 
 def test_param_distribution_samples_per_seed_within_range():

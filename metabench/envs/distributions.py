@@ -7,12 +7,6 @@ A task's env entry may give each parameter a constant or one of::
     max_steps_in_episode: {choice: [200, 500]}
 
 so that a test set can be "the same game with shifted dynamics".
-
-A distribution over an integer parameter (``level_seed``, ``max_steps_in_episode``) draws
-integers from the closed range ``[lo, hi]``, both ends included: ``uniform`` draws each integer
-with probability ``1 / (hi - lo + 1)``, ``loguniform`` draws ``floor(exp(U(log lo,
-log(hi + 1))))``, and ``choice`` draws one of the listed values. Its bounds must then be
-integers (``uniform: [0.5, 3]`` over an integer parameter is an error, not a rounding).
 """
 
 from __future__ import annotations
@@ -61,35 +55,15 @@ class ParamDistribution(NamedTuple):
                 raise ValueError(f"loguniform expects lo > 0, got {args[0]}")
         return ParamDistribution(kind, args)
 
-    def sample(self, key: jax.Array, dtype: Any = None) -> jax.Array:
-        """One draw; over the closed range ``[lo, hi]`` of integers when ``dtype`` is an
-        integer dtype (see the module docstring), else a float."""
-        integer = dtype is not None and jnp.issubdtype(dtype, jnp.integer)
-        if integer and self.kind in ("uniform", "loguniform"):
-            lo, hi = self.values
-            if lo != int(lo) or hi != int(hi):
-                raise ValueError(f"{self.kind} over an integer parameter needs integer bounds, "
-                                 f"got {list(self.values)}")
-            lo, hi = int(lo), int(hi)
-            info = jnp.iinfo(dtype)
-            if lo < info.min or hi > info.max:
-                raise ValueError(f"{self.kind} bounds {[lo, hi]} do not fit {jnp.dtype(dtype)}")
-            if self.kind == "uniform":
-                # randint's upper bound is exclusive; hi + 1 may exceed the dtype (randint
-                # then still reaches the dtype's maximum).
-                return jax.random.randint(key, (), lo, hi + 1, dtype=dtype)
-            x = jnp.exp(jax.random.uniform(key, minval=math.log(lo), maxval=math.log(hi + 1)))
-            return jnp.clip(jnp.floor(x), lo, hi).astype(dtype)
+    def sample(self, key: jax.Array) -> jax.Array:
         if self.kind == "constant":
-            out = jnp.asarray(self.values[0])
-        elif self.kind == "uniform":
-            out = jax.random.uniform(key, minval=self.values[0], maxval=self.values[1])
-        elif self.kind == "loguniform":
+            return jnp.asarray(self.values[0])
+        if self.kind == "uniform":
+            return jax.random.uniform(key, minval=self.values[0], maxval=self.values[1])
+        if self.kind == "loguniform":
             lo, hi = math.log(self.values[0]), math.log(self.values[1])
-            out = jnp.exp(jax.random.uniform(key, minval=lo, maxval=hi))
-        else:
-            out = jax.random.choice(key, jnp.asarray(self.values))
-        return out if dtype is None else out.astype(dtype)
+            return jnp.exp(jax.random.uniform(key, minval=lo, maxval=hi))
+        return jax.random.choice(key, jnp.asarray(self.values))
 
     def to_json(self) -> Any:
         return self.values[0] if self.kind == "constant" else {self.kind: list(self.values)}
@@ -98,19 +72,8 @@ class ParamDistribution(NamedTuple):
 def make_param_sampler(
     env: Any, base_params: Any, dists: Mapping[str, ParamDistribution]
 ) -> Callable[[jax.Array], Any]:
-    """``key -> env_params``: base params with each distributed field drawn, dtypes kept
-    (integers over the closed range, see the module docstring). A field the env derives from
-    others (``env.derived_params``) cannot be drawn: ValueError names it."""
+    """``key -> env_params``: base params with each distributed field drawn, dtypes kept."""
     names = sorted(dists)
-    derived = getattr(env, "derived_params", {})
-    env_id = getattr(env, "id", type(env).__name__)
-    for name in names:
-        if name in derived:
-            raise ValueError(f"{env_id}: {name} is derived ({name} = {derived[name]}) and "
-                             f"recomputed whenever the parameters change, so it cannot be "
-                             f"drawn; draw the parameters it comes from instead")
-        dtype = jnp.asarray(getattr(base_params, name)).dtype
-        dists[name].sample(jax.random.PRNGKey(0), dtype)  # bad bounds fail here, not in jit
 
     def sample(key: jax.Array) -> Any:
         if not names:
@@ -119,7 +82,7 @@ def make_param_sampler(
         drawn = {}
         for k, name in zip(keys, names):
             dtype = jnp.asarray(getattr(base_params, name)).dtype
-            drawn[name] = dists[name].sample(k, dtype)
+            drawn[name] = dists[name].sample(k).astype(dtype)
         return env.finalise_params(base_params.replace(**drawn))
 
     return sample
