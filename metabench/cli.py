@@ -215,7 +215,8 @@ def cmd_discover_lpg(args) -> int:
     cfg = LPGDiscoverConfig(meta_steps=args.meta_steps, lifetimes=args.lifetimes,
                             inner_updates=args.inner_updates,
                             lifetime_updates=_int_or_none(args.lifetime_updates),
-                            meta_lr=args.meta_lr, hidden=args.hidden,
+                            meta_lr=args.meta_lr, meta_adam_eps=args.meta_adam_eps,
+                            hidden=args.hidden,
                             critic_lr=args.critic_lr, critic_lambda=args.critic_lambda,
                             beta_pi_entropy=args.beta_pi_entropy,
                             beta_y_entropy=args.beta_y_entropy,
@@ -463,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--lifetime-updates", default=None,
                     help="agent updates per lifetime (default: the task's budget)")
     lg.add_argument("--meta-lr", type=float, default=1e-3)
+    lg.add_argument("--meta-adam-eps", type=float, default=1e-8,
+                    help="Adam's epsilon on the rule's parameters (smaller lets the y head's "
+                         "tiny meta-gradient move it at the full rate)")
     lg.add_argument("--hidden", type=int, default=32, help="LSTM units of the rule")
     lg.add_argument("--critic-lr", type=float, default=0.05,
                     help="Adam rate of the meta-critic that estimates the meta-objective's "

@@ -676,6 +676,8 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
         _derive(e)
         if e.stale is None and 0 in e.matrix.shape:
             e.stale = "the record has no runs"
+        if e.stale is None:
+            e.stale = _disagreement(e)
         if e.train is not None:
             e.train_stale = _staleness(e.train, task_id, "train", view.spec, view.spec_error)
     ordered = sorted(entries.values(), key=lambda e: e.stem)
@@ -693,6 +695,18 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
         view.baseline = dict(view.spec.scoring.baselines)
         _add_poi(view, reps, seed)
     return view
+
+
+def _disagreement(e: Entry) -> str | None:
+    """Why a record is not ranked when its stored IQM is not the IQM of its own runs (a
+    hand-edited record, or one written by a harness that dropped failures): the site ranks
+    by the stored interval, so the two must agree."""
+    stored = e.agg("iqm")[0]
+    runs = float(nan_iqm(e.matrix.reshape(-1, 1))[0])
+    if not abs(stored - runs) <= 1e-6 * max(1.0, abs(runs)):
+        return (f"the record's stored IQM {stored:.6g} is not the IQM of its runs "
+                f"({runs:.6g})")
+    return None
 
 
 def _add_poi(view: TaskView, reps: int, seed: int) -> None:

@@ -525,6 +525,17 @@ def _baseline_matrix(results_dir: Path, task, split: str, family: str):
     return harness.score_matrix(task, split, rec["runs"]), name
 
 
+def _unused(dest: Path) -> Path:
+    """``dest``, or ``<stem>.2.json``, ``.3``, ... when a record was already moved there (two
+    unreadable records, or a task retuned back and forth): a stale record is never
+    overwritten."""
+    n, found = 1, dest
+    while found.exists():
+        n += 1
+        found = dest.with_name(f"{dest.stem}.{n}{dest.suffix}")
+    return found
+
+
 def _move_stale(path: Path, task, family: str, log) -> None:
     """A record of an older task fingerprint is moved aside, never mixed with new ones."""
     from metabench import results
@@ -539,7 +550,7 @@ def _move_stale(path: Path, task, family: str, log) -> None:
     current = task.fingerprint(family)
     if fp == current:
         return
-    dest = path.parent / "stale" / f"{path.stem}.{fp}.json"
+    dest = _unused(path.parent / "stale" / f"{path.stem}.{fp}.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if old is not None:
         old["stale"] = {"reason": f"task fingerprint changed from {fp} to {current}"}

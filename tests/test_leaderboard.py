@@ -228,12 +228,26 @@ def test_malformed_records_are_listed_and_never_break_the_build(env):
     write_record(env["results"], "empty", rec)
     site = env["build"]()
     page = (site / "tasks" / "t.html").read_text()
-    assert sorted(r["name"] for r in rank_rows(page)) == ["good", "weird"]
+    # weird's runs are mostly unreadable, so its stored IQM is not theirs: listed, not ranked
+    assert sorted(r["name"] for r in rank_rows(page)) == ["good"]
     stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
     for text in ("broken.json", "not valid JSON", "alien.json", "missing key",
-                 "no IQM aggregate", "has no runs"):
+                 "no IQM aggregate", "has no runs", "is not the IQM of its runs"):
         assert text in stale
     assert "Just One" in (site / "submissions" / "t" / "weird.html").read_text()
+
+
+def test_a_stored_iqm_that_is_not_its_runs_iqm_is_not_ranked(env):
+    # A hand-edited record (or one from a harness that dropped its failures) claims an IQM
+    # its runs do not give; the site ranks by the stored interval, so it refuses to rank it.
+    add(env, "honest", iqm=0.5, iqm_ci=(0.45, 0.55))
+    _, rec = add(env, "boastful", iqm=0.3, iqm_ci=(0.25, 0.35))
+    rec["aggregates"]["iqm"] = {"point": 0.95, "lo": 0.9, "hi": 0.99}
+    write_record(env["results"], "boastful", rec)
+    page = (env["build"]() / "tasks" / "t.html").read_text()
+    assert [r["name"] for r in rank_rows(page)] == ["honest"]
+    stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
+    assert "boastful" in stale and "stored IQM 0.95 is not the IQM of its runs (0.3)" in stale
 
 
 # --- hostile input ----------------------------------------------------------------------------

@@ -166,6 +166,22 @@ def test_retuning_a_family_moves_only_its_stale_record_aside(scored, tmp_path, m
     assert again.ok and results.read(record)["task"]["fingerprint"] == new_fp
     assert (copy / "one" / "stale" / "kl-drift.unreadable.json").read_text() == "{ not json"
 
+    # A second move to the same name keeps both: a second unreadable record, and the task
+    # tuned back and forth (the old fingerprint's record is moved aside twice).
+    record.write_text("{ still not json")
+    assert submit_with(retuned).ok
+    assert (copy / "one" / "stale" / "kl-drift.unreadable.json").read_text() == "{ not json"
+    assert (copy / "one" / "stale" / "kl-drift.unreadable.2.json").read_text() == \
+        "{ still not json"
+    assert submit_with(ONE_ENV_TASK).ok and submit_with(retuned).ok
+    assert submit_with(ONE_ENV_TASK).ok and submit_with(retuned).ok
+    names = sorted(p.name for p in stale.parent.iterdir())
+    assert names == sorted([stale.name, f"kl-drift.{old_fp}.2.json", f"kl-drift.{old_fp}.3.json",
+                            f"kl-drift.{new_fp}.json", f"kl-drift.{new_fp}.2.json",
+                            "kl-drift.unreadable.json", "kl-drift.unreadable.2.json"]), names
+    assert results.read(stale.parent / f"kl-drift.{old_fp}.2.json")["task"]["fingerprint"] \
+        == old_fp
+
 
 def write_task_text(folder: Path, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
