@@ -102,10 +102,14 @@ def test_population_training_equals_single_rule_training(tmp_path):
         ref = harness.RuleRef(g.name, "td_loss", graphs.compile_graph(g), {})
         single = harness.train_env(ref, task, env, [0, 1])
         # Same seeds, same rule: the same losses (to float tolerance: vmapping over
-        # candidates may reorder reductions) and the same episodes early on.
+        # candidates may reorder reductions) and the same episodes.
         np.testing.assert_allclose(run.loss[:, :200], single.loss[:, :200], rtol=1e-3,
                                    atol=1e-5)
-        np.testing.assert_array_equal(run.episodes[:, :100], single.episodes[:, :100])
+        # Learning starts at update 125 (500 env steps over 4 envs), so only the episodes
+        # after it tell two rules apart: they are equal over the whole run.
+        np.testing.assert_array_equal(run.episodes, single.episodes)
+        assert [r["final_return"] for r in harness.run_records(run, 0.1)] == \
+            [r["final_return"] for r in harness.run_records(single, 0.1)]
 
 
 def _distance_fitness(target: graphs.Graph):

@@ -266,7 +266,9 @@ def test_a2c_learns_cartpole_and_metagrad_moves_gamma(metagrad_records):
     for name, rec in recs.items():
         finals = [r["final_return"] for r in rec["runs"]]
         assert rec["status"] == "ok", (name, rec["runs"][0]["reason"])
-        assert min(finals) > 60.0, (name, finals)  # a random policy scores ~22
+        # Measured at 1e5 steps: a2c_fixed 163 and 146, metagrad_gamma 500 and 468; a
+        # random policy scores ~22, and a learner with a broken critic clears 60.
+        assert min(finals) > {"a2c_fixed": 80.0, "metagrad_gamma": 250.0}[name], (name, finals)
     fixed = [r["traces"] for r in recs["a2c_fixed"]["runs"]]
     for tr in fixed:
         assert set(tr) == {"gamma", "lambda"}

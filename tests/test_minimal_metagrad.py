@@ -52,6 +52,9 @@ def test_cartpole_learns_and_gamma_adapts():
     assert metrics["returns_sum"].shape == metrics["gamma"].shape == (2, config.num_updates)
     finals = [bench.final_return(metrics["returns_sum"][i], metrics["episodes"][i])
               for i in range(2)]
+    # Measured 76 and 71 at this budget (random: 22). The yardstick's claim to be the
+    # harness's metagrad rests on the same-key equality with the harness (test_bench); this
+    # only shows that the compiled twin trains.
     assert min(finals) > 50.0, finals
     gamma = metrics["gamma"]
     # Update 0 has no previous rollout to differentiate through: gamma starts unchanged.

@@ -74,8 +74,12 @@ def test_records_carry_team_and_per_agent_returns():
         agents = rec["agent_returns"]
         assert sorted(agents) == ["agent_0", "agent_1", "agent_2"]
         assert np.isclose(rec["team_return"], sum(agents.values()))
-        # per-agent returns of these games are negative distances, around the random -25.6
+        # The score is each agent's own return (every agent is an env of the vmapped batch),
+        # not the team's: the mean of the per-agent returns over the same window, a third of
+        # the team return. These games' returns are negative distances (random: -25.6).
         assert -60 < rec["final_return"] < 0
+        assert rec["final_return"] == pytest.approx(np.mean(list(agents.values())), rel=0.05)
+        assert rec["final_return"] == pytest.approx(rec["team_return"] / 3, rel=0.05)
     assert np.isclose(part["env"]["team_return"],
                       np.mean([r["team_return"] for r in part["runs"]]))
 
