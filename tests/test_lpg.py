@@ -348,7 +348,9 @@ def test_shipped_lpg_learns_held_out_grid_layouts(tmp_path):
     random = random_return(env)["random"]
     run = harness.train_env(ref, task, env, [0, 1])
     finals = [r["final_return"] for r in harness.run_records(run, 0.05)]
-    assert run.failure is None and min(finals) > random + 2.0, (random, finals)
+    # Measured (random -0.42): shipped 9.2 and 3.9; LPG at two random initialisations 0.59,
+    # -0.69, -0.29 and -2.3. The bar sits between them.
+    assert run.failure is None and min(finals) > random + 3.0, (random, finals)
 
 
 def test_a_tabular_head_looks_rows_up_exactly_as_the_one_hot_product():
