@@ -5,50 +5,61 @@ The public API::
     import metabench as mb
     task = mb.load_task("classic-transfer-v1-quick")
     record = mb.evaluate(mb.reference_rule("dpo"), task, split="test")
+
+Names are imported on first use (PEP 562), so ``import metabench.results`` or building the
+site from records loads neither JAX nor the families.
 """
 
-from metabench.envs import make as make_env
-from metabench.envs import register as register_env
-from metabench.families import Family, Trainer, find_rule, get_family
-from metabench.families.base import families as list_families
-from metabench.families import drift, epg, lpg, metagrad, td_loss
-from metabench.harness import RuleRef, evaluate, reference_rule, train_env
-from metabench.rules import UpdateRule, params_hash
-from metabench.submission import check as check_submission
-from metabench.submission import submit
-from metabench.scoring import aggregates, normalise, probability_of_improvement
-from metabench.spec import SpecError, TaskSpec, list_tasks
-from metabench.spec import load as load_task
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Family",
-    "RuleRef",
-    "SpecError",
-    "TaskSpec",
-    "Trainer",
-    "UpdateRule",
-    "__version__",
-    "aggregates",
-    "check_submission",
-    "drift",
-    "epg",
-    "evaluate",
-    "find_rule",
-    "get_family",
-    "list_families",
-    "list_tasks",
-    "load_task",
-    "lpg",
-    "metagrad",
-    "make_env",
-    "normalise",
-    "params_hash",
-    "probability_of_improvement",
-    "reference_rule",
-    "register_env",
-    "submit",
-    "td_loss",
-    "train_env",
-]
+_API = {
+    "make_env": ("metabench.envs", "make"),
+    "register_env": ("metabench.envs", "register"),
+    "Family": ("metabench.families", "Family"),
+    "Trainer": ("metabench.families", "Trainer"),
+    "find_rule": ("metabench.families", "find_rule"),
+    "get_family": ("metabench.families", "get_family"),
+    "list_families": ("metabench.families.base", "families"),
+    "drift": ("metabench.families.drift", None),
+    "epg": ("metabench.families.epg", None),
+    "lpg": ("metabench.families.lpg", None),
+    "metagrad": ("metabench.families.metagrad", None),
+    "td_loss": ("metabench.families.td_loss", None),
+    "RuleRef": ("metabench.harness", "RuleRef"),
+    "evaluate": ("metabench.harness", "evaluate"),
+    "reference_rule": ("metabench.harness", "reference_rule"),
+    "train_env": ("metabench.harness", "train_env"),
+    "UpdateRule": ("metabench.rules", "UpdateRule"),
+    "params_hash": ("metabench.rules", "params_hash"),
+    "check_submission": ("metabench.submission", "check"),
+    "submit": ("metabench.submission", "submit"),
+    "aggregates": ("metabench.scoring", "aggregates"),
+    "normalise": ("metabench.scoring", "normalise"),
+    "probability_of_improvement": ("metabench.scoring", "probability_of_improvement"),
+    "SpecError": ("metabench.spec", "SpecError"),
+    "TaskSpec": ("metabench.spec", "TaskSpec"),
+    "list_tasks": ("metabench.spec", "list_tasks"),
+    "load_task": ("metabench.spec", "load"),
+}
+
+__all__ = sorted([*_API, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'metabench' has no attribute {name!r}")
+    module, attr = _API[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -97,6 +97,9 @@ class EnvRun:
     reference_error: str | None = None
     # With a per-level reference, the random policy's return on each seed's level too.
     randoms: list[float] | None = None
+    # The training call never compiled (the rule failed to trace or lower): nothing ran, and
+    # no other candidate or seed of the same call can fare better.
+    failed_to_compile: bool = False
 
     @property
     def updates_done(self) -> int:
@@ -255,6 +258,7 @@ class _Trained(NamedTuple):
     references: list[float] | None = None
     reference_error: str | None = None
     randoms: list[float] | None = None
+    failed_to_compile: bool = False
 
 
 def _level_references(spec: EnvSpec, env: Any, states: Any, place: "_Placement"
@@ -343,7 +347,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
         _release(locals().get("env"))
         return _Trained(None, 1, 0, time.perf_counter() - t0, 0.0,
-                        f"{type(e).__name__} while compiling: {e}")
+                        f"{type(e).__name__} while compiling: {e}", failed_to_compile=True)
     compile_s = time.perf_counter() - t0
     chunks, failure = [], None
     t1 = time.perf_counter()
@@ -401,7 +405,8 @@ def _env_run(spec: EnvSpec, seeds: list[int], t: _Trained, index: Any = ()) -> E
         log = log[index * len(seeds):(index + 1) * len(seeds)]
     return EnvRun(spec, seeds, get("returns_sum"), get("episodes"), get("loss"),
                   t.steps_per_update, t.num_updates, t.compile_s, t.run_s, t.failure, traces,
-                  t.memory, log, t.references, t.reference_error, t.randoms)
+                  t.memory, log, t.references, t.reference_error, t.randoms,
+                  t.failed_to_compile)
 
 
 def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int], *,

@@ -49,7 +49,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["build", "make_server", "render_site", "serve", "slugify",
+from metabench.results import slug
+
+__all__ = ["build", "make_server", "render_site", "serve", "slug",
            "poi_point", "poi_interval", "performance_profile", "nan_iqm"]
 
 MARKER = ".metabench-site"
@@ -270,15 +272,6 @@ def _link(url: Any) -> str:
     if ok is None:
         return esc(_s(url)) if _s(url) else DASH
     return f'<a href="{esc(ok)}" rel="noopener noreferrer nofollow">{esc(ok)}</a>'
-
-
-def slugify(name: str, max_len: int = 64) -> str:
-    """A file-name-safe form of ``name``; a short hash keeps changed names distinct."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:max_len]
-    if safe != name or not safe or safe[0] in ".-":
-        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-        safe = (safe.lstrip(".-") or "x")[:max_len] + "-" + digest
-    return safe
 
 
 def _rng(seed: int, *parts: str) -> np.random.Generator:
@@ -619,13 +612,13 @@ def _staleness(rec: dict, task_id: str, split: str, spec, spec_error: str | None
 
 
 def _assign_slugs(entries: Sequence[Entry]) -> None:
-    slugs = {e.stem: slugify(e.name) for e in entries}
+    slugs = {e.stem: slug(e.name) for e in entries}
     taken: dict[str, int] = {}
     for s in slugs.values():
         taken[s.lower()] = taken.get(s.lower(), 0) + 1  # case-insensitive filesystems too
     for e in entries:
         s = slugs[e.stem]
-        e.slug = slugify(f"{e.name}@{e.stem}") if taken[s.lower()] > 1 else s
+        e.slug = slug(f"{e.name}@{e.stem}") if taken[s.lower()] > 1 else s
 
 
 def _derive(e: Entry) -> None:
@@ -662,7 +655,7 @@ def _align(entry: Entry, other: Entry) -> np.ndarray | None:
 
 def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
                  seed: int) -> TaskView:
-    view = TaskView(task_id, slugify(task_id))
+    view = TaskView(task_id, slug(task_id))
     view.spec, view.spec_error = _load_spec(task_id, tasks_dir)
     folder = results_dir / task_id
     entries, view.unreadable = (_read_records(folder, task_id) if folder.is_dir() else ({}, []))

@@ -17,9 +17,11 @@ Schema (``schema: 1``)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,18 @@ SCHEMA = 1
 KIND = "metabench.result"
 REQUIRED = ("kind", "schema", "task", "rule", "status", "envs", "runs", "aggregates",
             "provenance")
+
+
+
+def slug(name: str) -> str:
+    """The file-name-safe form of a name (never a path), used for record files and for the
+    site's pages alike: characters outside ``[A-Za-z0-9_.-]`` become ``_``, leading and
+    trailing dots and underscores go, and a name that changed gets a short hash of the
+    original, so that distinct names stay distinct."""
+    s = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._") or "submission"
+    if s != name:
+        s = f"{s[:60]}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
+    return s
 
 
 class RecordError(ValueError):

@@ -26,6 +26,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import yaml
 
+from metabench.params_io import load_params, sha256, tree_signature
+from metabench.results import slug
+
 SUBMISSION_FILE = "submission.yaml"
 RESULTS_DIR = Path("leaderboard/results")
 COMPILE_ALLOWANCE_S = 300.0
@@ -130,14 +133,6 @@ class Submission:
                                "accelerator_hours": d.accelerator_hours, "notes": d.notes}}
 
 
-def slug(name: str) -> str:
-    """A file-name-safe form of a submission name (never a path)."""
-    s = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._") or "submission"
-    if s != name:  # keep distinct names distinct after replacing characters
-        s = f"{s[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return s
-
-
 def _inside(folder: Path, rel: str, file: Path, key: str) -> Path:
     """Resolves ``rel`` inside ``folder``; anything escaping it (``..``, absolute paths,
     symlinks pointing out) is an error."""
@@ -153,10 +148,6 @@ def _inside(folder: Path, rel: str, file: Path, key: str) -> Path:
     if not full.is_file():
         raise SubmissionError(file, key, f"an existing file, {rel!r} is missing")
     return full
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load(folder: str | os.PathLike) -> Submission:
@@ -253,8 +244,8 @@ def load(folder: str | os.PathLike) -> Submission:
         params_sha = params.get("sha256")
         if not isinstance(params_sha, str) or not re.fullmatch(r"[0-9a-f]{64}", params_sha):
             raise SubmissionError(file, "params.sha256", "the file's sha256 as 64 hex digits "
-                                  f"(it is {_sha256(full)})")
-        actual = _sha256(full)
+                                  f"(it is {sha256(full)})")
+        actual = sha256(full)
         if actual != params_sha:
             raise SubmissionError(file, "params.sha256", f"the sha256 of {params_file} "
                                   f"({actual}), got {params_sha}")
@@ -307,42 +298,6 @@ def load(folder: str | os.PathLike) -> Submission:
 # --- building the rule (imports submitted code: call in a child process) -------------------
 
 
-def load_params(path: Path) -> Any:
-    """A parameter tree from ``.npz`` (keys are '/'-joined paths) or flax ``.msgpack``."""
-    import numpy as np
-    from flax import serialization, traverse_util
-
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            flat = {tuple(k.split("/")): np.asarray(z[k]) for k in z.files}
-        return traverse_util.unflatten_dict(flat)
-    return serialization.msgpack_restore(path.read_bytes())
-
-
-def save_params(path: Path, tree: Any) -> str:
-    """Writes ``tree`` as ``.npz`` (or ``.msgpack``); returns the file's sha256."""
-    import numpy as np
-    from flax import serialization, traverse_util
-
-    path = Path(path)
-    if path.suffix == ".npz":
-        flat = traverse_util.flatten_dict(serialization.to_state_dict(tree), sep="/")
-        with open(path, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
-    else:
-        path.write_bytes(serialization.msgpack_serialize(serialization.to_state_dict(tree)))
-    return _sha256(path)
-
-
-def _tree_signature(tree: Any) -> dict[str, tuple]:
-    import jax
-    import numpy as np
-
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): (tuple(np.shape(x)), str(np.asarray(x).dtype))
-            for p, x in flat}
-
-
 def build_rule(sub: Submission):
     """The submission's :class:`~metabench.harness.RuleRef`: imports the entry point, loads
     and verifies the parameters against the rule's ``init`` structure."""
@@ -390,7 +345,7 @@ def build_rule(sub: Submission):
     init_params = rule.init(jax.random.PRNGKey(0))
     if sub.params_file is not None:
         meta_params = load_params(sub.path / sub.params_file)
-        want, got = _tree_signature(init_params), _tree_signature(meta_params)
+        want, got = tree_signature(init_params), tree_signature(meta_params)
         if want != got:
             missing = sorted(set(want) - set(got))
             extra = sorted(set(got) - set(want))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, nets, spec, submission
+from metabench import harness, nets, params_io, spec, submission
 from metabench.cli import main
 from metabench.families import epg
 from metabench.rules import UpdateRule, no_params
@@ -439,7 +439,7 @@ def test_discover_epg_writes_a_submission_the_checks_accept(tmp_path, capsys):
     # The search moved the loss away from its initialisation; what is written is the learned
     # loss alone (no guidance weight), as scored.
     init = epg.epg().init(jax.random.PRNGKey(0))
-    found = submission.load_params(folder / "params.npz")
+    found = params_io.load_params(folder / "params.npz")
     assert jax.tree_util.tree_structure(found) == jax.tree_util.tree_structure(init)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(found)))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, spec, submission
+from metabench import harness, params_io, spec, submission
 from metabench.cli import main
 from metabench.discover import es as es_mod
 from metabench.families import drift
@@ -201,7 +201,7 @@ def test_discover_lpo_writes_a_submission_the_checks_accept(lpo_runs):
     assert result.ok, result.message
     # The parameters moved away from the PPO-clip initialisation.
     init = drift.lpo().init(jax.random.PRNGKey(0))
-    moved = submission.load_params(folder / "params.npz")
+    moved = params_io.load_params(folder / "params.npz")
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                zip(jax.tree_util.tree_leaves(init), jax.tree_util.tree_leaves(moved)))
     assert diff > 0

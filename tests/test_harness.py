@@ -135,6 +135,13 @@ def test_raising_rule_becomes_failed_record_not_a_crash(tiny):
     rec = harness.evaluate(_ref("boom", boom), tiny, "test")
     assert rec["status"] == "failed"
     assert all("this drift is broken" in r["reason"] for r in rec["runs"])
+    # Discovery tells a call that never compiled (stop the search) from one that failed in
+    # training (that candidate scores the floor) by a field, not by the message.
+    run = harness.train_env(_ref("boom", boom), tiny, tiny.test[0], [0])
+    assert run.failed_to_compile and "this drift is broken" in run.failure
+    nan = harness.train_env(_ref("nan", lambda p, x: x.ratio * jnp.nan), tiny, tiny.test[0], [0])
+    assert harness.run_records(nan, 0.05)[0]["status"] == "failed"
+    assert not nan.failed_to_compile
 
 
 def test_wall_clock_budget_is_enforced_between_chunks(tiny, monkeypatch):
@@ -170,12 +177,12 @@ def test_reference_rules_with_learned_parameters_run_the_shipped_ones():
     """``shipped_params`` falls back to ``rule.init`` (PPO-clip, REINFORCE, an untrained LPG)
     when the npz does not fit the rule; every test that scores these rules would pass
     either way, so the fallback must not be what ships."""
-    from metabench.submission import load_params
+    from metabench.params_io import PARAMS_DIR, load_params
 
     for name in ("lpo", "epg", "lpg"):
         ref = harness.reference_rule(name)
         assert ref.note.startswith(f"meta-trained by `metabench discover {name}`"), ref.note
-        shipped = load_params(families_base.PARAMS_DIR / f"{name}.npz")
+        shipped = load_params(PARAMS_DIR / f"{name}.npz")
         got, want = (jax.tree_util.tree_leaves(t) for t in (ref.meta_params, shipped))
         assert len(got) == len(want) > 0
         for a, b in zip(got, want):

@@ -454,7 +454,7 @@ def test_downloads_csv_and_raw_json(env):
                    split="train", submission=submission_block("=cmd|calc"))
     site = env["build"]()
     data = sorted((site / "data" / "t").iterdir())
-    slug = lb.slugify("=cmd|calc")
+    slug = lb.slug("=cmd|calc")
     assert [p.name for p in data] == [f"{slug}.csv", f"{slug}.json", f"{slug}.train.json"]
     assert (site / "data" / "t" / f"{slug}.json").read_bytes() == path.read_bytes()
     rows = list(csv.DictReader(io.StringIO((site / "data" / "t" / f"{slug}.csv").read_text())))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import results, spec, submission
+from metabench import params_io, results, spec, submission
 from metabench.families import drift
 
 ONE_ENV_TASK = """
@@ -331,7 +331,7 @@ def test_bad_folders_are_refused_with_file_key_and_expectation(tmp_path, scored,
 def _lpo_folder(tmp_path, params, sha=None):
     folder = tmp_path / "lpo"
     folder.mkdir(parents=True, exist_ok=True)
-    digest = submission.save_params(folder / "params.npz", params)
+    digest = params_io.save_params(folder / "params.npz", params)
     write_sub(folder, yaml_for(name="lpo-x", rule="rule:\n  factory: lpo\n",
                                extra=f"params: {{file: params.npz, sha256: {sha or digest}}}\n"))
     return folder
@@ -469,7 +469,7 @@ def test_batch_scores_one_factorys_submissions_in_one_call(tmp_path, small_task_
     a = write_sub(tmp_path / "a", yaml_for("lpo-a", lpo))
     b = tmp_path / "b"
     b.mkdir()
-    digest = submission.save_params(b / "params.npz", half)
+    digest = params_io.save_params(b / "params.npz", half)
     write_sub(b, yaml_for("lpo-b", lpo, f"params: {{file: params.npz, sha256: {digest}}}\n"))
     assert submission.batch_key(submission.load(a)) == submission.batch_key(submission.load(b))
     # The checks are tested on their own; here they would only add two child processes.

@@ -59,7 +59,7 @@ def write_submission(folder: Path, *, name: str, family: str, rule: dict, descri
     ``params.npz`` when ``params`` is given), the disclosure filled in from ``summary``
     (task, train envs, env steps, device hours) and ``discovery.json`` (``summary``: config,
     budget, command, curve) beside it. ``notes`` opens the disclosure's notes."""
-    from metabench.submission import save_params
+    from metabench.params_io import save_params
 
     folder.mkdir(parents=True, exist_ok=True)
     device = summary["provenance"]["device"]

@@ -113,7 +113,7 @@ class TrainFitness:
             runs = harness.train_population(self.family, self.rule, population, self.task,
                                             spec, range(self.cfg.seeds),
                                             total_timesteps=self.timesteps)
-            if runs[0].failure and "while compiling" in runs[0].failure:
+            if runs[0].failed_to_compile:
                 raise RuntimeError(f"the ES training call failed to compile on {spec.name}: "
                                    f"{runs[0].failure}")
             self.env_steps += sum(len(r.seeds) * r.updates_done * r.steps_per_update

@@ -248,7 +248,7 @@ class TrainSplitFitness:
                                         spec, range(self.cfg.seeds), total_timesteps=timesteps)
         self.env_steps += len(runs) * self.cfg.seeds * runs[0].updates_done \
             * runs[0].steps_per_update
-        if runs[0].failure and "while compiling" in runs[0].failure:
+        if runs[0].failed_to_compile:
             raise RuntimeError(f"the search's training call failed to compile on {spec.name}: "
                                f"{runs[0].failure}")
         return [_seed_scores(r, self.window) for r in runs[:n]]

@@ -7,6 +7,7 @@ environment, whether it is jittable, and a one-line note for ``metabench list en
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from typing import Any, Callable
 
@@ -76,6 +77,11 @@ def registered(backend: str | None = None) -> list[str]:
     return sorted(i for i, e in _REGISTRY.items() if backend is None or e.backend == backend)
 
 
+BACKENDS = ("gymnax", "chains", "grids", "brax", "gymnasium", "pettingzoo")
+"""The backend modules of ``metabench.envs``, in registration order. Each registers its envs
+when imported; they import this module, never the other way round, so the registry names
+them here and loads them by name."""
+
 _LOADED = False
 
 
@@ -84,9 +90,5 @@ def _load_backends() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from metabench.envs import gymnax as _gymnax  # noqa: F401
-        from metabench.envs import chains as _chains  # noqa: F401
-        from metabench.envs import grids as _grids  # noqa: F401
-        from metabench.envs import brax as _brax  # noqa: F401
-        from metabench.envs import gymnasium as _gymnasium  # noqa: F401
-        from metabench.envs import pettingzoo as _pettingzoo  # noqa: F401
+        for name in BACKENDS:
+            importlib.import_module(f"metabench.envs.{name}")

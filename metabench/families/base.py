@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -217,29 +215,3 @@ def finite_tree(tree: Any) -> bool:
     return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
-PARAMS_DIR = Path(__file__).resolve().parent.parent / "params"
-"""Shipped meta-parameters: ``<rule>.npz`` written by a ``metabench discover`` command, with
-``<rule>.discovery.json`` (its config, budget, command and curve) beside it."""
-
-
-def shipped_params(name: str, rule: Any, untrained: str) -> tuple[Any, str]:
-    """``(meta_params, note)`` for a reference rule with learned parameters: the shipped file
-    when there is one of the rule's exact structure, else ``rule.init`` and ``untrained``."""
-    init = rule.init(jax.random.PRNGKey(0))
-    path = PARAMS_DIR / f"{name}.npz"
-    if not path.exists():
-        return init, untrained
-    from metabench.submission import load_params
-
-    shipped = load_params(path)
-
-    def sig(tree):
-        return jax.tree_util.tree_map(lambda x: (np.shape(x), str(np.asarray(x).dtype)), tree)
-
-    if sig(shipped) != sig(init):
-        return init, f"{untrained} (the shipped {path.name} is for another {name} size)"
-    meta = json.loads(path.with_name(f"{name}.discovery.json").read_text())
-    command = meta["provenance"]["command"].split(" --")[0]
-    return (jax.tree_util.tree_map(jnp.asarray, shipped),
-            f"meta-trained by `{command}` on {meta['task']['id']} "
-            f"({meta['env_steps']:.3g} env steps; see metabench/params/{name}.discovery.json)")

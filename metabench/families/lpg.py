@@ -44,7 +44,8 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
-                                     finite_tree, register_family, shipped_params)
+                                     finite_tree, register_family)
+from metabench.params_io import shipped_params
 from metabench.rl import episode_returns, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
 from metabench.types import Metrics
