@@ -281,7 +281,7 @@ def test_every_text_field_is_escaped(env, tmp_path):
     assert ESCAPED in pages["index.html"]  # the description
     task_page = pages["tasks/t.html"]
     assert task_page.count(ESCAPED) >= 5  # name, env names, plots, legend, device
-    sub_page = next(v for k, v in pages.items() if k.startswith("submissions/t/_script"))
+    sub_page = pages[f"submissions/t/{lb.slug(HOSTILE)}.html"]
     # name, version, authors, affiliation, description, licence, paper, code, hashes,
     # disclosure task/envs/notes, note, env names, reason, check detail, command, device
     assert sub_page.count(ESCAPED) >= 18

@@ -46,3 +46,19 @@ def test_invalid_records_are_named(tmp_path):
     bad.write_text(json.dumps(minimal_record(schema=99)))
     with pytest.raises(results.RecordError, match="schema 99"):
         results.read(bad)
+
+
+def test_slug_is_a_safe_bounded_file_name_that_keeps_names_apart():
+    import hashlib
+
+    def h(name):
+        return hashlib.sha256(name.encode()).hexdigest()[:8]
+
+    assert results.slug("ppo_clip") == "ppo_clip"  # a safe name is its own slug
+    assert results.slug("a/b") == f"a_b-{h('a/b')}" != results.slug("a_b")
+    assert results.slug("../x") == f"x-{h('../x')}"  # never a path, never hidden
+    assert results.slug("") == f"submission-{h('')}"
+    assert results.slug("-rf") == f"rf-{h('-rf')}"  # never read as a command-line option
+    long = "x" * 300  # safe characters, but too long for a file name
+    assert results.slug(long) == "x" * 55 + f"-{h(long)}" and len(results.slug(long)) == 64
+    assert results.slug("x" * 64) == "x" * 64
