@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from metabench import yamlfile
 from metabench.envs import ParamDistribution, make_param_sampler, registry
 from metabench.envs import make as make_env
 from metabench.families import base as families_base
+from metabench.yamlfile import FieldError
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 CALIBRATION_FILE = "calibration.lock.yaml"
@@ -40,12 +40,8 @@ REFERENCE_METHODS = ("optimal", "oracle")
 """Per-level references a task may name instead of a number (see the module docstring)."""
 
 
-class SpecError(ValueError):
+class SpecError(FieldError):
     """A malformed spec: the message names the file, the key and the expectation."""
-
-    def __init__(self, file: str | os.PathLike, key: str, expected: str):
-        self.file, self.key, self.expected = str(file), key, expected
-        super().__init__(f"{file}: {key}: {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +227,7 @@ def load(task: str | os.PathLike, tasks_dir: Path | None = None,
          calibration: Mapping[str, Any] | None = None) -> TaskSpec:
     """Loads and validates a task by id or path."""
     path = task_path(task, tasks_dir)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(path, "<yaml>", f"valid YAML ({e})") from None
+    raw = yamlfile.read(path, SpecError)
     if calibration is None:
         calibration = load_calibration(path.parent)
     return parse(raw, path, calibration)
@@ -523,7 +516,9 @@ def load_calibration(tasks_dir: Path | None = None) -> dict[str, Any]:
     path = (tasks_dir or TASKS_DIR) / CALIBRATION_FILE
     if not path.exists():
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yamlfile.read(path, SpecError) or {}
+    if not isinstance(data, Mapping):
+        raise SpecError(path, "<top level>", f"a mapping, got {_kind(data)}")
     envs = data.get("envs", {})
     if not isinstance(envs, Mapping):
         raise SpecError(path, "envs", "a mapping of calibration key -> measurement")

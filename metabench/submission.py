@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import yaml
-
+from metabench import yamlfile
 from metabench.params_io import load_params, sha256, tree_signature
 from metabench.results import slug
+from metabench.yamlfile import FieldError
 
 SUBMISSION_FILE = "submission.yaml"
 RESULTS_DIR = Path("leaderboard/results")
@@ -40,12 +40,8 @@ REQUIRED = ("name", "version", "authors", "family", "description", "licence", "r
 OPTIONAL = ("affiliation", "paper", "code", "params")
 
 
-class SubmissionError(ValueError):
+class SubmissionError(FieldError):
     """A malformed submission: names the file, the key and what was expected."""
-
-    def __init__(self, file: str | os.PathLike, key: str, expected: str):
-        self.file, self.key, self.expected = str(file), key, expected
-        super().__init__(f"{file}: {key}: {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +156,7 @@ def load(folder: str | os.PathLike) -> Submission:
         raise SubmissionError(folder, "<folder>", "a submission folder")
     if not file.is_file():
         raise SubmissionError(file, "<file>", f"a {SUBMISSION_FILE} in the folder")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as e:
-        raise SubmissionError(file, "<yaml>", f"valid YAML ({e})") from None
+    raw = yamlfile.read(file, SubmissionError)
     if not isinstance(raw, dict):
         raise SubmissionError(file, "<top level>", "a mapping")
     unknown = sorted(set(map(str, raw)) - set(REQUIRED) - set(OPTIONAL))

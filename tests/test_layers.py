@@ -17,15 +17,14 @@ PACKAGE = ROOT / "metabench"
 LAYERS = [
     # shared maths, types, networks, parameter and record files, statistics
     {"metabench", "metabench.types", "metabench.rules", "metabench.rl", "metabench.nets",
-     "metabench.params_io", "metabench.results", "metabench.scoring"},
+     "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile"},
     {"metabench.envs"},                                   # environments and their backends
     {"metabench.families", "metabench.graphs"},           # agents and the rules they run
     {"metabench.spec", "metabench.calibrate"},            # tasks
     {"metabench.harness"},                                # training and records
     {"metabench.submission", "metabench._child", "metabench.discover"},
     {"metabench.leaderboard"},                            # the site
-    {"metabench.bench", "metabench.minimal_dqn", "metabench.minimal_epg",
-     "metabench.minimal_lpg", "metabench.minimal_metagrad", "metabench.minimal_ppo"},
+    {"metabench.bench"},                                  # the speed bench and its twins
     {"metabench.cli"},
 ]
 

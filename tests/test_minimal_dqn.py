@@ -1,4 +1,4 @@
-"""Tests for the standalone reference DQN in ``metabench.minimal_dqn``."""
+"""Tests for the standalone reference DQN in ``metabench.bench.twins.dqn``."""
 
 import dataclasses
 
@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from metabench import minimal_dqn
+from metabench.bench.twins import dqn as minimal_dqn
 from metabench.families import td_loss
-from metabench.minimal_dqn import Config
+from metabench.bench.twins.dqn import Config
 
 
 def test_config_defaults_match_purejaxrl_cartpole_and_the_td_loss_family():

@@ -1,4 +1,4 @@
-"""Tests for the standalone reference EPG agent (REINFORCE) in ``metabench.minimal_epg``."""
+"""Tests for the standalone reference EPG agent (REINFORCE) in ``metabench.bench.twins.epg``."""
 
 import dataclasses
 import inspect
@@ -9,7 +9,7 @@ import pytest
 
 from metabench import bench, harness
 from metabench.families import epg
-from metabench.minimal_epg import Config
+from metabench.bench.twins.epg import Config
 
 ALGO = 'epg'  # the bench's name for this pair
 

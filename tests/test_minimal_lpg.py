@@ -1,4 +1,4 @@
-"""Tests for the standalone reference LPG agent (A2C) in ``metabench.minimal_lpg``."""
+"""Tests for the standalone reference LPG agent (A2C) in ``metabench.bench.twins.lpg``."""
 
 import dataclasses
 import inspect
@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import bench, harness, minimal_lpg
+from metabench import bench, harness
+from metabench.bench.twins import lpg as minimal_lpg
 from metabench.families import lpg
-from metabench.minimal_lpg import Config
+from metabench.bench.twins.lpg import Config
 
 ALGO = 'lpg'  # the bench's name for this pair
 

@@ -1,5 +1,5 @@
 """Tests for the standalone reference meta-gradient actor-critic in
-``metabench.minimal_metagrad``."""
+``metabench.bench.twins.metagrad``."""
 
 import dataclasses
 import inspect
@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import bench, harness, minimal_metagrad
+from metabench import bench, harness
+from metabench.bench.twins import metagrad as minimal_metagrad
 from metabench.families import metagrad
-from metabench.minimal_metagrad import Config
+from metabench.bench.twins.metagrad import Config
 
 ALGO = 'metagrad'  # the bench's name for this pair
 

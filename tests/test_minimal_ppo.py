@@ -1,4 +1,4 @@
-"""Tests for the standalone reference PPO in ``metabench.minimal_ppo``."""
+"""Tests for the standalone reference PPO in ``metabench.bench.twins.ppo``."""
 
 import dataclasses
 import inspect
@@ -6,9 +6,10 @@ import inspect
 import jax
 import pytest
 
-from metabench import bench, minimal_ppo
+from metabench import bench
+from metabench.bench.twins import ppo as minimal_ppo
 from metabench.families import drift
-from metabench.minimal_ppo import Config
+from metabench.bench.twins.ppo import Config
 
 # The twin's name for each drift.Config field (the rest have the same name).
 RENAMED = {"num_steps": "rollout_len", "update_epochs": "epochs",

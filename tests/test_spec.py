@@ -151,3 +151,17 @@ def test_every_shipped_task_loads_and_is_calibrated():
         assert spec.load(name).agent_config("drift").activation == "relu", name
     for name in ("brax-transfer-v1", "brax-transfer-v1-quick"):
         assert spec.load(name).agent_config("drift").value_clip == 0.0, name
+
+
+def test_spec_and_submission_errors_are_one_kind_and_the_lock_file_is_checked(tmp_path):
+    from metabench import submission, yamlfile
+
+    assert issubclass(SpecError, yamlfile.FieldError)
+    assert issubclass(submission.SubmissionError, yamlfile.FieldError)
+    lock = tmp_path / spec.CALIBRATION_FILE
+    lock.write_text("- not\n- a mapping\n")
+    with pytest.raises(yamlfile.FieldError, match=r"calibration.*: <top level>: a mapping, got list"):
+        spec.load_calibration(tmp_path)
+    lock.write_text("envs: [unclosed")
+    with pytest.raises(SpecError, match=r": <yaml>: valid YAML"):
+        spec.load_calibration(tmp_path)

@@ -6,10 +6,10 @@ compiling; the table reports env steps per second of each (the median of ``repea
 interleaved runs) and their ratio, beside the env alone stepped with random actions on as many
 copies (the ceiling). Several seed counts measure scaling with seeds, several device counts
 (``METABENCH_DEVICES``) the harness's scaling with devices. The yardsticks import nothing from
-metabench: :mod:`~metabench.minimal_ppo` (drift, ``ppo_clip``), :mod:`~metabench.minimal_dqn`
-(td_loss, ``dqn``), :mod:`~metabench.minimal_epg` (epg, ``reinforce``),
-:mod:`~metabench.minimal_metagrad` (metagrad, ``metagrad_gamma``) and
-:mod:`~metabench.minimal_lpg` (lpg, ``actor_critic``).
+metabench: :mod:`~metabench.bench.twins.ppo` (drift, ``ppo_clip``), :mod:`~metabench.bench.twins.dqn`
+(td_loss, ``dqn``), :mod:`~metabench.bench.twins.epg` (epg, ``reinforce``),
+:mod:`~metabench.bench.twins.metagrad` (metagrad, ``metagrad_gamma``) and
+:mod:`~metabench.bench.twins.lpg` (lpg, ``actor_critic``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metabench import (harness, minimal_dqn, minimal_epg, minimal_lpg, minimal_metagrad,
-                       minimal_ppo)
+from metabench import harness
+from metabench.bench.twins import dqn as minimal_dqn
+from metabench.bench.twins import epg as minimal_epg
+from metabench.bench.twins import lpg as minimal_lpg
+from metabench.bench.twins import metagrad as minimal_metagrad
+from metabench.bench.twins import ppo as minimal_ppo
 from metabench.families import drift, epg, lpg, metagrad, td_loss
 from metabench.spec import Budget, EnvSpec, Normalise, Scoring, TaskSpec
 
