@@ -50,12 +50,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from metabench.results import slug
+from metabench.scoring import floor_scores, nan_iqm, performance_profile, poi_interval
 
-__all__ = ["build", "make_server", "render_site", "serve", "slug",
-           "poi_point", "poi_interval", "performance_profile", "nan_iqm"]
+__all__ = ["build", "make_server", "render_site", "serve", "slug"]
 
 MARKER = ".metabench-site"
-CONFIDENCE = 0.95
 PROFILE_POINTS = 81
 TOP_N = 3
 DASH = "\u2014"
@@ -282,91 +281,10 @@ def _rng(seed: int, *parts: str) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *words])
 
 
-# --- statistics ---------------------------------------------------------------------------
-
-
-def _percentiles(boot: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    tail = 100 * (1 - CONFIDENCE) / 2
-    lo, hi = np.percentile(boot, [tail, 100 - tail], axis=axis)
-    return lo, hi
-
-
-def _resample_counts(n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
-    """``[reps, n]``: how often each of n runs appears in each bootstrap resample (n draws
-    with replacement). Counts let a whole bootstrap be a few array operations."""
-    draws = rng.integers(0, n, size=(reps, n)) + (np.arange(reps) * n)[:, None]
-    return np.bincount(draws.ravel(), minlength=reps * n).reshape(reps, n).astype(np.float64)
-
-
-def _win_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``[nx, ny]``: 1 where x_i > y_j, 1/2 on ties (the Mann-Whitney U kernel)."""
-    return (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
-
-
-def poi_point(x: np.ndarray, y: np.ndarray) -> float:
-    """P(X > Y) averaged over envs; equals ``rliable.metrics.probability_of_improvement``."""
-    nx, ny = x.shape[0], y.shape[0]
-    per_env = [_win_matrix(x[:, j], y[:, j]).sum() / (nx * ny) for j in range(x.shape[1])]
-    return float(np.mean(per_env))
-
-
-def poi_interval(x: np.ndarray, y: np.ndarray, reps: int,
-                 rng: np.random.Generator) -> tuple[float, float, float]:
-    """Point and percentile CI of P(X > Y) by a stratified bootstrap: the runs of X and of Y
-    are resampled independently within each env. Resamples are run counts, so one bootstrap
-    replicate of one env is ``c_x @ W @ c_y`` and all replicates are one matrix product."""
-    nx, ny = x.shape[0], y.shape[0]
-    boot = np.zeros(reps)
-    for j in range(x.shape[1]):
-        win = _win_matrix(x[:, j], y[:, j])
-        cx, cy = _resample_counts(nx, reps, rng), _resample_counts(ny, reps, rng)
-        # einsum rather than @: OpenBLAS's threads cost more than these small products.
-        boot += np.einsum("ri,ri->r", np.einsum("ri,ij->rj", cx, win), cy) / (nx * ny)
-    lo, hi = _percentiles(boot / x.shape[1])
-    return poi_point(x, y), float(lo), float(hi)
-
-
-def performance_profile(scores: np.ndarray, taus: np.ndarray, reps: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fraction of runs with score > tau (averaged over envs, as rliable does), with a
-    stratified-bootstrap percentile band. Returns ``(point, lo, hi)``, each ``[len(taus)]``."""
-    n, m = scores.shape
-    point = (scores[:, :, None] > taus).mean(axis=0).mean(axis=0)
-    boot = np.zeros((reps, len(taus)))
-    for j in range(m):
-        col = np.sort(scores[:, j])
-        counts = _resample_counts(n, reps, rng)
-        # Runs above tau are a suffix of the sorted column: a reversed cumulative sum of the
-        # counts, read at each tau's position, gives every replicate's count above tau.
-        above = np.concatenate([np.cumsum(counts[:, ::-1], axis=1)[:, ::-1],
-                                np.zeros((reps, 1))], axis=1)
-        boot += above[:, np.searchsorted(col, taus, side="right")] / n
-    lo, hi = _percentiles(boot / m, axis=0)
-    return point, lo, hi
-
-
-def nan_iqm(a: np.ndarray) -> np.ndarray:
-    """Interquartile mean down axis 0 ignoring NaN (scipy's trim_mean with 25% cut per side,
-    applied to each column's finite values). All-NaN columns give NaN."""
-    a = np.asarray(a, dtype=np.float64)
-    s = np.sort(a, axis=0)  # NaN sorts last
-    k = np.isfinite(a).sum(axis=0)
-    cut = (k * 0.25).astype(int)
-    r = np.arange(a.shape[0])[:, None]
-    keep = (r >= cut) & (r < k - cut)
-    cnt = keep.sum(axis=0)
-    tot = np.where(keep, s, 0.0).sum(axis=0)
-    out = np.full(a.shape[1], np.nan)
-    np.divide(tot, cnt, out=out, where=cnt > 0)
-    return out
-
-
 def score_matrix(rec: dict) -> tuple[list[str], np.ndarray]:
     """``[seeds, envs]`` normalised scores in the order of the record's ``envs``; failed,
     missing or null runs score the floor and completed runs are clipped below at it, as the
     harness does (``scoring.floor_scores``)."""
-    from metabench.scoring import floor_scores
-
     runs = [r for r in _l(rec.get("runs")) if isinstance(r, dict)]
     envs = [_s(_d(e).get("name")) for e in _l(rec.get("envs"))]
     if not envs:
@@ -994,8 +912,6 @@ def _env_means(rec: dict, env: str) -> tuple[float | None, float | None]:
     runs = [_d(r) for r in _l(rec.get("runs")) if _s(_d(r).get("env")) == env]
     if not runs:
         return None, None
-    from metabench.scoring import floor_scores
-
     raw = np.array([_f(r.get("score")) if r.get("status") == "ok" else None for r in runs],
                    dtype=np.float64)  # None -> NaN
     scores = floor_scores(raw, np.isfinite(raw))

@@ -3,8 +3,11 @@
 The leaderboard reports, for each learned update rule, aggregate metrics
 (IQM, mean, median, optimality gap) over a ``[runs, envs]`` matrix of
 normalised scores, each with a stratified-bootstrap confidence interval, plus
-the probability of improvement between two rules.  All statistics come from
-rliable's public API so numbers are comparable with the wider literature.
+the probability of improvement between two rules.  A record's statistics come from
+rliable's public API so numbers are comparable with the wider literature; the site's
+pairwise P(X > Y), performance profiles and learning-curve IQMs are computed here too, by
+faster exact counterparts of the same estimators (the last section): this is the one
+module where statistics are computed.
 
 Conventions:
 
@@ -37,7 +40,11 @@ __all__ = [
     "aggregates",
     "final_window_return",
     "floor_scores",
+    "nan_iqm",
     "normalise",
+    "performance_profile",
+    "poi_interval",
+    "poi_point",
     "probability_of_improvement",
 ]
 
@@ -246,3 +253,87 @@ def probability_of_improvement(
         )
     ci = np.asarray(intervals["pair"]).reshape(-1)
     return Interval(float(points["pair"]), float(ci[0]), float(ci[1]))
+
+
+# --- the site's statistics: exact counterparts of rliable's, fast enough for every pair -------
+# A leaderboard compares every submission with every other and draws profiles; rliable's
+# resampling loops are too slow for that. These compute the same estimators (P(X > Y) equals
+# rliable's exactly; the bootstraps are stratified within env like rliable's) from resample
+# counts, in a few array operations.
+
+
+def _percentiles(boot: np.ndarray, axis: int = 0, confidence: float = 0.95
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    tail = 100 * (1 - confidence) / 2
+    lo, hi = np.percentile(boot, [tail, 100 - tail], axis=axis)
+    return lo, hi
+
+
+def _resample_counts(n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """``[reps, n]``: how often each of n runs appears in each bootstrap resample (n draws
+    with replacement). Counts let a whole bootstrap be a few array operations."""
+    draws = rng.integers(0, n, size=(reps, n)) + (np.arange(reps) * n)[:, None]
+    return np.bincount(draws.ravel(), minlength=reps * n).reshape(reps, n).astype(np.float64)
+
+
+def _win_matrix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``[nx, ny]``: 1 where x_i > y_j, 1/2 on ties (the Mann-Whitney U kernel)."""
+    return (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+
+
+def poi_point(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) averaged over envs; equals ``rliable.metrics.probability_of_improvement``."""
+    nx, ny = x.shape[0], y.shape[0]
+    per_env = [_win_matrix(x[:, j], y[:, j]).sum() / (nx * ny) for j in range(x.shape[1])]
+    return float(np.mean(per_env))
+
+
+def poi_interval(x: np.ndarray, y: np.ndarray, reps: int,
+                 rng: np.random.Generator) -> tuple[float, float, float]:
+    """Point and percentile CI of P(X > Y) by a stratified bootstrap: the runs of X and of Y
+    are resampled independently within each env. Resamples are run counts, so one bootstrap
+    replicate of one env is ``c_x @ W @ c_y`` and all replicates are one matrix product."""
+    nx, ny = x.shape[0], y.shape[0]
+    boot = np.zeros(reps)
+    for j in range(x.shape[1]):
+        win = _win_matrix(x[:, j], y[:, j])
+        cx, cy = _resample_counts(nx, reps, rng), _resample_counts(ny, reps, rng)
+        # einsum rather than @: OpenBLAS's threads cost more than these small products.
+        boot += np.einsum("ri,ri->r", np.einsum("ri,ij->rj", cx, win), cy) / (nx * ny)
+    lo, hi = _percentiles(boot / x.shape[1])
+    return poi_point(x, y), float(lo), float(hi)
+
+
+def performance_profile(scores: np.ndarray, taus: np.ndarray, reps: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fraction of runs with score > tau (averaged over envs, as rliable does), with a
+    stratified-bootstrap percentile band. Returns ``(point, lo, hi)``, each ``[len(taus)]``."""
+    n, m = scores.shape
+    point = (scores[:, :, None] > taus).mean(axis=0).mean(axis=0)
+    boot = np.zeros((reps, len(taus)))
+    for j in range(m):
+        col = np.sort(scores[:, j])
+        counts = _resample_counts(n, reps, rng)
+        # Runs above tau are a suffix of the sorted column: a reversed cumulative sum of the
+        # counts, read at each tau's position, gives every replicate's count above tau.
+        above = np.concatenate([np.cumsum(counts[:, ::-1], axis=1)[:, ::-1],
+                                np.zeros((reps, 1))], axis=1)
+        boot += above[:, np.searchsorted(col, taus, side="right")] / n
+    lo, hi = _percentiles(boot / m, axis=0)
+    return point, lo, hi
+
+
+def nan_iqm(a: np.ndarray) -> np.ndarray:
+    """Interquartile mean down axis 0 ignoring NaN (scipy's trim_mean with 25% cut per side,
+    applied to each column's finite values). All-NaN columns give NaN."""
+    a = np.asarray(a, dtype=np.float64)
+    s = np.sort(a, axis=0)  # NaN sorts last
+    k = np.isfinite(a).sum(axis=0)
+    cut = (k * 0.25).astype(int)
+    r = np.arange(a.shape[0])[:, None]
+    keep = (r >= cut) & (r < k - cut)
+    cnt = keep.sum(axis=0)
+    tot = np.where(keep, s, 0.0).sum(axis=0)
+    out = np.full(a.shape[1], np.nan)
+    np.divide(tot, cnt, out=out, where=cnt > 0)
+    return out

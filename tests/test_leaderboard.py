@@ -135,18 +135,18 @@ def test_poi_point_equals_rliable_exactly(ny):
     y = np.round(rng.normal(0.5, 0.2, (ny, 3)), 1)
     if ny == 16:
         y[:, 1] = x[:, 1]  # identical columns take rliable's 0.5 shortcut
-    assert lb.poi_point(x, y) == metrics.probability_of_improvement(x, y)
-    assert lb.poi_point(y, x) == metrics.probability_of_improvement(y, x)
+    assert scoring.poi_point(x, y) == metrics.probability_of_improvement(x, y)
+    assert scoring.poi_point(y, x) == metrics.probability_of_improvement(y, x)
 
 
 def test_poi_interval_agrees_with_rliables_bootstrap():
     rng = np.random.default_rng(7)
     x, y = rng.normal(0.6, 0.2, (16, 2)), rng.normal(0.5, 0.2, (12, 2))
-    point, lo, hi = lb.poi_interval(x, y, 2000, np.random.default_rng(0))
+    point, lo, hi = scoring.poi_interval(x, y, 2000, np.random.default_rng(0))
     ref = scoring.probability_of_improvement(x, y, reps=2000, seed=0)
     assert point == ref.point
     assert abs(lo - ref.lo) < 0.03 and abs(hi - ref.hi) < 0.03
-    again = lb.poi_interval(x, y, 2000, np.random.default_rng(0))
+    again = scoring.poi_interval(x, y, 2000, np.random.default_rng(0))
     assert again == (point, lo, hi)
 
 
@@ -502,7 +502,7 @@ def test_learning_curve_iqm_skips_null_points():
     rec["runs"][1]["curve"]["returns"][3] = None
     steps, mat = lb.curve_matrix(rec, ENVS[0][0])
     assert steps.tolist() == rec["runs"][0]["curve"]["steps"]
-    iqm = lb.nan_iqm(mat)
+    iqm = scoring.nan_iqm(mat)
     assert np.isnan(iqm[0])  # every run's first bucket is null
     for t in range(1, 5):
         col = mat[:, t][np.isfinite(mat[:, t])]
@@ -526,7 +526,7 @@ def test_performance_profile_point_and_band():
     rng = np.random.default_rng(0)
     scores = rng.normal(0.5, 0.3, (16, 2))
     taus = np.linspace(0, 1.2, 25)
-    point, lo, hi = lb.performance_profile(scores, taus, 500, np.random.default_rng(1))
+    point, lo, hi = scoring.performance_profile(scores, taus, 500, np.random.default_rng(1))
     brute = np.array([np.mean([(scores[:, j] > t).mean() for j in range(2)]) for t in taus])
     np.testing.assert_allclose(point, brute)
     assert np.all(lo <= point + 1e-12) and np.all(point <= hi + 1e-12)
