@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from metabench import harness
+from metabench.scoring import final_window_return
 from metabench.bench.twins import dqn as minimal_dqn
 from metabench.bench.twins import epg as minimal_epg
 from metabench.bench.twins import lpg as minimal_lpg
@@ -250,12 +251,12 @@ def format_backend_table(rows: Sequence[dict]) -> str:
 
 
 def final_return(returns_sum: Any, episodes: Any) -> float:
-    """Mean over seeds of the mean episode return in the last 5% of updates (``[seeds,
-    updates]`` or ``[updates]`` sums and counts): the same measure for both sides."""
+    """Mean over seeds of the final return the leaderboard scores
+    (:func:`metabench.scoring.final_window_return` over the last 5% of updates) from
+    ``[seeds, updates]`` or ``[updates]`` sums and counts: the same measure for both sides."""
     returns_sum = np.atleast_2d(np.asarray(returns_sum, np.float64))
     episodes = np.atleast_2d(np.asarray(episodes, np.float64))
-    n = max(1, returns_sum.shape[-1] // 20)
-    return float(np.mean(returns_sum[:, -n:].sum(-1) / np.maximum(episodes[:, -n:].sum(-1), 1)))
+    return float(np.mean([final_window_return(r, e, 0.05) for r, e in zip(returns_sum, episodes)]))
 
 
 _MINIMAL: dict[tuple, tuple[Any, float]] = {}
