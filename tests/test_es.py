@@ -264,3 +264,33 @@ def test_a_guided_search_anneals_the_weight_and_perturbs_only_the_loss(tmp_path)
     assert set(res.mean) == {"w"}  # the search's result is the loss alone
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     assert summary["config"]["guidance_generations"] == 2
+
+
+def test_a_checkpoint_is_resumed_only_by_the_run_it_belongs_to(tmp_path):
+    """discover's shared checkpoint: the same config (its length aside) and task version
+    resume it; another config, another task version or a shorter run ignore it, and say so."""
+    from metabench.discover.common import Checkpoint
+
+    config = {"lr": 0.1, "generations": 5}
+    state = {"w": jnp.arange(3.0), "k": jnp.ones((2, 2))}
+    Checkpoint(tmp_path, config, "fp1", "generation", "generations", "generation").save(
+        state, 3, curve=[{"generation": 1}], wall_s=1.5)
+    like = jax.tree_util.tree_map(jnp.zeros_like, state)
+
+    def resume(cfg, fp, length):
+        logged = []
+        found = Checkpoint(tmp_path, cfg, fp, "generation", "generations",
+                           "generation").resume(like, length, logged.append)
+        return found, logged
+
+    (got, meta), logged = resume(dict(config, generations=9), "fp1", 9)  # extended: resumes
+    assert logged == [f"resuming from generation 3 ({tmp_path / 'checkpoint.json'})"]
+    assert meta["generation"] == 3 and meta["wall_s"] == 1.5 and meta["curve"] == [
+        {"generation": 1}]
+    for k in state:
+        np.testing.assert_array_equal(got[k], state[k])
+    for cfg, fp, length in ((dict(config, lr=0.2), "fp1", 5),  # another config
+                            (config, "fp2", 5),                 # another task version
+                            (dict(config, generations=2), "fp1", 2)):  # shorter than done
+        found, logged = resume(cfg, fp, length)
+        assert found is None and logged[0].startswith("ignoring ")

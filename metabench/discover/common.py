@@ -52,6 +52,43 @@ def reset_curve(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+class Checkpoint:
+    """``checkpoint.npz`` (the state's leaves) and ``checkpoint.json`` (the config, the task
+    fingerprint, how far the run got under ``counter``, its curve and anything else the
+    method keeps) in a run's folder. A checkpoint is resumed only when it is from the same
+    config (its length, ``length_key``, aside: a run may be extended), the same task version,
+    and not past the requested length."""
+
+    def __init__(self, out_dir: Path, config: dict, fingerprint: str, counter: str,
+                 length_key: str, label: str):
+        self.json, self.npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
+        self.config, self.fingerprint = config, fingerprint
+        self.counter, self.length_key, self.label = counter, length_key, label
+
+    def resume(self, like: Any, length: int, log) -> tuple[Any, dict] | None:
+        """``(state, meta)`` from a compatible checkpoint (``state`` shaped as ``like``), or
+        None: no checkpoint, or one that is ignored (said in ``log``)."""
+        if not (self.json.exists() and self.npz.exists()):
+            return None
+        meta = json.loads(self.json.read_text())
+
+        def config(c: dict) -> dict:
+            return {k: v for k, v in c.items() if k != self.length_key}
+
+        if (config(meta["config"]) == config(self.config) and meta["task"] == self.fingerprint
+                and meta[self.counter] <= length):
+            state = load_tree(self.npz, like)
+            log(f"resuming from {self.label} {meta[self.counter]} ({self.json})")
+            return state, meta
+        log(f"ignoring {self.json}: it is from another config or task version")
+        return None
+
+    def save(self, state: Any, done: int, **extra: Any) -> None:
+        save_tree(self.npz, state)
+        write_json_atomic(self.json, {"config": self.config, "task": self.fingerprint,
+                                      self.counter: done, **extra})
+
+
 def write_submission(folder: Path, *, name: str, family: str, rule: dict, description: str,
                      task: TaskSpec, summary: dict, author: str, notes: str, paper: str = "",
                      params: Any = None) -> Path:

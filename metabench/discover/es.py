@@ -42,7 +42,7 @@ import numpy as np
 import optax
 
 from metabench import harness
-from metabench.discover.common import load_tree, reset_curve, save_tree, write_submission
+from metabench.discover.common import Checkpoint, reset_curve, write_submission
 from metabench.results import write_json_atomic
 from metabench.rules import UpdateRule
 from metabench.spec import TaskSpec, require_calibrated
@@ -179,19 +179,13 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
         # Only when guided, so that an unguided search's checkpoints keep their config.
         config_json["guidance_generations"] = int(guidance_generations)
     start, curve, env_steps, wall_prev = 0, [], 0, 0.0
-    ckpt_json, ckpt_npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
-    if ckpt_json.exists() and ckpt_npz.exists():
-        meta = json.loads(ckpt_json.read_text())
-        same = {k: v for k, v in meta["config"].items() if k != "generations"} == \
-            {k: v for k, v in config_json.items() if k != "generations"}
-        if (same and meta["task"] == task.fingerprint(family)
-                and meta["generation"] <= cfg.generations):
-            state, key = load_tree(ckpt_npz, (state, key))
-            start, curve = meta["generation"], meta["curve"]
-            env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
-            log(f"resuming from generation {start} ({ckpt_json})")
-        else:
-            log(f"ignoring {ckpt_json}: it is from another config or task version")
+    ckpt = Checkpoint(out_dir, config_json, task.fingerprint(family), "generation",
+                      "generations", "generation")
+    found = ckpt.resume((state, key), cfg.generations, log)
+    if found is not None:
+        (state, key), meta = found
+        start, curve = meta["generation"], meta["curve"]
+        env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
     # Rows past the checkpoint (a run stopped between checkpoints) are dropped and redone.
     reset_curve(out_dir / "curve.jsonl", curve)
     t0 = time.perf_counter()
@@ -221,11 +215,8 @@ def es_search(task: TaskSpec, family: str, rule: UpdateRule, init_params: Any, c
             + ("" if alpha is None else f"  guidance {alpha:.3f}")
             + f"  {row['wall_s']:.0f}s")
         if (gen + 1) % cfg.checkpoint_every == 0 or gen + 1 == cfg.generations:
-            save_tree(ckpt_npz, (state, key))
-            write_json_atomic(ckpt_json, {
-                "config": config_json, "task": task.fingerprint(family), "generation": gen + 1,
-                "curve": curve, "env_steps": int(env_steps),
-                "wall_s": wall_prev + time.perf_counter() - t0})
+            ckpt.save((state, key), gen + 1, curve=curve, env_steps=int(env_steps),
+                      wall_s=wall_prev + time.perf_counter() - t0)
     mean = es.get_mean(state)
     summary = {
         "task": {"id": task.id, "fingerprint": task.fingerprint(family), "split": "train",

@@ -68,7 +68,6 @@ import flax.linen as nn
 
 from metabench import harness
 from metabench.discover import common
-from metabench.discover.common import load_tree, save_tree
 from metabench.families import lpg as lpg_family
 from metabench.results import write_json_atomic
 from metabench.rl import truncated_gae
@@ -508,21 +507,16 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         key, k = jax.random.split(key)
         pops.append(e.start(k))
     start_step, curve, env_steps, wall_prev = 0, [], 0, 0.0
-    ckpt_json, ckpt_npz = out_dir / "checkpoint.json", out_dir / "checkpoint.npz"
     config_json = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if ckpt_json.exists() and ckpt_npz.exists():
-        meta = json.loads(ckpt_json.read_text())
-        same = {k: v for k, v in meta["config"].items() if k != "meta_steps"} == \
-            {k: v for k, v in config_json.items() if k != "meta_steps"}
-        if same and meta["task"] == task.fingerprint("lpg") and meta["step"] <= cfg.meta_steps:
-            eta, opt_state, pops, key = load_tree(ckpt_npz, (eta, opt_state, pops, key))
-            for b, d in zip(bandits, meta["bandits"]):
-                b.load(d)
-            start_step, curve = meta["step"], meta["curve"]
-            env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
-            log(f"resuming from meta-step {start_step} ({ckpt_json})")
-        else:
-            log(f"ignoring {ckpt_json}: it is from another config or task version")
+    ckpt = common.Checkpoint(out_dir, config_json, task.fingerprint("lpg"), "step",
+                             "meta_steps", "meta-step")
+    found = ckpt.resume((eta, opt_state, pops, key), cfg.meta_steps, log)
+    if found is not None:
+        (eta, opt_state, pops, key), meta = found
+        for b, d in zip(bandits, meta["bandits"]):
+            b.load(d)
+        start_step, curve = meta["step"], meta["curve"]
+        env_steps, wall_prev = meta["env_steps"], meta["wall_s"]
     # Rows past the checkpoint (a run stopped between checkpoints) are dropped and redone.
     common.reset_curve(out_dir / "curve.jsonl", curve)
     update_eta = jax.jit(lambda g, s, p: _adam_step(opt, g, s, p))
@@ -533,12 +527,9 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
         f"meta-steps")
 
     def save(step: int) -> None:
-        save_tree(ckpt_npz, (eta, opt_state, pops, key))
-        write_json_atomic(ckpt_json, {
-            "config": config_json, "task": task.fingerprint("lpg"), "step": step,
-            "curve": curve,
-            "bandits": [b.state() for b in bandits], "env_steps": env_steps,
-            "wall_s": wall_prev + time.perf_counter() - t0})
+        ckpt.save((eta, opt_state, pops, key), step, curve=curve,
+                  bandits=[b.state() for b in bandits], env_steps=env_steps,
+                  wall_s=wall_prev + time.perf_counter() - t0)
 
     for step in range(start_step, cfg.meta_steps):
         grads, rows = [], {}
