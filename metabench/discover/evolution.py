@@ -78,7 +78,7 @@ def describe_fitness(fitness: str, task: TaskSpec) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class EvolveConfig:
-    """Settings of one search (defaults: a CPU-sized demonstration; see the README for a
+    """Settings of one search (defaults: a CPU-sized demonstration; see docs/discovery.md for a
     real search)."""
 
     population: int = 16

@@ -44,7 +44,7 @@ weights are free settings: the gradient that reaches the y head through later ta
 tiny at first (about 4e-10 on tabular-sparse at initialisation, against 1e-4 for the pi
 head), and at the default weight of 1e-3 the pull of the two y regularisers towards a
 uniform ``y_hat`` is about 3000 times larger, so ``y`` never leaves uniform (measured for the
-shipped run's settings; see README).
+shipped run's settings; see docs/discovery.md).
 
 Everything per environment (K updates of a population of lifetimes and the meta-gradient) is
 one jitted call; environments with different observation spaces need separate agents, so
