@@ -224,7 +224,8 @@ def cmd_discover_lpg(args) -> int:
                             probe_every=args.probe_every,
                             lr_arms=tuple(args.lr_arm or ()),
                             alpha_y_arms=tuple(args.alpha_y_arm or ()), seed=args.seed,
-                            checkpoint_every=args.checkpoint_every)
+                            checkpoint_every=args.checkpoint_every,
+                            max_nonfinite_steps=args.max_nonfinite_steps)
     out = Path(args.out) if args.out else RUNS_DIR / "discover" / "lpg" / \
         f"{task.id}-seed{cfg.seed}"
     command = "metabench " + " ".join(shlex.quote(a) for a in args.argv)
@@ -484,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--alpha-y-arm", type=float, action="append", default=None,
                     help="an agent alpha_y for the balancing bandit (repeat)")
     lg.add_argument("--checkpoint-every", type=int, default=10)
+    lg.add_argument("--max-nonfinite-steps", type=int, default=10,
+                    help="meta-steps in a row with a non-finite meta-gradient that are skipped "
+                         "(lifetimes restarted) before the run stops")
     lg.add_argument("--seed", type=int, default=0)
     lg.add_argument("--out", default=None,
                     help="output folder (default runs/discover/lpg/<task>-seed<seed>); an "

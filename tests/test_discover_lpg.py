@@ -304,3 +304,46 @@ def test_linear_readout_r2_is_held_out():
     # Features unrelated to the target: a fit on half the states does not carry over.
     assert dlpg.linear_readout_r2(y, rng.normal(size=200)) < 0.1
     assert np.isnan(dlpg.linear_readout_r2(y[:3], np.arange(3.0)))
+
+
+def test_a_non_finite_meta_gradient_skips_the_step_and_restarts_the_lifetimes(tmp_path,
+                                                                             monkeypatch):
+    """A diverged lifetime (simulated: meta-step 2's gradient is NaN) costs one meta-step:
+    eta is not updated, the env's lifetimes start afresh, the curve row says so, and the run
+    goes on; with --max-nonfinite-steps 0 it stops at once, naming the step and the env."""
+    calls = []
+    init = dlpg._EnvMeta.__init__
+
+    def watched(self, *a, **k):
+        init(self, *a, **k)
+        inner = self.meta_grad
+
+        def meta_grad(*args):
+            calls.append(args)
+            g, new, stats = inner(*args)
+            if len(calls) == 2:
+                g = jax.tree_util.tree_map(lambda x: x * jnp.nan, g)
+            return g, new, stats
+
+        self.meta_grad = meta_grad
+
+    monkeypatch.setattr(dlpg._EnvMeta, "__init__", watched)
+    path = write_task(tmp_path, TASK, "lpg-tiny")
+    args = ["discover", "lpg", "--task", str(path), *ARGS, "--meta-steps", "3", "--out"]
+    assert main(args + [str(tmp_path / "run")]) == 0
+    curve = [json.loads(line) for line in (tmp_path / "run" / "curve.jsonl").open()]
+    assert [c["step"] for c in curve] == [1, 2, 3]
+    assert [c.get("skipped") for c in curve] == [None, ["tabular-dense"], None]
+    eta2, lts2 = calls[1][0], calls[1][1]
+    eta3, lts3 = calls[2][0], calls[2][1]
+    for a, b in zip(jax.tree_util.tree_leaves(eta2), jax.tree_util.tree_leaves(eta3)):
+        np.testing.assert_array_equal(a, b)  # the skipped step left eta as it was
+    # restarted: the lifetimes are at their starting (staggered) ages again, where step 2's
+    # were K = 2 updates older, and their return tallies are empty
+    np.testing.assert_array_equal(np.asarray(lts2.age), np.asarray(lts3.age) + 2)
+    assert int(lts3.age[0]) == 0 and float(jnp.sum(lts3.ret_sum)) == 0
+
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r"meta-step 2 \(tabular-dense\), 1 "
+                                                 r"meta-steps in a row"):
+        main(args[:-1] + ["--max-nonfinite-steps", "0", "--out", str(tmp_path / "strict")])

@@ -125,6 +125,10 @@ class LPGDiscoverConfig:
     """Seed of the meta-training."""
     checkpoint_every: int = 10
     """Meta-steps between checkpoints (a stopped run resumes from the last one)."""
+    max_nonfinite_steps: int = 10
+    """Meta-steps in a row whose meta-gradient is not finite that a run skips (eta unchanged,
+    the offending envs' lifetimes restarted, the curve row marked ``skipped``) before it
+    stops with an error; 0 stops at the first."""
 
     def __post_init__(self):
         object.__setattr__(self, "lr_arms", tuple(float(a) for a in self.lr_arms))
@@ -137,6 +141,9 @@ class LPGDiscoverConfig:
                              f"inner_updates ({self.inner_updates})")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be positive, got {self.meta_lr}")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps must be non-negative, got "
+                             f"{self.max_nonfinite_steps}")
         if not self.meta_adam_eps > 0:
             raise ValueError(f"meta_adam_eps must be positive, got {self.meta_adam_eps}")
         if not self.critic_lr > 0:
@@ -552,12 +559,30 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
                 found = probe_y(e, pops[i])
                 if found is not None:
                     rows[e.spec.name].update(found)
-        g = jax.tree_util.tree_map(lambda *xs: -sum(xs) / len(xs), *grads)  # ascend J
-        finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g))
-        if not finite:
-            raise FloatingPointError(f"non-finite meta-gradient at meta-step {step}")
-        eta, opt_state = update_eta(g, opt_state, eta)
-        row = {"step": step + 1, "env_steps": env_steps,
+        bad = [i for i, gi in enumerate(grads)
+               if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(gi))]
+        skipped = {}
+        if bad:
+            # One diverged lifetime poisons its env's meta-gradient: skip the step (eta and
+            # Adam unchanged), restart that env's lifetimes, and stop only when it persists.
+            streak = 1 + next((n for n, r in enumerate(reversed(curve)) if "skipped" not in r),
+                              len(curve))
+            names = [envs[i].spec.name for i in bad]
+            if streak > cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"non-finite meta-gradient at meta-step {step + 1} ({', '.join(names)}), "
+                    f"{streak} meta-steps in a row (--max-nonfinite-steps "
+                    f"{cfg.max_nonfinite_steps})")
+            for i in bad:
+                key, k = jax.random.split(key)
+                pops[i] = envs[i].start(k)
+            skipped = {"skipped": names}
+            log(f"  meta-step {step + 1}: non-finite meta-gradient on {', '.join(names)}; "
+                f"step skipped, their lifetimes restarted")
+        else:
+            g = jax.tree_util.tree_map(lambda *xs: -sum(xs) / len(xs), *grads)  # ascend J
+            eta, opt_state = update_eta(g, opt_state, eta)
+        row = {"step": step + 1, **skipped, "env_steps": env_steps,
                "wall_s": round(wall_prev + time.perf_counter() - t0, 2), "envs": rows,
                "objective": float(np.mean([r["objective"] for r in rows.values()])),
                "validation_reward": float(np.mean([r["validation_reward"]
