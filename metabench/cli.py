@@ -179,7 +179,7 @@ def cmd_bench(args) -> int:
 
 def cmd_discover_evolve(args) -> int:
     from metabench import spec
-    from metabench.discover import EvolveConfig, evolve
+    from metabench.discover.evolution import EvolveConfig, evolve
 
     task = spec.load(args.task)
     cfg = EvolveConfig(population=args.population, tournament=args.tournament,

@@ -12,7 +12,8 @@ import pytest
 
 from metabench import graphs, harness, spec, submission
 from metabench.cli import main
-from metabench.discover import EvolveConfig, evolution, evolve
+from metabench.discover import evolution
+from metabench.discover.evolution import EvolveConfig, evolve
 from metabench.discover.evolution import (Evaluation, TrainSplitFitness, _seed_scores,
                                          fitness_window, pad_graph)
 from metabench.families import td_loss

@@ -58,9 +58,10 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
                 if node.level:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([node.module] if node.module else []))
-                # ``from pkg import sub`` imports the submodule when there is one
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
-                           for a in node.names]
+                # ``from pkg import sub`` imports the submodule when there is one, and reads
+                # the package: a package that re-exports its own modules is then a cycle
+                targets = [base] + [f"{base}.{a.name}" for a in node.names
+                                    if f"{base}.{a.name}" in mods]
             for t in targets:
                 if t.split(".")[0] == "metabench":
                     got = resolve(t)
@@ -127,9 +128,15 @@ def test_the_reader_sees_every_kind_of_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     edges = imports(modules())
     assert edges["metabench.a"] == {"metabench.b"}
-    assert edges["metabench.b"] == {"metabench.sub.c"}
-    assert edges["metabench.sub.c"] == {"metabench.a"}
+    assert edges["metabench.b"] == {"metabench.sub", "metabench.sub.c"}
+    assert edges["metabench.sub.c"] == {"metabench", "metabench.a"}
     assert cycles(edges) == [["metabench.a", "metabench.b", "metabench.sub.c"]]
+    # A package whose __init__ re-exports a module that imports a sibling: a cycle too.
+    (pkg / "sub" / "__init__.py").write_text("from metabench.sub.d import x\n")
+    (pkg / "sub" / "d.py").write_text("from metabench.sub import e\nx = 1\n")
+    (pkg / "sub" / "e.py").write_text("y = 2\n")
+    edges = imports(modules())
+    assert ["metabench.sub", "metabench.sub.d"] in cycles(edges)
 
 
 def test_no_module_imports_a_layer_above_it():
