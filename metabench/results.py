@@ -41,9 +41,9 @@ suffixes (``.train.json``, ``.shard-1-of-4``)."""
 def slug(name: str) -> str:
     """The file-name-safe form of a name (never a path), used for record files and for the
     site's pages alike: characters outside ``[A-Za-z0-9_.-]`` become ``_``, dots, dashes and
-    underscores at either end go (no hidden file, no name read as an option), and a name that had to change (or was longer than
-    :data:`SLUG_MAX`) is cut and gets a short hash of the original, so that distinct names
-    stay distinct."""
+    underscores at either end go (no hidden file, no name read as an option), and a name
+    that had to change (or was longer than :data:`SLUG_MAX`) is cut and gets a short hash of
+    the original, so that distinct names stay distinct."""
     s = re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip("._-") or "submission"
     if s != name or len(s) > SLUG_MAX:
         digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]

@@ -6,8 +6,9 @@ compiling; the table reports env steps per second of each (the median of ``repea
 interleaved runs) and their ratio, beside the env alone stepped with random actions on as many
 copies (the ceiling). Several seed counts measure scaling with seeds, several device counts
 (``METABENCH_DEVICES``) the harness's scaling with devices. The yardsticks import nothing from
-metabench: :mod:`~metabench.bench.twins.ppo` (drift, ``ppo_clip``), :mod:`~metabench.bench.twins.dqn`
-(td_loss, ``dqn``), :mod:`~metabench.bench.twins.epg` (epg, ``reinforce``),
+metabench: :mod:`~metabench.bench.twins.ppo` (drift, ``ppo_clip``),
+:mod:`~metabench.bench.twins.dqn` (td_loss, ``dqn``), :mod:`~metabench.bench.twins.epg` (epg,
+``reinforce``),
 :mod:`~metabench.bench.twins.metagrad` (metagrad, ``metagrad_gamma``) and
 :mod:`~metabench.bench.twins.lpg` (lpg, ``actor_critic``).
 """

@@ -69,6 +69,7 @@ import flax.linen as nn
 from metabench import harness
 from metabench.discover import common
 from metabench.families import lpg as lpg_family
+from metabench.families.base import finite_tree
 from metabench.results import write_json_atomic
 from metabench.rl import truncated_gae
 from metabench.spec import EnvSpec, TaskSpec
@@ -506,7 +507,8 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
     key = jax.random.PRNGKey(cfg.seed)
     key, k_eta = jax.random.split(key)
     eta = rule.init(k_eta)
-    opt = optax.chain(optax.clip_by_global_norm(cfg.meta_grad_clip), optax.adam(cfg.meta_lr, eps=cfg.meta_adam_eps))
+    opt = optax.chain(optax.clip_by_global_norm(cfg.meta_grad_clip),
+                      optax.adam(cfg.meta_lr, eps=cfg.meta_adam_eps))
     opt_state = opt.init(eta)
     bandits = [Bandit(len(e.arms), cfg.bandit_temperature) for e in envs]
     pops = []
@@ -559,8 +561,7 @@ def discover(task: TaskSpec, cfg: LPGDiscoverConfig, out_dir: str | Path, *,
                 found = probe_y(e, pops[i])
                 if found is not None:
                     rows[e.spec.name].update(found)
-        bad = [i for i, gi in enumerate(grads)
-               if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(gi))]
+        bad = [i for i, gi in enumerate(grads) if not finite_tree(gi)]
         skipped = {}
         if bad:
             # One diverged lifetime poisons its env's meta-gradient: skip the step (eta and

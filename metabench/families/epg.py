@@ -79,7 +79,8 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer,
-                                     actor_critic_rollout, count_traces, env_info, finite_tree, register_family)
+                                     actor_critic_rollout, count_traces, env_info, finite_tree,
+                                     register_family)
 from metabench.params_io import shipped_params
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
