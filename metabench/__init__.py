@@ -41,10 +41,10 @@ _API = {
     "aggregates": ("metabench.scoring", "aggregates"),
     "normalise": ("metabench.scoring", "normalise"),
     "probability_of_improvement": ("metabench.scoring", "probability_of_improvement"),
-    "SpecError": ("metabench.spec", "SpecError"),
-    "TaskSpec": ("metabench.spec", "TaskSpec"),
-    "list_tasks": ("metabench.spec", "list_tasks"),
-    "load_task": ("metabench.spec", "load"),
+    "SpecError": ("metabench.tasks.spec", "SpecError"),
+    "TaskSpec": ("metabench.tasks.spec", "TaskSpec"),
+    "list_tasks": ("metabench.tasks.spec", "list_tasks"),
+    "load_task": ("metabench.tasks.spec", "load"),
 }
 
 __all__ = sorted([*_API, "__version__"])

@@ -25,7 +25,8 @@ def _interval(d: dict) -> str:
 
 
 def cmd_list(args) -> int:
-    from metabench import envs, families, spec
+    from metabench import envs, families
+    from metabench.tasks import spec
 
     if args.what == "tasks":
         for t in spec.list_tasks():
@@ -82,7 +83,8 @@ def _print_record(rec: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from metabench import harness, results, spec
+    from metabench import harness, results
+    from metabench.tasks import spec
 
     task = spec.load(args.task)
     out_dir = Path(args.out_dir)
@@ -135,7 +137,7 @@ def _progress_printer():
 
 
 def cmd_calibrate(args) -> int:
-    from metabench import calibrate, spec
+    from metabench.tasks import calibrate, spec
 
     task = spec.load(args.task)
     calibrate.calibrate(task, force=args.force)
@@ -178,7 +180,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_discover_evolve(args) -> int:
-    from metabench import spec
+    from metabench.tasks import spec
     from metabench.discover.evolution import EvolveConfig, evolve
 
     task = spec.load(args.task)
@@ -208,7 +210,7 @@ def cmd_discover_evolve(args) -> int:
 
 
 def cmd_discover_lpg(args) -> int:
-    from metabench import spec
+    from metabench.tasks import spec
     from metabench.discover.lpg import LPGDiscoverConfig, discover
 
     task = spec.load(args.task)
@@ -241,7 +243,7 @@ def cmd_discover_lpg(args) -> int:
 
 def cmd_discover_es(args) -> int:
     """``discover lpo`` and ``discover epg``: OpenAI-ES on a reference rule's network."""
-    from metabench import spec
+    from metabench.tasks import spec
     from metabench.discover import es
 
     task = spec.load(args.task)
@@ -286,7 +288,8 @@ def _submission_order(dirs: list[str], task) -> list[str]:
 
 
 def cmd_submit(args) -> int:
-    from metabench import spec, submission
+    from metabench import submission
+    from metabench.tasks import spec
 
     task = spec.load(args.task)
     shard = submission.parse_shard(args.shard)
@@ -413,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("action", choices=["build", "serve"])
     lb.add_argument("--results", default="leaderboard/results")
     lb.add_argument("--out", default="leaderboard/site")
-    lb.add_argument("--tasks", default=None, help="task specs folder (default: tasks/)")
+    lb.add_argument("--tasks", default=None,
+                    help="task specs folder (default: the shipped metabench/tasks/)")
     lb.add_argument("--port", type=int, default=8000)
     lb.add_argument("--host", default="127.0.0.1")
     lb.set_defaults(fn=cmd_leaderboard)

@@ -32,7 +32,7 @@ from metabench import scoring
 from metabench.families import base as families_base
 from metabench.results import KIND, SCHEMA
 from metabench.rules import UpdateRule, params_hash, tree_structure
-from metabench.spec import EnvSpec, TaskSpec, require_calibrated
+from metabench.tasks.spec import EnvSpec, TaskSpec, require_calibrated
 
 __version__ = "0.1.0"
 CURVE_POINTS = 100
@@ -571,7 +571,7 @@ def provenance(command: str | None = None) -> dict:
             root = os.path.dirname(here)
             status = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no", "--", here,
-                 os.path.join(root, "tasks"), os.path.join(root, "pyproject.toml")],
+                 os.path.join(root, "pyproject.toml")],
                 capture_output=True, text=True, cwd=here, timeout=5)
             dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):

@@ -469,7 +469,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 def _load_spec(task_id: str, tasks_dir: Path):
     """``(spec, None)`` or ``(None, reason)``: records of a missing or broken spec are stale."""
-    from metabench import spec as spec_mod  # imports JAX; only needed at build time
+    from metabench.tasks import spec as spec_mod  # imports JAX; only needed at build time
 
     path = tasks_dir / f"{task_id}.yaml"
     if not _SAFE_ID.match(task_id) or not path.is_file():
@@ -1378,7 +1378,7 @@ def render_site(results_dir: Path, tasks_dir: Path | None = None, bootstrap_reps
                 seed: int = 0) -> dict[str, bytes]:
     """Every file of the site as ``{relative path: bytes}``; pure apart from reading inputs."""
     from metabench import __version__ as builder
-    from metabench import spec as spec_mod
+    from metabench.tasks import spec as spec_mod
 
     results_dir = Path(results_dir)
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else spec_mod.TASKS_DIR

@@ -589,7 +589,8 @@ def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: P
              timeout: float | None, log) -> "_Prepared | SubmitResult":
     """Checks the submission and moves a stale record aside; a :class:`SubmitResult` when
     there is nothing to score (it failed its check, or its record is up to date)."""
-    from metabench import results, spec
+    from metabench import results
+    from metabench.tasks import spec
 
     task = spec.load(task_id)
     spec.require_calibrated(task, split)
@@ -820,7 +821,8 @@ def merge(paths: Sequence[str | os.PathLike], results_dir: Path = RESULTS_DIR,
           out: Path | None = None, task: str | os.PathLike | None = None) -> SubmitResult:
     """Joins the shard records of one submission on one task split into its full record.
     ``task`` (an id or a YAML path) defaults to the id the shards recorded."""
-    from metabench import harness, results, spec
+    from metabench import harness, results
+    from metabench.tasks import spec
 
     recs = [results.read(p) for p in paths]
     if not recs:
@@ -888,7 +890,8 @@ def _child_check(folder: str, out: str) -> int:
 
 def _child_score(folder: str, task_path: str, split: str, out: str, per_env_json: str,
                  command: str | None = None) -> int:
-    from metabench import harness, spec
+    from metabench import harness
+    from metabench.tasks import spec
     from metabench.results import write_json_atomic
 
     out_dir = Path(out)
@@ -913,7 +916,8 @@ def _child_score(folder: str, task_path: str, split: str, out: str, per_env_json
 
 def _child_score_batch(folders_json: str, task_path: str, split: str, out: str,
                        per_env_json: str, command: str | None = None) -> int:
-    from metabench import harness, spec
+    from metabench import harness
+    from metabench.tasks import spec
     from metabench.results import write_json_atomic
 
     out_dir = Path(out)

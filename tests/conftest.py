@@ -37,7 +37,7 @@ test:
 agents:
   drift: {{num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}}
 budget: {{seeds: 2, max_seconds_per_env: 600}}
-scoring: {{bootstrap_reps: 200}}
+scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
 """
 
 

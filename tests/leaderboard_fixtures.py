@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from rliable import metrics
 
-from metabench import results, scoring, spec
+from metabench import results, scoring
+from metabench.tasks import spec
 
 HOSTILE = '<script>alert(1)</script>"onmouseover="alert(2)'
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;onmouseover=&quot;alert(2)"
@@ -37,7 +38,7 @@ test:
 agents:
   drift: {{num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}}
 budget: {{seeds: 16, max_seconds_per_env: 600}}
-scoring: {{bootstrap_reps: 200}}
+scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
 """
 
 

@@ -55,7 +55,7 @@ def _learning() -> dict:
     """PPO (normalize_obs) on the quick task's reacher, as the harness runs it."""
     import jax
 
-    from metabench import spec
+    from metabench.tasks import spec
     from metabench.families import drift
 
     task = spec.load("brax-transfer-v1-quick")
@@ -123,7 +123,7 @@ def _ok(worked, job):
 
 
 def test_the_tasks_use_only_checked_envs():
-    from metabench import spec
+    from metabench.tasks import spec
 
     used = {e.env.split("/", 1)[1] for t in ("brax-transfer-v1", "brax-transfer-v1-quick")
             for split in spec.SPLITS for e in spec.load(t).split(split)}
@@ -177,8 +177,8 @@ def test_options_are_checked():
 def test_task_params_take_a_constant_backend_only(tmp_path):
     from conftest import TINY_TASK, write_task
 
-    from metabench import spec
-    from metabench.spec import SpecError
+    from metabench.tasks import spec
+    from metabench.tasks.spec import SpecError
 
     base = TINY_TASK.format(steps=4096).replace(
         "  - env: gymnax/CartPole-v1\n    normalise: {random: 22.0, reference: 500.0}\ntest:",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from metabench import calibrate, spec
+from metabench.tasks import calibrate, spec
 
 from conftest import TINY_TASK, write_task
 

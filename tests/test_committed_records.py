@@ -18,12 +18,13 @@ import pytest
 import scipy.stats
 
 from metabench import leaderboard as lb
-from metabench import results, spec, submission
+from metabench import results, submission
+from metabench.tasks import spec
 from metabench.rules import params_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "leaderboard" / "results"
-TASKS = ROOT / "tasks"
+TASKS = spec.TASKS_DIR
 BASELINES = ROOT / "submissions" / "baselines"
 
 # Only records filed directly under a task folder are ranked (stale/ and shards/ are not).

@@ -34,7 +34,7 @@ test:
 agents:
   lpg: {num_envs: 8, rollout_len: 16, lr: 1.0, optimiser: sgd, network: tabular}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {lpg: actor_critic}}
 """
 ARGS = ["--lifetimes", "8", "--inner-updates", "2", "--lifetime-updates", "40", "--hidden",
         "8", "--meta-lr", "0.01", "--lr-arm", "0.5", "--lr-arm", "1.0"]

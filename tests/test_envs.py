@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from metabench import envs
-from metabench.envs import ParamDistribution, conformance, make_param_sampler
+from metabench.envs import conformance, make_param_sampler
+from metabench.tasks.spec import ParamDistribution
 from metabench.envs.registry import EnvEntry
 
 OFFLINE = [i for i in envs.registered("gymnax") if envs.entry(i).offline]

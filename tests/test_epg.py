@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, nets, params_io, spec, submission
+from metabench import harness, nets, params_io, submission
+from metabench.tasks import spec
 from metabench.cli import main
 from metabench.families import epg
 from metabench.rules import UpdateRule, no_params
@@ -32,7 +33,7 @@ test:
 agents:
   epg: {}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {epg: reinforce}}
 """
 
 
@@ -401,7 +402,7 @@ test:
 agents:
   epg: {num_envs: 8, rollout_len: 32, buffer_len: 64}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {epg: reinforce}}
 """
 
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, params_io, spec, submission
+from metabench import harness, params_io, submission
+from metabench.tasks import spec
 from metabench.cli import main
 from metabench.discover import es as es_mod
 from metabench.families import drift
@@ -33,7 +34,7 @@ test:
 agents:
   drift: {num_envs: 4, rollout_len: 64, epochs: 2, minibatches: 2}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {drift: ppo_clip}}
 """
 
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import graphs, harness, spec, submission
+from metabench import graphs, harness, submission
+from metabench.tasks import spec
 from metabench.cli import main
 from metabench.discover import evolution
 from metabench.discover.evolution import EvolveConfig, evolve
@@ -42,7 +43,7 @@ agents:
             learning_starts: 500, target_update_period: 200, train_every: 4, lr: 0.001,
             hidden: [64, 64]}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {td_loss: dqn}}
 """
 
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from metabench import envs
-from metabench.envs import ParamDistribution, conformance, make_param_sampler
+from metabench.envs import conformance, make_param_sampler
+from metabench.tasks.spec import ParamDistribution
 from metabench.envs import grids
 from metabench.envs.grids import GridEnv, GridParams, sample_procgen_params
-from metabench.spec import EnvSpec, Normalise
+from metabench.tasks.spec import EnvSpec, Normalise
 
 GRID_IDS = [f"grid/{n}" for n in grids.GRID_NAMES]
 # the conformance rollout compiles once per id: every setting, two 18-action ids, procgen

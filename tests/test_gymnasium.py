@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import envs, harness, spec
+from metabench import envs, harness
+from metabench.tasks import spec
 from metabench.envs import conformance
 
 TASK_ENVS = sorted({e.env for t in ("gymnasium-transfer-v1", "gymnasium-transfer-v1-quick")

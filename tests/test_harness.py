@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, scoring, spec
+from metabench import harness, scoring
+from metabench.tasks import spec
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, no_params
 
@@ -29,6 +30,7 @@ test:
 agents:
   drift: {num_envs: 4, rollout_len: 128, epochs: 4, minibatches: 4, lr: 2.5e-4}
 budget: {seeds: 4, max_seconds_per_env: 1800}
+scoring: {baselines: {drift: ppo_clip}}
 """
 
 
@@ -230,7 +232,8 @@ def test_eight_seed_initialisation_finishes(tiny_task_path):
     # The deadlock hung forever at 0% CPU; run it in a child with a time limit.
     code = textwrap.dedent(f"""
         import jax
-        from metabench import harness, spec
+        from metabench import harness
+        from metabench.tasks import spec
         from metabench.families import base
         task = spec.load({str(tiny_task_path)!r})
         ref = harness.reference_rule("ppo_clip")

@@ -20,7 +20,7 @@ LAYERS = [
      "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile"},
     {"metabench.envs"},                                   # environments and their backends
     {"metabench.families", "metabench.graphs"},           # agents and the rules they run
-    {"metabench.spec", "metabench.calibrate"},            # tasks
+    {"metabench.tasks"},                                  # task specs: read, validate, calibrate
     {"metabench.harness"},                                # training and records
     {"metabench.submission", "metabench._child", "metabench.discover"},
     {"metabench.leaderboard"},                            # the site

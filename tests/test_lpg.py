@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, spec
+from metabench import harness
+from metabench.tasks import spec
 from metabench.families import lpg
 from metabench.rl import truncated_gae
 
@@ -270,7 +271,7 @@ agents:
   lpg: {num_envs: 16, rollout_len: 20, lr: 0.001, network: mlp, hidden: [64, 64],
         ent_coef: 0.01}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {lpg: actor_critic}}
 """
 
 
@@ -298,12 +299,12 @@ agents:
   lpg: {num_envs: 16, rollout_len: 20, lr: 4.0, optimiser: sgd, network: tabular,
         ent_coef: 0.01}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {lpg: actor_critic}}
 """
 
 
 def test_actor_critic_learns_the_dense_tabular_grid(tmp_path):
-    from metabench.calibrate import random_return
+    from metabench.tasks.calibrate import random_return
 
     task = spec.load(write_task(tmp_path, GRID_TASK, "lpg-dense"))
     env = task.test[0]
@@ -336,7 +337,7 @@ def test_shipped_lpg_learns_held_out_grid_layouts(tmp_path):
     """The shipped parameters (from `metabench discover lpg`, see metabench/params/) load as
     the `lpg` reference rule and train a tabular agent on dense-grid layouts never used in
     meta-training to well above a random policy."""
-    from metabench.calibrate import random_return
+    from metabench.tasks.calibrate import random_return
 
     ref = harness.reference_rule("lpg")
     assert ref.note.startswith("meta-trained by `metabench discover lpg`"), ref.note

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import envs, harness, leaderboard, results, spec
+from metabench import envs, harness, leaderboard, results
+from metabench.tasks import spec
 from metabench.families import metagrad as mg
 from metabench.rl import truncated_gae
 from metabench.rules import UpdateRule

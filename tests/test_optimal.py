@@ -162,12 +162,12 @@ test:
 agents:
   drift: {{num_envs: 4, rollout_len: 32, epochs: 1, minibatches: 1}}
 budget: {{seeds: 3, max_seconds_per_env: 600}}
-scoring: {{bootstrap_reps: 50}}
+scoring: {{bootstrap_reps: 50, baselines: {{drift: ppo_clip}}}}
 """
 
 
 def grid_task(tmp_path, ref="optimal", test_env="grid/tabular-sparse"):
-    from metabench import spec
+    from metabench.tasks import spec
     from conftest import write_task
 
     return spec.load(write_task(tmp_path, GRID_TASK.format(ref=ref, test_env=test_env),
@@ -193,7 +193,7 @@ def test_spec_accepts_per_level_references_and_fingerprints_them(tmp_path):
     ("optimal", "grid/random-small", ["exact solver", "grid/random-small"]),
 ])
 def test_spec_errors_for_per_level_references(tmp_path, ref, test_env, words):
-    from metabench.spec import SpecError
+    from metabench.tasks.spec import SpecError
 
     with pytest.raises(SpecError) as e:
         grid_task(tmp_path, ref=ref, test_env=test_env)
@@ -204,8 +204,8 @@ def test_spec_errors_for_per_level_references(tmp_path, ref, test_env, words):
 
 
 def test_spec_rejects_oracle_for_a_non_grid_env(tmp_path):
-    from metabench import spec
-    from metabench.spec import SpecError
+    from metabench.tasks import spec
+    from metabench.tasks.spec import SpecError
     from conftest import TINY_TASK, write_task
 
     text = TINY_TASK.format(steps=4096).replace("{random: 22.0, reference: 500.0}\ntest",
@@ -265,7 +265,7 @@ def test_harness_normalises_each_seed_by_its_levels_optimum(tmp_path):
 def test_calibrate_records_how_every_reference_is_obtained(tmp_path):
     import yaml
 
-    from metabench import calibrate, spec
+    from metabench.tasks import calibrate, spec
     from conftest import write_task
 
     text = GRID_TASK.format(ref="optimal", test_env="grid/tabular-sparse").replace(

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mpe2 import simple_spread_v3
 
-from metabench import envs, harness, spec
+from metabench import envs, harness
+from metabench.tasks import spec
 from metabench.envs import conformance, pettingzoo
 from metabench.envs.hostenv import seeds_from_keys
 

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import json, os, sys
 import jax, jax.numpy as jnp
-from metabench import harness, spec
+from metabench import harness
+from metabench.tasks import spec
 task = spec.load(sys.argv[1])
 env = task.split("test")[1]   # the env with a per-seed parameter distribution
 out = {"devices": jax.device_count()}

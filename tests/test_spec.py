@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from metabench import spec
-from metabench.spec import SpecError
+from metabench.tasks import spec
+from metabench.tasks.spec import SpecError
 
 from conftest import TINY_TASK, write_task
 
@@ -53,10 +53,14 @@ def test_tiny_task_loads(tmp_path):
      ["at least one drift update", "128"]),
     ("total_timesteps: 4096", "total_timesteps: -5", "total_timesteps", ["positive"]),
     ("seeds: 2", "seeds: two", "budget.seeds", ["positive integer"]),
-    ("scoring: {bootstrap_reps: 200}", "scoring: {aggregate: best}", "scoring.aggregate",
+    ("scoring: {bootstrap_reps: 200, baselines: {drift: ppo_clip}}", "scoring: {aggregate: best}", "scoring.aggregate",
      ["iqm"]),
-    ("scoring: {bootstrap_reps: 200}", "scoring: {baselines: {drift: ppo}}",
+    ("baselines: {drift: ppo_clip}", "baselines: {drift: ppo}",
      "scoring.baselines.drift", ["ppo_clip"]),
+    ("scoring: {bootstrap_reps: 200, baselines: {drift: ppo_clip}}", "scoring: {}",
+     "scoring.baselines.drift", ["missing", "ppo_clip"]),
+    ("baselines: {drift: ppo_clip}", "baselines: {drift: ppo_clip, td_loss: dqn}",
+     "scoring.baselines.td_loss", ["family listed under agents"]),
     ("    name: CartPole-long-pole\n", "", "test[1].name", ["unique"]),
     ("test:\n  - env: gymnax/CartPole-v1\n    normalise: {random: 22.0, reference: 500.0}",
      "test:\n  - env: gymnax/CartPole-v1\n    normalise: {random: 22.0}",
@@ -119,7 +123,8 @@ def test_family_fingerprint_ignores_other_families_agents(tmp_path):
     text = TINY_TASK.format(steps=4096)
     base = load_text(tmp_path, text)
     more = load_text(tmp_path, text.replace(
-        "agents:\n", "agents:\n  metagrad: {num_envs: 8}\n"))
+        "agents:\n", "agents:\n  metagrad: {num_envs: 8}\n").replace(
+        "{drift: ppo_clip}", "{drift: ppo_clip, metagrad: a2c_fixed}"))
     assert "metagrad" in more.agents
     # Adding a family's agent leaves the drift records valid, but not the whole-spec hash.
     assert more.fingerprint("drift") == base.fingerprint("drift")
@@ -165,3 +170,21 @@ def test_spec_and_submission_errors_are_one_kind_and_the_lock_file_is_checked(tm
     lock.write_text("envs: [unclosed")
     with pytest.raises(SpecError, match=r": <yaml>: valid YAML"):
         spec.load_calibration(tmp_path)
+
+
+def test_reading_a_task_loads_no_jax_and_fingerprints_like_loading():
+    """The site reads specs without the RL stack; its fingerprints must be the harness's."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from metabench.tasks import spec\n"
+            "for n in spec.list_tasks(): spec.read(n).fingerprint()\n"
+            "heavy = sorted(m for m in ('jax', 'flax', 'optax', 'metabench.envs', "
+            "'metabench.families') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in spec.list_tasks():
+        read, loaded = spec.read(name), spec.load(name)
+        for family in [None, *loaded.families()]:
+            assert read.fingerprint(family) == loaded.fingerprint(family), (name, family)

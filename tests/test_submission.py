@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import params_io, results, spec, submission
+from metabench import params_io, results, submission
+from metabench.tasks import spec
 from metabench.families import drift
 
 ONE_ENV_TASK = """
@@ -32,7 +33,7 @@ agents:
   drift: {num_envs: 4, rollout_len: 32, epochs: 1, minibatches: 4}
   td_loss: {}
 budget: {seeds: 2, max_seconds_per_env: 600}
-scoring: {bootstrap_reps: 200}
+scoring: {bootstrap_reps: 200, baselines: {drift: ppo_clip, td_loss: dqn}}
 """
 # Two families: a record carries its own family's fingerprint, which differs from the
 # whole-spec one, so retuning one family's agent leaves the other family's records current.

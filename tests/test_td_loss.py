@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, spec
+from metabench import harness
+from metabench.tasks import spec
 from metabench.families import td_loss
 from metabench.rules import UpdateRule, no_params
 
@@ -162,6 +163,7 @@ test:
 agents:
   td_loss: {}
 budget: {seeds: 4, max_seconds_per_env: 1800}
+scoring: {baselines: {td_loss: dqn}}
 """
 
 

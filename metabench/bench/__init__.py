@@ -33,7 +33,7 @@ from metabench.bench.twins import lpg as minimal_lpg
 from metabench.bench.twins import metagrad as minimal_metagrad
 from metabench.bench.twins import ppo as minimal_ppo
 from metabench.families import drift, epg, lpg, metagrad, td_loss
-from metabench.spec import Budget, EnvSpec, Normalise, Scoring, TaskSpec
+from metabench.tasks.spec import Budget, EnvSpec, Normalise, Scoring, TaskSpec
 
 DEFAULT_ENVS = ("gymnax/CartPole-v1", "gymnax/Breakout-MinAtar")
 DEFAULT_STEPS = {"ppo": {"gymnax/CartPole-v1": 500_000, "gymnax/Breakout-MinAtar": 200_000},

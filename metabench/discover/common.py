@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 from metabench.results import write_json_atomic
-from metabench.spec import TaskSpec
+from metabench.tasks.spec import TaskSpec
 
 
 def save_tree(path: Path, tree: Any) -> None:

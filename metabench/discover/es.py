@@ -45,7 +45,7 @@ from metabench import harness
 from metabench.discover.common import Checkpoint, reset_curve, write_submission
 from metabench.results import write_json_atomic
 from metabench.rules import UpdateRule
-from metabench.spec import TaskSpec, require_calibrated
+from metabench.tasks.spec import TaskSpec, require_calibrated
 
 
 @dataclasses.dataclass(frozen=True)

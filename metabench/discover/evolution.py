@@ -49,7 +49,7 @@ import numpy as np
 from metabench import graphs, harness
 from metabench.discover import common
 from metabench.results import write_json_atomic
-from metabench.spec import EnvSpec, TaskSpec, require_calibrated
+from metabench.tasks.spec import EnvSpec, TaskSpec, require_calibrated
 
 FAMILY = "td_loss"
 

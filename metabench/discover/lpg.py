@@ -72,7 +72,7 @@ from metabench.families import lpg as lpg_family
 from metabench.families.base import finite_tree
 from metabench.results import write_json_atomic
 from metabench.rl import truncated_gae
-from metabench.spec import EnvSpec, TaskSpec
+from metabench.tasks.spec import EnvSpec, TaskSpec
 
 FAMILY = "lpg"
 

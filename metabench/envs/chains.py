@@ -48,7 +48,7 @@ max_length]`` and ``good_action`` from {0, 1}. ``default_params`` is level 0 (st
     - env: chain/short
       params: {level_seed: {uniform: [0, 1000000000]}}
 
-(no change to ``metabench/spec.py`` needed), or fixes one with ``chain_length: 20``.
+(no change to ``metabench/tasks/spec.py`` needed), or fixes one with ``chain_length: 20``.
 ``env.sample_params(key)`` draws a level from a PRNG key. ``noise_scale: 0`` turns a noisy
 chain's noise off.
 """

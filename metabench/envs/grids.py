@@ -115,7 +115,7 @@ Every env's ``default_params`` is level 0 (stored with ``level_seed = -1``), so
       params: {level_seed: {uniform: [0, 1000000000]}}   # a fresh level per seed
       # or {choice: [0, 1, ..., 9]} for a fixed set; disjoint ranges for train / test levels
 
-which needs no change to ``metabench/spec.py``: ``make_param_sampler`` casts the draw to the
+which needs no change to ``metabench/tasks/spec.py``: ``make_param_sampler`` casts the draw to the
 field's int32 dtype and calls ``finalise_params``. ``env.sample_params(key)`` and
 ``sample_procgen_params(key)`` do the same from a PRNG key. When ``level_seed >= 0`` the
 fields it redraws overwrite any override of theirs; the factory rejects that combination

@@ -27,7 +27,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-COPY = ("metabench", "tests", "tasks", "submissions", "leaderboard", "pyproject.toml",
+COPY = ("metabench", "tests", "submissions", "leaderboard", "pyproject.toml",
         "README.md")
 KEYS = {"name", "file", "old", "new", "tests", "why"}
 

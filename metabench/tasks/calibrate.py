@@ -3,7 +3,7 @@
 The measurement runs ``num_envs`` environments (each with its own draw from the entry's
 parameter distribution) for a fixed number of steps with uniformly random actions, under one
 jitted scan, and averages the returns of every episode that completed. Results go to
-``tasks/calibration.lock.yaml`` with how they were measured.
+``metabench/tasks/calibration.lock.yaml`` with how they were measured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metabench.spec import CALIBRATION_FILE, EnvSpec, TaskSpec, TASKS_DIR
+from metabench.tasks.spec import CALIBRATION_FILE, EnvSpec, TaskSpec, TASKS_DIR
 
 MAX_STEPS = 4000
 

@@ -4,7 +4,7 @@ A spec fixes where a rule may be meta-trained (``train``), where it is scored (`
 fixed agent hyperparameters of every family it supports, the env-step budget, seeds and the
 scoring. Unknown keys are errors; every error names the file, the key and what was expected.
 ``normalise.random: calibrated`` reads the uniform-random policy's mean return from
-``tasks/calibration.lock.yaml``, written by ``metabench calibrate TASK``.
+``calibration.lock.yaml`` beside the task files, written by ``metabench calibrate TASK``.
 ``normalise.reference`` is a number (a fixed return, its source in a YAML comment), ``optimal``
 (per seed: the optimal expected return of that seed's level, computed from the env's dynamics
 by :mod:`metabench.envs.optimal`; tabular grids and chains) or ``oracle`` (per seed: the mean
@@ -14,6 +14,13 @@ harness from the env params the run actually trained on, and so is the random po
 on that level (exact for ``optimal``, simulated for ``oracle``), which then replaces the
 calibrated mean in that run's score: with one mean random over levels, a level whose reference
 falls below it would flip the sign of its scores.
+
+This module only *reads*: structure, types and names, and the fingerprint, loading neither JAX
+nor the envs and families, so the static site can read specs without the RL stack.
+:mod:`metabench.tasks.validate` checks a read spec against the registered envs and families;
+:func:`load` does both. The fingerprint hashes the agent settings as written (``lr: 1e-3``
+stays the string YAML reads), so reading alone gives the same fingerprint as loading;
+:meth:`TaskSpec.agent_config` types them.
 """
 
 from __future__ import annotations
@@ -23,15 +30,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from metabench import yamlfile
-from metabench.envs import ParamDistribution, make_param_sampler, registry
-from metabench.envs import make as make_env
-from metabench.families import base as families_base
 from metabench.yamlfile import FieldError
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parent
+"""The shipped task files: package data, so a non-editable install finds them."""
 CALIBRATION_FILE = "calibration.lock.yaml"
 SPLITS = ("train", "test")
 SCORES = ("final_return",)
@@ -42,6 +47,49 @@ REFERENCE_METHODS = ("optimal", "oracle")
 
 class SpecError(FieldError):
     """A malformed spec: the message names the file, the key and the expectation."""
+
+
+KINDS = ("uniform", "loguniform", "choice")
+"""Distributions an env parameter may be drawn from per seed."""
+
+
+class ParamDistribution(NamedTuple):
+    """One parameter's distribution: ``kind`` in KINDS or ``"constant"``, and its values."""
+
+    kind: str
+    values: tuple[Any, ...]
+
+    @staticmethod
+    def parse(value: Any) -> "ParamDistribution":
+        """Parses a spec value; raises ValueError saying what was expected."""
+        if isinstance(value, (bool, str)):
+            # Static options (a physics backend, a vectorisation mode, a gymnasium flag) are
+            # passed to the env's factory as they are; they cannot be drawn per seed.
+            return ParamDistribution("constant", (value,))
+        if not isinstance(value, (int, float, Mapping)):
+            raise ValueError(
+                f"expected a number, a string, a boolean or one of "
+                f"{{{', '.join(k + ': [...]' for k in KINDS)}}}, got {value!r}"
+            )
+        if not isinstance(value, Mapping):
+            return ParamDistribution("constant", (float(value),))
+        if len(value) != 1 or next(iter(value)) not in KINDS:
+            raise ValueError(f"expected exactly one of {', '.join(KINDS)}, got keys {sorted(value)}")
+        kind, args = next(iter(value.items()))
+        if not isinstance(args, (list, tuple)) or not args or not all(
+            isinstance(a, (int, float)) and not isinstance(a, bool) for a in args
+        ):
+            raise ValueError(f"{kind} expects a list of numbers, got {args!r}")
+        args = tuple(float(a) for a in args)
+        if kind in ("uniform", "loguniform"):
+            if len(args) != 2 or not args[0] < args[1]:
+                raise ValueError(f"{kind} expects [lo, hi] with lo < hi, got {list(args)}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ValueError(f"loguniform expects lo > 0, got {args[0]}")
+        return ParamDistribution(kind, args)
+
+    def to_json(self) -> Any:
+        return self.values[0] if self.kind == "constant" else {self.kind: list(self.values)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +130,8 @@ class EnvSpec:
     def make(self):
         """``(env, base_params, sample_params)``: constants applied, distributions drawn by
         ``sample_params(key)`` inside the jitted train."""
+        from metabench.envs import make as make_env, make_param_sampler  # JAX: only when built
+
         consts = {k: d.values[0] for k, d in self.params.items() if d.kind == "constant"}
         env, base = make_env(self.env, **consts)
         dists = {k: d for k, d in self.params.items() if d.kind != "constant"}
@@ -123,7 +173,7 @@ class Scoring:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """A benchmark task, loaded from ``tasks/<id>.yaml``."""
+    """A benchmark task, read from ``<id>.yaml`` (the shipped ones: ``metabench/tasks/``)."""
 
     id: str
     """Task id; equals the file name without ``.yaml``."""
@@ -155,15 +205,16 @@ class TaskSpec:
         return sorted(self.agents)
 
     def agent_config(self, family: str, env: EnvSpec | None = None):
-        """The family's Config for this task (and env, with its overrides)."""
+        """The family's Config for this task (and env, with its overrides), typed."""
+        from metabench.tasks.validate import family_config  # the families: only when built
+
         if family not in self.agents:
             raise ValueError(f"task {self.id} has no agent config for family {family!r}; "
                              f"it supports: {', '.join(self.families())}")
-        fam = families_base.get_family(family)
         merged = dict(self.agents[family])
         if env is not None:
             merged.update(env.agents.get(family, {}))
-        return fam.Config(**merged)
+        return family_config(Path(self.path), f"agents.{family}", family, merged)
 
     def canonical(self, family: str | None = None) -> dict:
         """The spec as plain JSON data (what the fingerprint hashes); with ``family``, only
@@ -223,14 +274,25 @@ def list_tasks(tasks_dir: Path | None = None) -> list[str]:
     return sorted(p.stem for p in d.glob("*.yaml") if p.name != CALIBRATION_FILE)
 
 
-def load(task: str | os.PathLike, tasks_dir: Path | None = None,
+def read(task: str | os.PathLike, tasks_dir: Path | None = None,
          calibration: Mapping[str, Any] | None = None) -> TaskSpec:
-    """Loads and validates a task by id or path."""
+    """Reads a task by id or path: its structure, types and names, not yet checked against
+    the envs and families (no JAX is loaded)."""
     path = task_path(task, tasks_dir)
     raw = yamlfile.read(path, SpecError)
     if calibration is None:
         calibration = load_calibration(path.parent)
     return parse(raw, path, calibration)
+
+
+def load(task: str | os.PathLike, tasks_dir: Path | None = None,
+         calibration: Mapping[str, Any] | None = None) -> TaskSpec:
+    """Reads and validates a task by id or path: what scoring and training use."""
+    from metabench.tasks import validate  # the envs and families, hence JAX
+
+    spec = read(task, tasks_dir, calibration)
+    validate.check(spec)
+    return spec
 
 
 class _Reader:
@@ -294,6 +356,7 @@ def _kind(v: Any) -> str:
 
 
 def parse(raw: Any, path: Path, calibration: Mapping[str, Any]) -> TaskSpec:
+    """A read spec from its YAML data; see :mod:`metabench.tasks.validate` for the rest."""
     top = _Reader(path, raw, "")
     task_id = top.get("id", str, "the task id (a string)")
     if task_id != path.stem and path.parent.name == "tasks":
@@ -303,13 +366,9 @@ def parse(raw: Any, path: Path, calibration: Mapping[str, Any]) -> TaskSpec:
     seed = top.number("seed", 0, integer=True)
 
     agents_r = top.child("agents")
-    agents: dict[str, dict[str, Any]] = {}
     if not agents_r.data:
         raise SpecError(path, "agents", "at least one family's agent config")
-    for fam_name in agents_r.data:
-        agents[fam_name] = _family_config(path, f"agents.{fam_name}", fam_name,
-                                          agents_r.child(fam_name).data)
-        agents_r.used.add(fam_name)
+    agents = {str(fam): _settings(agents_r, fam) for fam in agents_r.data}
 
     splits = {s: _split(top, s, calibration, agents) for s in SPLITS}
 
@@ -332,66 +391,23 @@ def parse(raw: Any, path: Path, calibration: Mapping[str, Any]) -> TaskSpec:
     reps = s.number("bootstrap_reps", 2000, positive=True, integer=True)
     bseed = s.number("bootstrap_seed", 0, integer=True)
     baselines = dict(s.get("baselines", Mapping, "a mapping family -> rule", {}))
-    for fam_name in agents:
-        fam = families_base.get_family(fam_name)
-        rule = baselines.setdefault(fam_name, fam.baseline)
-        if rule not in fam.reference_rules:
-            raise SpecError(path, f"scoring.baselines.{fam_name}",
-                            f"a reference rule of {fam_name} "
-                            f"({', '.join(sorted(fam.reference_rules))}), got {rule!r}")
-    for fam_name in baselines:
-        if fam_name not in agents:
-            raise SpecError(path, f"scoring.baselines.{fam_name}",
-                            f"a family listed under agents ({', '.join(sorted(agents))})")
+    for fam_name, rule in baselines.items():
+        if not isinstance(rule, str):
+            raise SpecError(path, f"scoring.baselines.{fam_name}", f"a rule name, got {rule!r}")
     s.done()
     top.done()
 
-    spec = TaskSpec(id=task_id, description=description, train=splits["train"],
+    return TaskSpec(id=task_id, description=description, train=splits["train"],
                     test=splits["test"], total_timesteps=total, agents=agents, budget=budget,
                     scoring=Scoring(score, window, aggregate, reps, bseed, baselines),
                     seed=seed, path=str(path))
-    for fam_name in agents:  # the budget must allow at least one update of every env
-        for split in SPLITS:
-            for i, e in enumerate(spec.split(split)):
-                cfg = spec.agent_config(fam_name, e)
-                per_update = getattr(cfg, "num_envs", 1) * getattr(cfg, "rollout_len", 1)
-                if total < per_update:
-                    raise SpecError(path, "total_timesteps",
-                                    f"at least one {fam_name} update on {split}[{i}] "
-                                    f"({per_update} env steps), got {total}")
-    return spec
 
 
-def _family_config(path: Path, key: str, family: str, values: Mapping[str, Any]) -> dict:
-    try:
-        fam = families_base.get_family(family)
-    except KeyError as e:
-        raise SpecError(path, key, f"a known family ({', '.join(families_base.families())})") from e
-    fields = {f.name: f for f in dataclasses.fields(fam.Config)}
-    out = {}
-    for k, v in values.items():
-        if k not in fields:
-            raise SpecError(path, f"{key}.{k}",
-                            f"unknown {family} agent setting; expected one of "
-                            f"{', '.join(sorted(fields))}")
-        default = fields[k].default
-        if isinstance(v, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                v = float(v)
-            except ValueError:
-                raise SpecError(path, f"{key}.{k}", f"a number, got {v!r}") from None
-        if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float):
-            if v != int(v):
-                raise SpecError(path, f"{key}.{k}", f"an integer, got {v!r}")
-            v = int(v)
-        if isinstance(default, tuple) and isinstance(v, list):
-            v = tuple(v)
-        out[k] = v
-    try:
-        fam.Config(**out)
-    except (TypeError, ValueError) as e:
-        raise SpecError(path, key, f"a valid {family} config ({e})") from None
-    return out
+def _settings(r: _Reader, name: Any) -> dict[str, Any]:
+    """One family's agent settings as written: a mapping of setting names (typed and checked
+    against the family's Config by the validation)."""
+    value = r.get(name, (Mapping, type(None)), "a mapping of agent settings")
+    return {str(k): v for k, v in (value or {}).items()}
 
 
 def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]:
@@ -403,11 +419,7 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
     for i, item in enumerate(entries):
         r = _Reader(path, item, f"{split}[{i}]")
         env_id = r.get("env", str, "a registered env id like gymnax/CartPole-v1")
-        try:
-            env_entry = registry.entry(env_id)
-        except registry.UnknownEnvError as e:
-            raise SpecError(path, r.key("env"), f"a registered env id ({e})") from None
-        name = r.get("name", str, "a string", env_id.split("/", 1)[1])
+        name = r.get("name", str, "a string", env_id.split("/", 1)[-1])
         if name in names:
             raise SpecError(path, r.key("name"), f"a name unique within {split}; "
                             f"{name!r} is used twice (give each entry a `name`)")
@@ -418,34 +430,12 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
                 params[str(k)] = ParamDistribution.parse(v)
             except ValueError as e:
                 raise SpecError(path, r.key(f"params.{k}"), str(e)) from None
-        if params:  # unknown parameter names are errors now, not at scoring time
-            try:
-                env, base = env_entry.factory()
-                fields = {f.name for f in dataclasses.fields(base)}
-            except Exception:
-                env, fields = None, set(params)
-            # Options fixed when the env is built (brax's physics backend): constants only.
-            static = set(getattr(env, "static_params", ()))
-            for k in params:
-                if k not in fields | static:
-                    raise SpecError(path, r.key(f"params.{k}"), f"a parameter of {env_id} "
-                                    f"({', '.join(sorted(fields | static))})")
-                if k in static and params[k].kind != "constant":
-                    raise SpecError(path, r.key(f"params.{k}"),
-                                    f"a constant: {k} is fixed when {env_id} is built")
-            consts = {k: params[k].values[0] for k in static & set(params)}
-            if consts:
-                try:
-                    env_entry.factory(**consts)
-                except ValueError as e:
-                    raise SpecError(path, r.key(f"params.{sorted(consts)[0]}"), str(e)) from None
         n = r.child("normalise")
         ref_raw = n.get("reference", (int, float, str),
                         f"a number or one of {', '.join(REFERENCE_METHODS)}")
         method = "fixed"
         if isinstance(ref_raw, str) and ref_raw in REFERENCE_METHODS:
             method, ref = ref_raw, None
-            _check_reference_method(path, n.key("reference"), env_entry, method)
         else:
             try:
                 ref = float(ref_raw)  # YAML reads 1e7 as a string
@@ -457,18 +447,13 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
         calibrated = rnd == "calibrated"
         if isinstance(rnd, str) and not calibrated:
             raise SpecError(path, n.key("random"), f"a number or 'calibrated', got {rnd!r}")
-        env_agents = {}
-        for fam_name, overrides in r.get("agents", Mapping, "a mapping family -> settings",
-                                         {}).items():
+        a = r.child("agents", {})
+        for fam_name in a.data:
             if fam_name not in agents:
-                raise SpecError(path, r.key(f"agents.{fam_name}"),
+                raise SpecError(path, a.key(str(fam_name)),
                                 f"a family listed under the task's agents "
                                 f"({', '.join(sorted(agents))})")
-            env_agents[fam_name] = _family_config(
-                path, r.key(f"agents.{fam_name}"), fam_name,
-                {**agents[fam_name], **dict(overrides or {})})
-            env_agents[fam_name] = {k: v for k, v in env_agents[fam_name].items()
-                                    if k in (overrides or {})}
+        env_agents = {str(fam): _settings(a, fam) for fam in a.data}
         spec = EnvSpec(name, env_id, params, Normalise(None, ref, calibrated, method),
                        env_agents)
         if calibrated:
@@ -484,29 +469,6 @@ def _split(top: _Reader, split: str, calibration, agents) -> tuple[EnvSpec, ...]
             spec, normalise=Normalise(None if rnd is None else float(rnd), ref, calibrated,
                                       method)))
     return tuple(out)
-
-
-def _check_reference_method(path: Path, key: str, env_entry, method: str) -> None:
-    """A per-level reference must be computable for the env: say which envs it handles."""
-    try:
-        env, _ = env_entry.factory()
-    except Exception as e:  # an env that cannot be built here cannot be solved either
-        raise SpecError(path, key, f"an env that can be built to measure its {method} "
-                        f"reference ({type(e).__name__}: {e})") from None
-    if method == "optimal":
-        from metabench.envs import optimal
-
-        if not optimal.can_solve(env):
-            raise SpecError(path, key, f"a number, or 'optimal' only for an env the exact "
-                            f"solver handles (tabular grids grid/tabular-*, chains chain/*); "
-                            f"{env_entry.id} has no tractable optimum (use 'oracle' for grid "
-                            f"envs, or a number)")
-    else:
-        from metabench.envs import oracle
-
-        if not oracle.can_play(env):
-            raise SpecError(path, key, f"a number, or 'oracle' only for a grid env "
-                            f"(grid/*); {env_entry.id} has no scripted oracle")
 
 
 # --- calibration lock --------------------------------------------------------------------
