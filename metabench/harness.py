@@ -32,7 +32,8 @@ from metabench import scoring
 from metabench.families import base as families_base
 from metabench.results import KIND, SCHEMA
 from metabench.rules import UpdateRule, params_hash, tree_structure
-from metabench.tasks.spec import EnvSpec, TaskSpec, require_calibrated
+from metabench.tasks.spec import (EnvSpec, TaskSpec, agent_config, make_env,
+                                  require_calibrated)
 
 __version__ = "0.1.0"
 CURVE_POINTS = 100
@@ -153,7 +154,7 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
     key = (family.name, spec.calibration_key(), config, int(total_timesteps), rule,
            tree_structure(meta_params), population)
     if key not in _CACHE:
-        env, _, sampler = spec.make()
+        env, _, sampler = make_env(spec)
         trainer = family.make_train(env, config, rule, total_timesteps=total_timesteps,
                                     sample_params=sampler)
 
@@ -419,7 +420,7 @@ def train_env(ref: RuleRef, task: TaskSpec, spec: EnvSpec, seeds: Sequence[int],
     """
     family = families_base.get_family(ref.family)
     seeds = list(seeds)
-    t = _train(family, spec, task.agent_config(ref.family, spec), ref.rule, ref.meta_params,
+    t = _train(family, spec, agent_config(task, ref.family, spec), ref.rule, ref.meta_params,
                seed_keys(task.seed, seeds), task.total_timesteps, False, max_seconds, progress)
     return _env_run(spec, seeds, t)
 
@@ -438,7 +439,7 @@ def train_population(family: str, rule: UpdateRule, meta_batch: Any, task: TaskS
     base = seed_keys(task.seed, seeds)
     keys = jnp.broadcast_to(base, (k,) + base.shape)
     steps = task.total_timesteps if total_timesteps is None else int(total_timesteps)
-    t = _train(fam, spec, task.agent_config(family, spec), rule, meta_batch, keys, steps, True,
+    t = _train(fam, spec, agent_config(task, family, spec), rule, meta_batch, keys, steps, True,
                max_seconds, progress)
     return [_env_run(spec, seeds, t, i) for i in range(k)]
 

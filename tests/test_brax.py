@@ -60,8 +60,8 @@ def _learning() -> dict:
 
     task = spec.load("brax-transfer-v1-quick")
     reacher = next(e for e in task.test if e.env == "brax/reacher")
-    env, base, sample = reacher.make()
-    cfg = task.agent_config("drift", reacher)
+    env, base, sample = spec.make_env(reacher)
+    cfg = spec.agent_config(task, "drift", reacher)
     assert cfg.normalize_obs
     trainer = drift.make_train(env, cfg, drift.ppo_clip(), total_timesteps=LEARNING_STEPS,
                                sample_params=sample)
@@ -188,7 +188,7 @@ def test_task_params_take_a_constant_backend_only(tmp_path):
         "PARAMS", "{backend: generalized, max_steps_in_episode: {choice: [100, 200]}}")),
         calibration={})
     assert t.train[0].params["backend"].values == ("generalized",)
-    env, _, _ = t.train[0].make()
+    env, _, _ = spec.make_env(t.train[0])
     assert env.backend == "generalized"
     for params, key, words in (
             ("{backend: {choice: [1, 2]}}", "train[0].params.backend", "a constant"),

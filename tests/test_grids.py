@@ -16,6 +16,7 @@ from metabench.envs import conformance, make_param_sampler
 from metabench.tasks.spec import ParamDistribution
 from metabench.envs import grids
 from metabench.envs.grids import GridEnv, GridParams, sample_procgen_params
+from metabench.tasks import spec as spec_mod
 from metabench.tasks.spec import EnvSpec, Normalise
 
 GRID_IDS = [f"grid/{n}" for n in grids.GRID_NAMES]
@@ -100,7 +101,7 @@ COLLECT = 9  # + direction: 9 own cell, 10 N, ..., 17 NW
 def _tiny_env(tabular: bool, collect: bool) -> GridEnv:
     """One env instance per kind, so its jitted step compiles once for all tests."""
     return GridEnv("tiny", height=H, width=W, num_objects=2, num_types=2, tabular=tabular,
-                   base=lambda: _tiny_params(), level=grids._no_level, level_fields=(),
+                   base=lambda: _tiny_params(), level=grids.no_level, level_fields=(),
                    collect_actions=collect)
 
 
@@ -497,7 +498,7 @@ def test_procgen_levels_differ_and_are_valid():
     spec = EnvSpec("procgen", "grid/procgen",
                    {"level_seed": ParamDistribution.parse({"uniform": [0, 1e9]})},
                    Normalise(None, 1.0, False), {})
-    env2, _, sampler = spec.make()
+    env2, _, sampler = spec_mod.make_env(spec)
     assert env2 is env
     drawn = jax.jit(jax.vmap(sampler))(jax.random.split(jax.random.PRNGKey(0), 2))
     assert not np.array_equal(np.asarray(drawn.walls[0]), np.asarray(drawn.walls[1]))

@@ -221,7 +221,7 @@ def test_seed_batched_initialisation_never_batches_qr(tiny):
     # seeds; the harness maps init over seeds, so every QR it emits is a single 2-D matrix.
     ref = harness.reference_rule("ppo_clip")
     fam = families_base.get_family("drift")
-    cfg = tiny.agent_config("drift")
+    cfg = spec.agent_config(tiny, "drift")
     _, init_fn, _, _ = harness.compiled(fam, tiny.test[0], cfg, ref.rule, {}, tiny.total_timesteps)
     jaxpr = jax.make_jaxpr(init_fn)(harness.seed_keys(0, range(8))).jaxpr
     ranks = _qr_operand_ranks(jaxpr)
@@ -238,7 +238,7 @@ def test_eight_seed_initialisation_finishes(tiny_task_path):
         task = spec.load({str(tiny_task_path)!r})
         ref = harness.reference_rule("ppo_clip")
         _, init_fn, _, _ = harness.compiled(base.get_family("drift"), task.test[0],
-                                         task.agent_config("drift"), ref.rule, {{}},
+                                         spec.agent_config(task, "drift"), ref.rule, {{}},
                                          task.total_timesteps)
         jax.block_until_ready(init_fn(harness.seed_keys(0, range(8))))
         print("ok")

@@ -10,6 +10,7 @@ import pytest
 
 from metabench import envs
 from metabench.envs import grids, optimal
+from metabench.tasks import spec
 
 
 def line_env(collect: bool = False) -> grids.GridEnv:
@@ -23,7 +24,7 @@ def line_env(collect: bool = False) -> grids.GridEnv:
             max_steps_in_episode=jnp.int32(3), level_seed=jnp.int32(-1))
     return grids.GridEnv("test-line" + ("-collect" if collect else ""), height=1, width=3,
                          num_objects=1, num_types=1, tabular=True, base=base,
-                         level=grids._no_level, level_fields=(), collect_actions=collect)
+                         level=grids.no_level, level_fields=(), collect_actions=collect)
 
 
 @pytest.mark.parametrize("term,respawn,steps,expected", [
@@ -224,7 +225,7 @@ def test_harness_normalises_each_seed_by_its_levels_optimum(tmp_path):
     assert run.failure is None and run.references is not None
     # the params each seed trained on, re-derived independently: the sampler on the family's
     # init key split (drift: rng, k_net, k_env, k_params)
-    env, _, sampler = spec_.make()
+    env, _, sampler = spec.make_env(spec_)
     keys = harness.seed_keys(t.seed, range(3))
     for i, key in enumerate(keys):
         params = sampler(jax.random.split(key, 4)[3])

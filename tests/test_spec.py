@@ -30,7 +30,7 @@ def test_tiny_task_loads(tmp_path):
     assert t.id == "tiny" and t.total_timesteps == 4096
     assert [e.name for e in t.test] == ["CartPole-v1", "CartPole-long-pole"]
     assert t.test[1].params["length"].kind == "uniform"
-    assert t.agent_config("drift").rollout_len == 32
+    assert spec.agent_config(t, "drift").rollout_len == 32
     assert t.scoring.baselines == {"drift": "ppo_clip"}
     assert t.budget.seeds == 2
 
@@ -146,16 +146,16 @@ def test_every_shipped_task_loads_and_is_calibrated():
             spec.require_calibrated(t, split)
     full = spec.load("minatar-transfer-v1")
     assert full.total_timesteps == 10_000_000 and full.budget.seeds == 16
-    cfg = full.agent_config("drift")
+    cfg = spec.agent_config(full, "drift")
     assert (cfg.num_envs, cfg.rollout_len, cfg.epochs, cfg.minibatches, cfg.lr) == (64, 128, 4, 8,
                                                                                      5e-3)
     assert [e.env for e in full.train] == ["gymnax/Breakout-MinAtar", "gymnax/Freeway-MinAtar"]
     assert [e.env for e in full.test] == ["gymnax/Asterix-MinAtar", "gymnax/SpaceInvaders-MinAtar"]
     # the task files' claims: PureJaxRL's MinAtar PPO is relu; Brax clips no values, quick or not
     for name in ("minatar-transfer-v1", "minatar-transfer-v1-quick"):
-        assert spec.load(name).agent_config("drift").activation == "relu", name
+        assert spec.agent_config(spec.load(name), "drift").activation == "relu", name
     for name in ("brax-transfer-v1", "brax-transfer-v1-quick"):
-        assert spec.load(name).agent_config("drift").value_clip == 0.0, name
+        assert spec.agent_config(spec.load(name), "drift").value_clip == 0.0, name
 
 
 def test_spec_and_submission_errors_are_one_kind_and_the_lock_file_is_checked(tmp_path):
@@ -177,8 +177,8 @@ def test_reading_a_task_loads_no_jax_and_fingerprints_like_loading():
     import subprocess
     import sys
 
-    code = ("import sys; from metabench.tasks import spec\n"
-            "for n in spec.list_tasks(): spec.read(n).fingerprint()\n"
+    code = ("import sys; from metabench.tasks import schema\n"
+            "for n in schema.list_tasks(): schema.read(n).fingerprint()\n"
             "heavy = sorted(m for m in ('jax', 'flax', 'optax', 'metabench.envs', "
             "'metabench.families') if m in sys.modules)\n"
             "assert not heavy, heavy")

@@ -169,7 +169,7 @@ scoring: {baselines: {td_loss: dqn}}
 
 def test_dqn_learns_cartpole_with_purejaxrl_settings(tmp_path):
     task = spec.load(write_task(tmp_path, DQN_CARTPOLE, "dqn-cartpole"))
-    assert task.agent_config("td_loss") == td_loss.Config()  # the defaults are PureJaxRL's
+    assert spec.agent_config(task, "td_loss") == td_loss.Config()  # the defaults are PureJaxRL's
     # two seeds (deterministic on CPU): a vmapped seed costs as much as a run
     run = harness.train_env(harness.reference_rule("dqn"), task, task.test[0], range(2))
     assert run.failure is None and run.updates_done == 30_000

@@ -72,7 +72,7 @@ from metabench.families import lpg as lpg_family
 from metabench.families.base import finite_tree
 from metabench.results import write_json_atomic
 from metabench.rl import truncated_gae
-from metabench.tasks.spec import EnvSpec, TaskSpec
+from metabench.tasks.spec import EnvSpec, TaskSpec, agent_config, make_env
 
 FAMILY = "lpg"
 
@@ -261,9 +261,9 @@ class _EnvMeta:
 
     def __init__(self, spec: EnvSpec, task: TaskSpec, rule, cfg: LPGDiscoverConfig):
         self.spec = spec
-        env, _, sampler = spec.make()
+        env, _, sampler = make_env(spec)
         self.env = env
-        self.config = task.agent_config(FAMILY, spec)
+        self.config = agent_config(task, FAMILY, spec)
         self.arms = [(lr, ay) for lr in (cfg.lr_arms or (self.config.lr,))
                      for ay in (cfg.alpha_y_arms or (self.config.alpha_y,))]
         config = dataclasses.replace(self.config, lr=1.0)  # the arm's rate scales the update
@@ -641,8 +641,8 @@ def y_readout(task: TaskSpec, rule, meta_params: Any, env_name: str, *, updates:
     spec = next(e for e in task.split("train") if e.name == env_name)
     cfg = LPGDiscoverConfig(lifetimes=seeds, inner_updates=1, lifetime_updates=updates)
     e = _EnvMeta(spec, task, rule, cfg)
-    config = task.agent_config(FAMILY, spec)
-    env, _, sampler = spec.make()
+    config = agent_config(task, FAMILY, spec)
+    env, _, sampler = make_env(spec)
     agent = lpg_family.make_agent(env, config, rule, sample_params=sampler)
 
     @jax.jit

@@ -137,7 +137,6 @@ similar ones).
 from __future__ import annotations
 
 import dataclasses
-import math
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -147,6 +146,10 @@ import numpy as np
 from flax import struct
 from gymnax.environments import spaces
 
+from metabench.envs.grid_levels import (DEFAULT_LEVEL_SEED, PROCGEN_MAX_OBJECTS, PROCGEN_MAX_SIZE,
+                                        SETTINGS, GridParams, level_key, no_level, procgen_base,
+                                        procgen_level, sample_procgen_params, setting_params,
+                                        tabular_level)
 from metabench.envs.registry import EnvEntry, register
 
 NUM_MOVES = 9
@@ -158,237 +161,12 @@ DROW = np.array([0, -1, -1, 0, 1, 1, 1, 0, -1], np.int32)
 DCOL = np.array([0, 0, 1, 1, 1, 0, -1, -1, -1], np.int32)
 COLLECT_SUFFIX = "-collect"
 
-DEFAULT_LEVEL_SEED = 0
-
-
-@struct.dataclass
-class GridParams:
-    """One level. Shapes are static per env id: ``[H, W]`` walls, ``[K]`` object slots."""
-
-    walls: jax.Array
-    """bool ``[H, W]``: wall cells (a padded env walls its unused area)."""
-    obj_reward: jax.Array
-    """float32 ``[K]``: reward for collecting each object."""
-    obj_term: jax.Array
-    """float32 ``[K]``: probability that collecting it ends the episode."""
-    obj_respawn: jax.Array
-    """float32 ``[K]``: per-step probability that an absent object comes back."""
-    obj_type: jax.Array
-    """int32 ``[K]``: observation channel of each object (random grids)."""
-    obj_active: jax.Array
-    """bool ``[K]``: which slots hold an object in this level."""
-    obj_pos: jax.Array
-    """int32 ``[K]``: fixed cell index ``row * W + col`` of each object (tabular grids)."""
-    start_pos: jax.Array
-    """int32: the agent's start cell, or -1 for a random free cell each episode."""
-    max_steps_in_episode: jax.Array
-    """int32: episodes are truncated after this many steps."""
-    level_seed: jax.Array
-    """int32: -1 uses these params as given; >= 0 redraws the level from this seed."""
-
-
 @struct.dataclass
 class GridState:
     agent: jax.Array     # int32 cell index
     obj_pos: jax.Array   # int32 [K] cell index of each object
     present: jax.Array   # bool [K] whether each object is on the board
     time: jax.Array      # int32 steps taken this episode
-
-
-# --- settings ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class GridSetting:
-    """A fixed grid setting of the paper."""
-
-    size: tuple[int, int]
-    """(rows, cols)."""
-    objects: tuple[tuple[float, float, float, int], ...]
-    """(reward, termination prob, respawn prob, count) per object type."""
-    max_steps: int
-    tabular: bool
-    walls: tuple[str, ...] = ()
-    """Rows of ``#`` (wall) and ``.`` (free); empty for no walls."""
-
-
-# wall maps of jinPrelude/LPG-miniworld-gymnasium (maps/*.txt, border removed)
-LONGER_WALLS = (
-    "....#....",
-    ".........",
-    "....#....",
-    "...###...",
-    "....#....",
-    ".........",
-    "....#....",
-)
-LONG_DENSE_WALLS = (
-    "...........",
-    ".....#.....",
-    ".....#.....",
-    ".....#.....",
-    "##.#####.##",
-    ".....#.....",
-    ".....#.....",
-    "...........",
-    ".....#.....",
-    ".....#.....",
-    ".....#.....",
-)
-SMALL_WALLS = (
-    ".......",
-    "..#....",
-    ".......",
-    "....#..",
-    ".......",
-)
-_DENSE = ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 1), (-1.0, 0.0, 0.5, 1))
-_LONG = ((1.0, 0.0, 0.01, 2), (-1.0, 0.5, 1.0, 2))
-
-SETTINGS: dict[str, GridSetting] = {
-    "tabular-dense": GridSetting((11, 11), _DENSE, 500, True),
-    "tabular-sparse": GridSetting((13, 13), ((1.0, 1.0, 0.0, 1), (-1.0, 1.0, 0.0, 1)), 50, True),
-    "tabular-long": GridSetting((11, 11), _LONG, 1000, True),
-    "tabular-longer": GridSetting((7, 9), ((1.0, 0.1, 0.01, 2), (-1.0, 0.8, 1.0, 5)), 2000, True,
-                                  LONGER_WALLS),
-    "tabular-long_dense": GridSetting((11, 11), ((1.0, 0.0, 0.005, 4),), 2000, True,
-                                      LONG_DENSE_WALLS),
-    "random-dense": GridSetting((11, 11), _DENSE, 500, False),
-    "random-long": GridSetting((11, 11), _LONG, 1000, False),
-    "random-small": GridSetting((5, 7), ((1.0, 0.0, 0.05, 2), (-1.0, 0.5, 0.1, 2)), 500, False,
-                                SMALL_WALLS),
-    "random-small_sparse": GridSetting((5, 7), ((1.0, 1.0, 1.0, 1), (-1.0, 1.0, 1.0, 2)), 50,
-                                       False),
-    "random-very_dense": GridSetting((11, 11), ((1.0, 0.0, 1.0, 1),), 2000, False),
-}
-
-# grid/procgen
-PROCGEN_MAX_SIZE = 11
-PROCGEN_MIN_SIZE = 5
-PROCGEN_MAX_OBJECTS = 5
-PROCGEN_MAX_WALL_DENSITY = 0.25
-PROCGEN_STEPS = (50, 1000)
-
-
-def _setting_params(s: GridSetting) -> GridParams:
-    """The setting's params with placeholder cells (level generation fills them in)."""
-    h, w = s.size
-    walls = np.zeros((h, w), bool)
-    if s.walls:
-        walls = np.array([[ch == "#" for ch in row] for row in s.walls], bool)
-        assert walls.shape == (h, w), (s, walls.shape)
-    reward, term, respawn, types = [], [], [], []
-    for t, (r, p_term, p_resp, count) in enumerate(s.objects):
-        reward += [r] * count
-        term += [p_term] * count
-        respawn += [p_resp] * count
-        types += [t] * count
-    k = len(reward)
-    return GridParams(
-        walls=jnp.asarray(walls),
-        obj_reward=jnp.asarray(reward, jnp.float32),
-        obj_term=jnp.asarray(term, jnp.float32),
-        obj_respawn=jnp.asarray(respawn, jnp.float32),
-        obj_type=jnp.asarray(types, jnp.int32),
-        obj_active=jnp.ones(k, bool),
-        obj_pos=jnp.zeros(k, jnp.int32),
-        start_pos=jnp.int32(0 if s.tabular else -1),
-        max_steps_in_episode=jnp.int32(s.max_steps),
-        level_seed=jnp.int32(-1),
-    )
-
-
-# --- level generation (jittable) ---------------------------------------------------------
-
-
-def _tabular_level(key: jax.Array, p: GridParams) -> GridParams:
-    """Distinct random free cells for the start and every object slot (walls kept)."""
-    k = p.obj_pos.shape[0]
-    free = ~p.walls.reshape(-1)
-    # argsort of uniform scores: a uniformly random ordering of the free cells (exact ints
-    # and comparisons, so identical eagerly and under jit)
-    scores = jnp.where(free, jax.random.uniform(key, free.shape), 2.0)
-    cells = jnp.argsort(scores)[: k + 1].astype(jnp.int32)
-    return p.replace(start_pos=cells[0], obj_pos=cells[1:])
-
-
-def _no_level(key: jax.Array, p: GridParams) -> GridParams:
-    del key
-    return p
-
-
-def _loguniform(u, lo, hi):
-    """Maps uniform [0, 1) draws to log-uniform [lo, hi)."""
-    return jnp.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-
-
-def _shift_or(m: jax.Array) -> jax.Array:
-    """``m`` OR its four neighbours (no wrap-around)."""
-    out = m
-    out = out.at[1:, :].set(out[1:, :] | m[:-1, :])
-    out = out.at[:-1, :].set(out[:-1, :] | m[1:, :])
-    out = out.at[:, 1:].set(out[:, 1:] | m[:, :-1])
-    out = out.at[:, :-1].set(out[:, :-1] | m[:, 1:])
-    return out
-
-
-def _procgen_level(key: jax.Array, p: GridParams) -> GridParams:
-    n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
-    # one uniform draw, cut into pieces (fewer PRNG calls compile faster)
-    u = jax.random.uniform(key, (5 + 4 * k + 2 * n * n,))
-    u_size, u_density, u_count, u_steps = u[0:2], u[2], u[3], u[4]
-    u_reward, u_zero, u_term, u_resp = (u[5 + i * k: 5 + (i + 1) * k] for i in range(4))
-    u_walls = u[5 + 4 * k: 5 + 4 * k + n * n].reshape(n, n)
-    u_root = u[5 + 4 * k + n * n:]
-
-    span = n - PROCGEN_MIN_SIZE + 1
-    h, w = PROCGEN_MIN_SIZE + jnp.minimum(jnp.floor(u_size * span), span - 1).astype(jnp.int32)
-    rows, cols = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    inside = (rows < h) & (cols < w)
-    free = inside & ~(u_walls < u_density * PROCGEN_MAX_WALL_DENSITY)
-    # keep only the region of a random free root cell, so every free cell is reachable
-    root = jnp.argmax(jnp.where(free.reshape(-1), u_root, -1.0))
-    reach = (jnp.arange(n * n) == root).reshape(n, n) & free
-    reach = jax.lax.fori_loop(0, n * n, lambda _, r: _shift_or(r) & free, reach)
-    free = jnp.where(reach.sum() >= k + 2, reach, inside)
-
-    count = 1 + jnp.minimum(jnp.floor(u_count * k), k - 1).astype(jnp.int32)
-    reward = u_reward * 2.0 - 1.0
-    reward = reward.at[0].set(jnp.abs(reward[0]))
-    term = jnp.where(u_zero < 0.5, 0.0, _loguniform(u_term, 0.01, 1.0))
-    respawn = _loguniform(u_resp, 0.005, 1.0)
-    steps = jnp.round(_loguniform(u_steps, *PROCGEN_STEPS)).astype(jnp.int32)
-    return p.replace(
-        walls=~free,
-        obj_reward=reward.astype(jnp.float32),
-        obj_term=term.astype(jnp.float32),
-        obj_respawn=respawn.astype(jnp.float32),
-        obj_type=jnp.arange(k, dtype=jnp.int32),
-        obj_active=jnp.arange(k) < count,
-        obj_pos=jnp.zeros(k, jnp.int32),
-        start_pos=jnp.int32(-1),
-        max_steps_in_episode=steps,
-    )
-
-
-def _procgen_base() -> GridParams:
-    n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
-    return GridParams(
-        walls=jnp.zeros((n, n), bool), obj_reward=jnp.zeros(k, jnp.float32),
-        obj_term=jnp.zeros(k, jnp.float32), obj_respawn=jnp.zeros(k, jnp.float32),
-        obj_type=jnp.arange(k, dtype=jnp.int32), obj_active=jnp.ones(k, bool),
-        obj_pos=jnp.zeros(k, jnp.int32), start_pos=jnp.int32(-1),
-        max_steps_in_episode=jnp.int32(PROCGEN_STEPS[1]), level_seed=jnp.int32(-1))
-
-
-def _level_key(seed: jax.Array) -> jax.Array:
-    return jax.random.PRNGKey(jnp.maximum(jnp.asarray(seed, jnp.int32), 0))
-
-
-def sample_procgen_params(key: jax.Array) -> GridParams:
-    """A random ``grid/procgen`` level (jittable, vmappable); ``level_seed`` is kept at -1
-    so the result can be used, and overridden, as is."""
-    return _procgen_level(key, _procgen_base())
 
 
 # --- the environment ---------------------------------------------------------------------
@@ -441,13 +219,13 @@ class GridEnv:
         """Level ``DEFAULT_LEVEL_SEED`` of this env, stored with ``level_seed = -1``."""
         if self._default is None:
             base = self._base()
-            self._default = jax.jit(self._level)(_level_key(DEFAULT_LEVEL_SEED), base)
+            self._default = jax.jit(self._level)(level_key(DEFAULT_LEVEL_SEED), base)
         return self._default
 
     @partial(jax.jit, static_argnums=0)
     def finalise_params(self, params: GridParams) -> GridParams:
         """Redraws the level from ``level_seed`` when it is >= 0 (jittable)."""
-        drawn = self._level(_level_key(params.level_seed), params)
+        drawn = self._level(level_key(params.level_seed), params)
         use = jnp.asarray(params.level_seed) >= 0
         return jax.tree_util.tree_map(lambda a, b: jnp.where(use, a, b), drawn, params)
 
@@ -631,8 +409,8 @@ def _env_for_setting(name: str) -> GridEnv:
     k = sum(o[3] for o in s.objects)
     return GridEnv(name, height=s.size[0], width=s.size[1], num_objects=k,
                    num_types=len(s.objects), tabular=s.tabular,
-                   base=lambda: _setting_params(s),
-                   level=_tabular_level if s.tabular else _no_level,
+                   base=lambda: setting_params(s),
+                   level=tabular_level if s.tabular else no_level,
                    level_fields=("obj_pos", "start_pos") if s.tabular else (),
                    collect_actions=collect)
 
@@ -641,7 +419,7 @@ def _procgen_env() -> GridEnv:
     n, k = PROCGEN_MAX_SIZE, PROCGEN_MAX_OBJECTS
     level_fields = tuple(f.name for f in dataclasses.fields(GridParams) if f.name != "level_seed")
     return GridEnv("procgen", height=n, width=n, num_objects=k, num_types=k, tabular=False,
-                   base=_procgen_base, level=_procgen_level, level_fields=level_fields)
+                   base=procgen_base, level=procgen_level, level_fields=level_fields)
 
 
 _ENVS: dict[str, GridEnv] = {}

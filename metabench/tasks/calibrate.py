@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from metabench.tasks.spec import CALIBRATION_FILE, EnvSpec, TaskSpec, TASKS_DIR
+from metabench.tasks.spec import CALIBRATION_FILE, TASKS_DIR, EnvSpec, TaskSpec, make_env
 
 MAX_STEPS = 4000
 
 
 def random_return(spec: EnvSpec, num_envs: int = 64, seed: int = 0) -> dict[str, Any]:
     """Mean, std and count of completed-episode returns under a uniform random policy."""
-    env, base, sampler = spec.make()
+    env, base, sampler = make_env(spec)
     max_ep = int(getattr(base, "max_steps_in_episode", 1000))
     steps = int(min(4 * max_ep, MAX_STEPS))
     space = env.action_space(base)
@@ -84,7 +84,7 @@ def level_reference(spec: EnvSpec, levels: int = REFERENCE_LEVELS, seed: int = 0
     from metabench.envs.oracle import level_references
 
     method = spec.normalise.method
-    env, _, sampler = spec.make()
+    env, _, sampler = make_env(spec)
     params = jax.jit(jax.vmap(sampler))(jax.random.split(jax.random.PRNGKey(seed), levels))
     refs = np.asarray(level_references(method, env, params), np.float64)
     return {"method": method, "mean": round(float(refs.mean()), 4),
