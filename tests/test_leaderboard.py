@@ -20,7 +20,7 @@ from rliable import metrics
 from leaderboard_fixtures import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record,
                                   random_scores, submission_block, write_record, write_task)
 from metabench import results, scoring
-from metabench.site import model, svg
+from metabench.site import model, pages, svg
 from metabench.site.build import build as build_site
 from metabench.site.pages import DASH
 
@@ -380,6 +380,20 @@ def test_every_string_of_a_record_is_escaped_everywhere(env):
     for c in cells:
         if c[:1] in ("=", "+", "-", "@"):
             float(c)  # only numbers may start so; text is quoted with a leading '
+
+
+def test_templates_put_values_only_in_text_and_quoted_attributes():
+    """Autoescaping makes a quoted attribute value safe, not an unquoted one (a space in the
+    value would start a new attribute), and ``|safe`` would switch it off: no template does
+    either, so the escaping tests above cover every value a template shows."""
+    folder = Path(pages.__file__).parent / "templates"
+    names = sorted(p.name for p in folder.glob("*.html"))
+    assert {"base.html", "index.html", "task.html", "submission.html"} <= set(names)
+    for name in names:
+        text = re.sub(r"\{%.*?%\}|\{#.*?#\}", "", (folder / name).read_text(), flags=re.S)
+        assert "|safe" not in text.replace(" ", ""), name
+        for tag in re.findall(r"<[A-Za-z][^<>]*>", text):
+            assert "{{" not in re.sub(r'"[^"]*"', "", tag), (name, tag)
 
 
 def test_only_http_links_become_hrefs(env):
