@@ -347,15 +347,17 @@ def cmd_merge(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from metabench import leaderboard
-
     if args.action == "build":
-        index = leaderboard.build(Path(args.results), Path(args.out),
-                                  tasks_dir=Path(args.tasks) if args.tasks else None)
+        from metabench.site.build import build
+
+        index = build(Path(args.results), Path(args.out),
+                      tasks_dir=Path(args.tasks) if args.tasks else None)
         print(f"leaderboard built: open {index.resolve().as_uri()} "
               f"(or run `metabench leaderboard serve`)")
     else:
-        leaderboard.serve(Path(args.out), port=args.port, host=args.host)
+        from metabench.site.serve import serve
+
+        serve(Path(args.out), port=args.port, host=args.host)
     return 0
 
 

@@ -19,7 +19,8 @@ from metabench import results, scoring
 from metabench.tasks import spec
 
 HOSTILE = '<script>alert(1)</script>"onmouseover="alert(2)'
-ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&quot;onmouseover=&quot;alert(2)"
+# As the site escapes it (markupsafe, through the templates and the SVG alike).
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;onmouseover=&#34;alert(2)"
 
 # Two test envs with different normalisers, so per-env normalisation is exercised.
 ENVS = (("CartPole-a", "gymnax/CartPole-v1", 20.0, 500.0),

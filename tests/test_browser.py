@@ -18,7 +18,8 @@ import pytest
 
 from leaderboard_fixtures import (make_record, random_scores, submission_block, write_record,
                                   write_task)
-from metabench import leaderboard as lb
+from metabench.site.build import build
+from metabench.site.serve import make_server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -72,7 +73,7 @@ def site(tmp_path_factory) -> Path:
                           iqm_ci=(iqm - 0.05, iqm + 0.05), mean=mean,
                           submission=submission_block(name), verified=True)
         write_record(root / "results", f"rule{i}", rec)
-    return lb.build(root / "results", root / "site", root / "tasks", bootstrap_reps=200).parent
+    return build(root / "results", root / "site", root / "tasks", bootstrap_reps=200).parent
 
 
 def _names(driver) -> list[str]:
@@ -129,7 +130,7 @@ def test_task_page_renders_sorts_and_escapes(browser, site):
 def test_serve_on_localhost(browser, site):
     from selenium.webdriver.common.by import By
 
-    server = lb.make_server(site, port=0, host="127.0.0.1")
+    server = make_server(site, port=0, host="127.0.0.1")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from metabench import leaderboard as lb
 from metabench import results, submission
 from metabench.tasks import spec
 from metabench.rules import params_hash
+from metabench.site.model import analyse_task
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "leaderboard" / "results"
@@ -55,7 +55,7 @@ def _baseline(name: str):
 
 @pytest.mark.parametrize("task_id", TASK_IDS)
 def test_the_leaderboard_ranks_every_committed_record(task_id):
-    view = lb.analyse_task(task_id, RESULTS, TASKS, reps=10, seed=0)
+    view = analyse_task(task_id, RESULTS, TASKS, reps=10, seed=0)
     assert view.spec_error is None
     assert view.unreadable == []
     assert [(e.stem, e.stale) for e in view.stale] == []

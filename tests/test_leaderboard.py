@@ -19,8 +19,10 @@ from rliable import metrics
 
 from leaderboard_fixtures import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record,
                                   random_scores, submission_block, write_record, write_task)
-from metabench import leaderboard as lb
-from metabench import scoring
+from metabench import results, scoring
+from metabench.site import model, pages, svg
+from metabench.site.build import build as build_site
+from metabench.site.pages import DASH
 
 REPS = 200  # bootstrap reps for the small sites; the budget test uses the default
 
@@ -63,7 +65,7 @@ def env(tmp_path):
     fp = write_task(tasks, "t", "the test task")
 
     def build(out: str = "site", reps: int = REPS) -> Path:
-        lb.build(res, tmp_path / out, tasks, bootstrap_reps=reps, seed=0)
+        build_site(res, tmp_path / out, tasks, bootstrap_reps=reps, seed=0)
         return tmp_path / out
 
     return {"tasks": tasks, "results": res, "fp": fp, "build": build, "root": tmp_path}
@@ -165,7 +167,7 @@ def test_task_page_shows_poi_against_the_task_baseline(env):
     assert lo <= expected <= hi
     assert rows["ppo_clip"]["poi"][0].startswith("0.500")
     assert "baseline" in rows["ppo_clip"]["rule"][0]
-    assert rows["tdish"]["poi"] == (lb.DASH, "")  # no baseline for its family
+    assert rows["tdish"]["poi"] == (DASH, "")  # no baseline for its family
 
 
 # --- staleness --------------------------------------------------------------------------------
@@ -185,7 +187,7 @@ def test_stale_records_are_listed_not_ranked(env):
     page = (site / "tasks" / "t.html").read_text()
     rows = rank_rows(page)
     assert [r["name"] for r in rows] == ["fresh"]
-    assert rows[0]["train_iqm"][0] == lb.DASH
+    assert rows[0]["train_iqm"][0] == DASH
     stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
     assert "old" in stale and "0123456789abcdef" in stale and "differs from the current" in stale
     gone = (site / "tasks" / "gone.html").read_text()
@@ -201,7 +203,7 @@ def test_train_split_iqm_is_shown(env):
     add(env, "s", iqm=0.3, iqm_ci=(0.2, 0.35))
     rows = {r["name"]: r for r in rank_rows((env["build"]() / "tasks" / "t.html").read_text())}
     assert rows["r"]["train_iqm"] == ("0.810 [0.780, 0.840]", "0.81")
-    assert rows["s"]["train_iqm"] == (lb.DASH, "")
+    assert rows["s"]["train_iqm"] == (DASH, "")
 
 
 def test_malformed_records_are_listed_and_never_break_the_build(env):
@@ -255,7 +257,7 @@ def test_a_stored_iqm_that_is_not_its_runs_iqm_is_not_ranked(env):
 
 def test_every_text_field_is_escaped(env, tmp_path):
     write_task(env["tasks"], "t", HOSTILE)  # the task description too
-    fp = lb._load_spec("t", env["tasks"])[0].fingerprint
+    fp = model._load_spec("t", env["tasks"])[0].fingerprint
     sub = submission_block(HOSTILE, version=HOSTILE, authors=[HOSTILE], affiliation=HOSTILE,
                            family="drift", description=HOSTILE, licence=HOSTILE,
                            paper=HOSTILE, code=HOSTILE, content_hash=HOSTILE,
@@ -281,7 +283,7 @@ def test_every_text_field_is_escaped(env, tmp_path):
     assert ESCAPED in pages["index.html"]  # the description
     task_page = pages["tasks/t.html"]
     assert task_page.count(ESCAPED) >= 5  # name, env names, plots, legend, device
-    sub_page = pages[f"submissions/t/{lb.slug(HOSTILE)}.html"]
+    sub_page = pages[f"submissions/t/{results.slug(HOSTILE)}.html"]
     # name, version, authors, affiliation, description, licence, paper, code, hashes,
     # disclosure task/envs/notes, note, env names, reason, check detail, command, device
     assert sub_page.count(ESCAPED) >= 18
@@ -344,7 +346,7 @@ def _hostile_copy(rec, markers: dict, keep=STRUCTURAL):
 
 
 def test_every_string_of_a_record_is_escaped_everywhere(env):
-    fp = lb._load_spec("t", env["tasks"])[0].fingerprint
+    fp = model._load_spec("t", env["tasks"])[0].fingerprint
     markers: dict[str, str] = {}
     ranked = _hostile_copy(_full_record(fp), markers)
     write_record(env["results"], "full", ranked)
@@ -378,6 +380,20 @@ def test_every_string_of_a_record_is_escaped_everywhere(env):
     for c in cells:
         if c[:1] in ("=", "+", "-", "@"):
             float(c)  # only numbers may start so; text is quoted with a leading '
+
+
+def test_templates_put_values_only_in_text_and_quoted_attributes():
+    """Autoescaping makes a quoted attribute value safe, not an unquoted one (a space in the
+    value would start a new attribute), and ``|safe`` would switch it off: no template does
+    either, so the escaping tests above cover every value a template shows."""
+    folder = Path(pages.__file__).parent / "templates"
+    names = sorted(p.name for p in folder.glob("*.html"))
+    assert {"base.html", "index.html", "task.html", "submission.html"} <= set(names)
+    for name in names:
+        text = re.sub(r"\{%.*?%\}|\{#.*?#\}", "", (folder / name).read_text(), flags=re.S)
+        assert "|safe" not in text.replace(" ", ""), name
+        for tag in re.findall(r"<[A-Za-z][^<>]*>", text):
+            assert "{{" not in re.sub(r'"[^"]*"', "", tag), (name, tag)
 
 
 def test_only_http_links_become_hrefs(env):
@@ -454,7 +470,7 @@ def test_downloads_csv_and_raw_json(env):
                    split="train", submission=submission_block("=cmd|calc"))
     site = env["build"]()
     data = sorted((site / "data" / "t").iterdir())
-    slug = lb.slug("=cmd|calc")
+    slug = results.slug("=cmd|calc")
     assert [p.name for p in data] == [f"{slug}.csv", f"{slug}.json", f"{slug}.train.json"]
     assert (site / "data" / "t" / f"{slug}.json").read_bytes() == path.read_bytes()
     rows = list(csv.DictReader(io.StringIO((site / "data" / "t" / f"{slug}.csv").read_text())))
@@ -500,7 +516,7 @@ def test_index_lists_every_task(env):
 def test_learning_curve_iqm_skips_null_points():
     rec = make_record("t", "x", "r", np.full((4, 2), 0.5), curve_points=5)
     rec["runs"][1]["curve"]["returns"][3] = None
-    steps, mat = lb.curve_matrix(rec, ENVS[0][0])
+    steps, mat = model.curve_matrix(rec, ENVS[0][0])
     assert steps.tolist() == rec["runs"][0]["curve"]["steps"]
     iqm = scoring.nan_iqm(mat)
     assert np.isnan(iqm[0])  # every run's first bucket is null
@@ -513,12 +529,12 @@ def test_learning_curve_iqm_skips_null_points():
 def test_lone_points_get_a_dot_and_markers_dot_every_point():
     """A one-point polyline draws nothing; such a point (here between two nulls) is drawn as
     a dot, and ``markers`` dots every point of a series."""
-    lone = lb.Series("a", "#111", np.arange(3.0), np.array([np.nan, 1.0, np.nan]))
-    line = lb.Series("b", "#222", np.arange(3.0), np.array([0.0, 1.0, 2.0]))
-    page = lb.svg_lines("t", [lone, line], "x", "y")
+    lone = svg.Series("a", "#111", np.arange(3.0), np.array([np.nan, 1.0, np.nan]))
+    line = svg.Series("b", "#222", np.arange(3.0), np.array([0.0, 1.0, 2.0]))
+    page = svg.svg_lines("t", [lone, line], "x", "y")
     assert page.count("<circle") == 1 and 'fill="#111"' in page
     line.markers = True
-    page = lb.svg_lines("t", [lone, line], "x", "y")
+    page = svg.svg_lines("t", [lone, line], "x", "y")
     assert page.count("<circle") == 4 and page.count('fill="#222"') == 3
 
 
@@ -542,7 +558,7 @@ def test_build_20_submissions_x_3_tasks_under_15s(tmp_path):
     # 15 s (40% of the records, half the time: room for fixed costs) guards the same rate.
     results, tasks = make_bench_set(tmp_path, n_subs=20, n_tasks=3, seeds=16, train_every=2)
     start = time.perf_counter()
-    index = lb.build(results, tmp_path / "site", tasks)  # default 2000 bootstrap reps
+    index = build_site(results, tmp_path / "site", tasks)  # default 2000 bootstrap reps
     elapsed = time.perf_counter() - start
     print(f"built 20 submissions x 3 tasks in {elapsed:.2f}s")
     site = index.parent
@@ -558,11 +574,11 @@ def test_the_site_scores_failed_runs_at_the_floor_below_every_completed_run(env)
     # little below (-0.4). The failure must not outrank either completed run.
     scores = np.array([[0.8, 0.5], [-2.5, 0.6], [-0.4, 0.7]])
     _, rec = add(env, "mixed", scores, failed=[(0, 0)])
-    envs, mat = lb.score_matrix(rec)
+    envs, mat = model.score_matrix(rec)
     assert envs == [e[0] for e in ENVS]
     np.testing.assert_allclose(mat[:, 0], [-1.0, -1.0, -0.4])
     np.testing.assert_allclose(mat[:, 1], [0.5, 0.6, 0.7])
-    mean_score, _ = lb._env_means(rec, ENVS[0][0])
+    mean_score, _ = model._env_means(rec, ENVS[0][0])
     assert mean_score == pytest.approx((-1.0 - 1.0 - 0.4) / 3)
     assert rec["aggregates"]["mean"]["point"] == pytest.approx(mat.mean())
     # The probability of improvement over the baseline uses the floored cells too: against
@@ -570,6 +586,28 @@ def test_the_site_scores_failed_runs_at_the_floor_below_every_completed_run(env)
     # (1/3 + 1) / 2. Dropping seed 0 would give (1/2 + 1) / 2; imputing 0, (2/3 + 1) / 2.
     add(env, "ppo_clip", np.full((3, 2), -0.7), submission=submission_block("ppo_clip",
                                                                             baseline=True))
-    view = lb.analyse_task("t", env["results"], env["tasks"], reps=20, seed=0)
+    view = model.analyse_task("t", env["results"], env["tasks"], reps=20, seed=0)
     (mixed,) = [e for e in view.ranked if e.name == "mixed"]
     assert mixed.poi[0] == pytest.approx((1 / 3 + 1) / 2)
+
+
+def test_building_the_site_from_the_committed_records_loads_no_jax(tmp_path):
+    """The site reads records and task files only: a fresh interpreter running the CLI's
+    build over every committed record never imports JAX, the envs or the families."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys\n"
+        "from metabench import cli\n"
+        f"assert cli.main(['leaderboard', 'build', '--results', {str(root / 'leaderboard' / 'results')!r}, "
+        f"'--out', {str(tmp_path / 'site')!r}]) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', "
+        "'optax', 'gymnax', 'brax') or m.startswith(('metabench.envs', 'metabench.families', "
+        "'metabench.harness')))\n"
+        "assert not heavy, heavy[:10]\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "site" / "tasks" / "classic-transfer-v1-quick.html").is_file()

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import envs, harness, leaderboard, results
+from metabench import envs, harness, results
+from metabench.site.build import build
 from metabench.tasks import spec
 from metabench.families import metagrad as mg
 from metabench.rl import truncated_gae
@@ -293,7 +294,7 @@ def test_traces_are_recorded_and_plotted(metagrad_records, tmp_path):
     for name, rec in recs.items():
         results.write(out / f"{name}.json", rec)
     site = tmp_path / "site"
-    leaderboard.build(tmp_path / "results", site, tasks_dir=None)
+    build(tmp_path / "results", site, tasks_dir=None)
     pages = sorted((site / "submissions").rglob("*metagrad_gamma*.html"))
     assert pages, sorted(p.name for p in site.rglob("*.html"))
     html = pages[0].read_text()

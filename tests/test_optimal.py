@@ -245,11 +245,11 @@ def test_harness_normalises_each_seed_by_its_levels_optimum(tmp_path):
     rec = harness.assemble(harness.rule_block(harness.reference_rule("ppo_clip")), t, "test",
                            [part])
     # the leaderboard's reader of records works with per-run references
-    from metabench import leaderboard
+    from metabench.site import model
 
-    envs_, mat = leaderboard.score_matrix(rec)
+    envs_, mat = model.score_matrix(rec)
     assert mat[:, 0] == pytest.approx([r["score"] for r in part["runs"]])
-    rnd, ref = leaderboard._normaliser(rec, envs_[0])
+    rnd, ref = model._normaliser(rec, envs_[0])
     assert list(ref) == run.references and list(rnd) == run.randoms
     # shards merge into one summary over all runs
     a = {"env": dict(e), "runs": part["runs"][:1]}

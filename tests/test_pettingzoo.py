@@ -86,13 +86,13 @@ def test_records_carry_team_and_per_agent_returns():
 
 
 def test_leaderboard_tables_show_team_and_agent_returns_only_for_multi_agent_records():
-    from metabench import leaderboard
+    from metabench.site.pages import env_table, runs_table, table_html
 
     rec = {"envs": [{"name": "spread", "team_return": -45.5}],
            "runs": [{"env": "spread", "seed": 0, "status": "ok", "final_return": -15.2,
                      "team_return": -45.5, "agent_returns": {"<b>a</b>": -15.0, "b": -15.5}}]}
-    env_html, runs_html = leaderboard._env_table(rec), leaderboard._runs_table(rec)
+    env_html, runs_html = table_html(env_table(rec)), table_html(runs_table(rec))
     assert "mean team return" in env_html and "-45.50" in env_html
     assert "team return" in runs_html and "&lt;b&gt;a&lt;/b&gt; -15.00, b -15.50" in runs_html
     single = {"envs": [{"name": "x"}], "runs": [{"env": "x", "seed": 0, "status": "ok"}]}
-    assert "team return" not in leaderboard._env_table(single) + leaderboard._runs_table(single)
+    assert "team return" not in table_html(env_table(single)) + table_html(runs_table(single))

@@ -407,10 +407,10 @@ def test_failures_while_scoring_become_failed_records(case, tmp_path, task_path)
 
 
 def test_submitted_folder_becomes_a_ranked_row_on_the_site(scored, task_path, tmp_path):
-    from metabench import leaderboard
+    from metabench.site.build import build
 
     results_dir, _, _ = scored
-    index = leaderboard.build(results_dir, tmp_path / "site", tasks_dir=task_path.parent)
+    index = build(results_dir, tmp_path / "site", tasks_dir=task_path.parent)
     page = (index.parent / "tasks" / "one.html").read_text()
     table = page[page.index('id="rank-table"'):]
     assert 'data-submission="kl-drift"' in table

@@ -387,7 +387,7 @@ _SERIES = (("env only", "env_only_steps_per_s", "#7f7f7f"),
 def plot_html(rows: Sequence[dict]) -> str:
     """A self-contained HTML page: per (algo, env), env steps per second of the env alone,
     the minimal implementation and the harness against the number of seeds (log-log)."""
-    from metabench.leaderboard import Series, esc, svg_lines
+    from metabench.site.svg import Series, esc, svg_lines
 
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
