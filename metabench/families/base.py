@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +215,47 @@ def finite_tree(tree: Any) -> bool:
     return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree))
 
 
+
+
+def check_rule(family: str, name: str, rule: UpdateRule, meta_params: PyTree,
+               inputs: Sequence[Any], shape: Callable[[list], tuple[bool, str]],
+               more: Callable[[Callable, list, bool], list[Check]] = lambda fn, outs, ok: [],
+               finite: str = "outputs on random inputs are finite") -> CheckReport:
+    """The conformance checks every family runs, with its own added: ``rule.apply``, jitted
+    once, runs on each of ``inputs`` (two batches of the same shapes), ``shape(outs)`` says
+    whether its outputs have the family's shapes, the outputs are finite, and the second call
+    did not retrace. ``more(fn, outs, shape_ok)`` returns the family's own checks (gradients,
+    mirror validity, ...); it may call the jitted ``fn`` again, on inputs of the same shapes.
+    A submitted rule may fail in any way: an exception in ``apply``, ``shape`` or ``more``
+    becomes one failed ``runs`` check, never a crash of the checker."""
+    wrapped, traces = count_traces(rule.apply)
+    fn = jax.jit(wrapped)
+    try:
+        outs = [jax.block_until_ready(fn(meta_params, x)) for x in inputs]
+        shape_ok, shape_detail = shape(outs)
+        extra = more(fn, outs, shape_ok)
+    except Exception as e:  # noqa: BLE001 (any failure of submitted code is a result)
+        return CheckReport(name, family, (Check("runs", False, f"{type(e).__name__}: {e}"),))
+    return CheckReport(name, family, (
+        Check("output_shape", shape_ok, shape_detail),
+        Check("finite", all(finite_tree(o) for o in outs), finite),
+        *extra,
+        Check("no_recompilation", traces[0] == 1,
+              f"traced {traces[0]} time(s) for two calls of the same shapes")))
+
+
+def check_config(config: Any, positive: Sequence[str] = (),
+                 choices: Mapping[str, Sequence[str]] | None = None) -> None:
+    """The checks every family's Config makes in ``__post_init__``: its ``hidden`` sizes
+    become a tuple of ints, the ``positive`` settings are > 0, each of ``choices`` names one
+    of its options. Raises ValueError naming the setting, so a task file's mistake reads as
+    the setting's name (the spec reader adds the file and key)."""
+    if hasattr(config, "hidden"):
+        object.__setattr__(config, "hidden", tuple(int(h) for h in config.hidden))
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)!r}")
+    for name, options in (choices or {}).items():
+        if getattr(config, name) not in options:
+            raise ValueError(f"{name} must be {', '.join(map(repr, options[:-1]))} or "
+                             f"{options[-1]!r}, got {getattr(config, name)!r}")

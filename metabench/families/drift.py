@@ -21,9 +21,8 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer,
-                                     actor_critic_rollout, count_traces, env_info, finite_tree,
-                                     register_family)
+from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
+                                     check_config, check_rule, env_info, register_family)
 from metabench.params_io import shipped_params
 from metabench.rl import (RunningStats, normalise, normalise_obs, running_stats_init,
                           running_stats_update, truncated_gae)
@@ -83,18 +82,10 @@ class Config:
     at exactly 1; the rollout's observations enter the statistics after the update."""
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        positive = ("num_envs", "rollout_len", "epochs", "minibatches", "lr")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        check_config(self, ("num_envs", "rollout_len", "epochs", "minibatches", "lr"), {"network": ("mlp", "cnn"), "activation": ("tanh", "relu")})
         if (self.num_envs * self.rollout_len) % self.minibatches:
             raise ValueError(f"minibatches ({self.minibatches}) must divide num_envs * "
                              f"rollout_len ({self.num_envs * self.rollout_len})")
-        if self.network not in ("mlp", "cnn"):
-            raise ValueError(f"network must be 'mlp' or 'cnn', got {self.network!r}")
-        if self.activation not in ("tanh", "relu"):
-            raise ValueError(f"activation must be 'tanh' or 'relu', got {self.activation!r}")
         if not isinstance(self.normalize_obs, bool):
             raise ValueError(f"normalize_obs must be true or false, got {self.normalize_obs!r}")
 
@@ -381,34 +372,26 @@ def mirror_check(rule: UpdateRule, meta_params, tol: float = 1e-4) -> tuple[Chec
 def check(rule: UpdateRule, meta_params, name: str = "rule", batch: int = 64) -> CheckReport:
     """Finite outputs of the right shape and no recompilation on a second call (required), and
     mirror validity (reported as ``mirror_valid``)."""
-    checks = []
-    wrapped, traces = count_traces(rule.apply)
-    fn = jax.jit(wrapped)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
-    outs = []
-    try:
-        for k1, k2 in ((keys[0], keys[1]), (keys[2], keys[3])):
-            log_r = 0.3 * jax.random.normal(k1, (batch,))
-            x = Inputs(jnp.exp(log_r), log_r, jax.random.normal(k2, (batch,)))
-            outs.append(jax.block_until_ready(fn(meta_params, x)))
-    except Exception as e:  # a submitted rule may fail in any way; report it, don't crash
-        checks.append(Check("runs", False, f"{type(e).__name__}: {e}"))
-        return CheckReport(name, "drift", tuple(checks))
-    shape_ok = all(np.shape(o) == (batch,) for o in outs)
-    checks.append(Check("output_shape", shape_ok,
-                        f"expected ({batch},), got {np.shape(outs[0])}"))
-    checks.append(Check("finite", all(finite_tree(o) for o in outs),
-                        "outputs on random inputs are finite"))
-    checks.append(Check("no_recompilation", traces[0] == 1,
-                        f"traced {traces[0]} time(s) for two calls of the same shapes"))
-    if shape_ok:
-        mirror = mirror_check(rule, meta_params)
-        checks.extend(mirror)
-        valid = all(c.passed for c in mirror)
-        checks.append(Check("mirror_valid", valid,
-                            "a valid mirror drift" if valid else "not a valid mirror drift "
-                            "(reported, not required)", required=False))
-    return CheckReport(name, "drift", tuple(checks))
+    inputs = []
+    for k1, k2 in ((keys[0], keys[1]), (keys[2], keys[3])):
+        log_r = 0.3 * jax.random.normal(k1, (batch,))
+        inputs.append(Inputs(jnp.exp(log_r), log_r, jax.random.normal(k2, (batch,))))
+
+    def shape(outs):
+        return (all(np.shape(o) == (batch,) for o in outs),
+                f"expected ({batch},), got {np.shape(outs[0])}")
+
+    def mirror(fn, outs, shape_ok):
+        if not shape_ok:
+            return []
+        checks = mirror_check(rule, meta_params)
+        valid = all(c.passed for c in checks)
+        return [*checks, Check("mirror_valid", valid, "a valid mirror drift" if valid else
+                               "not a valid mirror drift (reported, not required)",
+                               required=False)]
+
+    return check_rule("drift", name, rule, meta_params, inputs, shape, mirror)
 
 
 FAMILY = register_family(Family(

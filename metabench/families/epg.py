@@ -56,13 +56,9 @@ tasks). Its memory unit here is a learned vector (state-independent). The value 
 agent's own and gets a gradient only through what the loss does with ``V`` (the paper trains a
 separate value network by its PPO term). Networks are CPU-sized.
 
-Reference rules in the slot:
-
-- ``reinforce``: REINFORCE with a learned baseline on the newest rollout, the family's baseline
-  and EPG's policy-gradient guide.
-- ``epg``: EPG's loss network (temporal convolutions along the buffer, a context vector pooled
-  over its valid steps, a per-step MLP) alone; parameters from ``metabench discover epg``.
-- ``null_epg``: a control whose loss is identically zero: no parameter ever moves.
+The reference rules in the slot (``REFERENCE_RULES``): ``reinforce`` (the baseline and the
+guide), ``epg`` (the loss network alone, from ``metabench discover epg``), ``null_epg`` (the
+control, a loss identically zero).
 """
 
 from __future__ import annotations
@@ -78,8 +74,8 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer,
-                                     actor_critic_rollout, count_traces, env_info, finite_tree,
+from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
+                                     check_config, check_rule, env_info, finite_tree,
                                      register_family)
 from metabench.params_io import shipped_params
 from metabench.rules import RuleInfo, UpdateRule, no_params
@@ -179,10 +175,8 @@ class Config:
     """``tanh`` or ``relu`` for the MLP."""
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        for name in ("num_envs", "rollout_len", "buffer_len", "epochs", "minibatches", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        check_config(self, ("num_envs", "rollout_len", "buffer_len", "epochs", "minibatches",
+                            "lr"), {"network": ("mlp", "cnn"), "activation": ("tanh", "relu")})
         if self.buffer_len < self.rollout_len:
             raise ValueError(f"buffer_len ({self.buffer_len}) must be at least rollout_len "
                              f"({self.rollout_len}): the buffer holds the newest rollout")
@@ -191,10 +185,6 @@ class Config:
                              f"({self.num_envs}): minibatches are whole envs' time series")
         if self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be non-negative, got {self.max_grad_norm!r}")
-        if self.network not in ("mlp", "cnn"):
-            raise ValueError(f"network must be 'mlp' or 'cnn', got {self.network!r}")
-        if self.activation not in ("tanh", "relu"):
-            raise ValueError(f"activation must be 'tanh' or 'relu', got {self.activation!r}")
         if not self.hidden:
             raise ValueError("hidden must name at least one layer size")
 
@@ -254,12 +244,6 @@ NUM_FEATURES = 7 + MEMORY_DIM
 """Channels per buffered step the loss network reads (see :func:`epg_features`)."""
 
 
-def _empty_history(x: Inputs) -> History:
-    b = jnp.shape(x.reward)[0]
-    z = jnp.zeros((b, 0), jnp.float32)
-    return History(z, z, z, z, z, z, z)
-
-
 def epg_features(x: Inputs) -> tuple[jax.Array, jax.Array]:
     """The loss network's inputs over the whole buffer, oldest step first: ``([B, N,
     NUM_FEATURES] features, [B, N] valid)``. Per step ``asinh`` of the reward, the log-prob,
@@ -267,7 +251,8 @@ def epg_features(x: Inputs) -> tuple[jax.Array, jax.Array]:
     CartPole's returns of hundreds and MinAtar's of tens on a similar scale), ``done``, the
     ``valid`` flag and the memory unit's output; zero on the padding of a buffer not yet
     full."""
-    h = _empty_history(x) if x.history is None else x.history
+    h = x.history if x.history is not None else History(
+        *[jnp.zeros((jnp.shape(x.reward)[0], 0), jnp.float32)] * len(History._fields))
 
     def scalars(reward, done, log_prob, entropy, value, bootstrap, valid):
         return jnp.stack([jnp.arcsinh(reward), done, jnp.arcsinh(log_prob),
@@ -575,39 +560,31 @@ def check(rule: UpdateRule, meta_params, name: str = "rule") -> CheckReport:
     whether the loss has a gradient w.r.t. log pi at all (reported, ``gradients_flow``:
     without it the policy learns only through the entropy, or not at all)."""
     b, t = 4, 16
-    wrapped, traces = count_traces(rule.apply)
-    fn = jax.jit(wrapped)
+    xs = [random_inputs(jax.random.PRNGKey(s), b, t) for s in (0, 1)]
 
     def mean_loss(diff, x):
         hist = x.history._replace(**diff["history"])
         return jnp.mean(rule.apply(meta_params, x._replace(history=hist, **diff["new"])))
 
-    grad = jax.jit(jax.grad(mean_loss))
-    try:
-        xs = [random_inputs(jax.random.PRNGKey(s), b, t) for s in (0, 1)]
-        outs = [jax.block_until_ready(fn(meta_params, x)) for x in xs]
+    def shape(outs):
+        return (all(np.shape(o) == (b, t) for o in outs),
+                f"expected a per-step loss of shape ({b}, {t}), got {np.shape(outs[0])}")
+
+    def gradients(fn, outs, shape_ok):
         diff = {"new": {k: getattr(xs[0], k) for k in _DIFFERENTIABLE},
                 "history": {k: getattr(xs[0].history, k) for k in _DIFFERENTIABLE[:3]}}
-        grads = grad(diff, xs[0])
-    except Exception as e:  # a submitted rule may fail in any way; report it, don't crash
-        return CheckReport(name, "epg", (Check("runs", False, f"{type(e).__name__}: {e}"),))
-    checks = []
-    shape_ok = all(np.shape(o) == (b, t) for o in outs)
-    checks.append(Check("output_shape", shape_ok,
-                        f"expected a per-step loss of shape ({b}, {t}), got {np.shape(outs[0])}"))
-    checks.append(Check("finite", all(finite_tree(o) for o in outs),
-                        "losses on random inputs are finite"))
-    checks.append(Check("finite_gradients", finite_tree(grads),
-                        "gradients of the mean loss w.r.t. log_prob, entropy, value and memory "
-                        "(newest steps and history) are finite"))
-    checks.append(Check("no_recompilation", traces[0] == 1,
-                        f"traced {traces[0]} time(s) for two calls of the same shapes"))
-    g = np.asarray(grads["new"]["log_prob"])
-    flows = bool(np.all(np.isfinite(g)) and np.any(g != 0))
-    checks.append(Check("gradients_flow", flows,
-                        f"max |d loss / d log_prob| {float(np.max(np.abs(g))):.3g}"
-                        + ("" if flows else " (reported, not required)"), required=False))
-    return CheckReport(name, "epg", tuple(checks))
+        grads = jax.jit(jax.grad(mean_loss))(diff, xs[0])
+        g = np.asarray(grads["new"]["log_prob"])
+        flows = bool(np.all(np.isfinite(g)) and np.any(g != 0))
+        return [Check("finite_gradients", finite_tree(grads),
+                      "gradients of the mean loss w.r.t. log_prob, entropy, value and memory "
+                      "(newest steps and history) are finite"),
+                Check("gradients_flow", flows,
+                      f"max |d loss / d log_prob| {float(np.max(np.abs(g))):.3g}"
+                      + ("" if flows else " (reported, not required)"), required=False)]
+
+    return check_rule("epg", name, rule, meta_params, xs, shape, gradients,
+                      finite="losses on random inputs are finite")
 
 
 FAMILY = register_family(Family(

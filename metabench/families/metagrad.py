@@ -32,8 +32,9 @@ import numpy as np
 import optax
 
 from metabench import nets
-from metabench.families.base import (Check, CheckReport, Family, Trainer,
-                                     actor_critic_rollout, count_traces, env_info, finite_tree, register_family)
+from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
+                                     check_config, check_rule, env_info, finite_tree,
+                                     register_family)
 from metabench.rl import truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
 from metabench.types import Metrics
@@ -99,17 +100,10 @@ class Config:
     """``tanh`` or ``relu`` for the MLP."""
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        for name in ("num_envs", "rollout_len", "lr", "meta_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        check_config(self, ("num_envs", "rollout_len", "lr", "meta_lr"), {"network": ("mlp", "cnn"), "activation": ("tanh", "relu")})
         for name in ("gamma_bar", "lambda_bar"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.network not in ("mlp", "cnn"):
-            raise ValueError(f"network must be 'mlp' or 'cnn', got {self.network!r}")
-        if self.activation not in ("tanh", "relu"):
-            raise ValueError(f"activation must be 'tanh' or 'relu', got {self.activation!r}")
 
 
 # --- reference rules: lambda-returns with squashed, optionally adapted, gamma and lambda ---
@@ -389,39 +383,32 @@ def check(rule: UpdateRule, meta_params, name: str = "rule") -> CheckReport:
     """Required: runs, ``g`` of shape ``[T, B]``, finite, no recompilation, named scalars to
     record, finite meta-gradients of a scalar of ``g``. Reported: whether any meta-parameter
     is adapted at all (a non-zero meta-gradient)."""
-    checks = []
-    wrapped, traces = count_traces(rule.apply)
-    fn = jax.jit(wrapped)
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
-    try:
-        outs = [jax.block_until_ready(fn(meta_params, random_inputs(k))) for k in keys]
+
+    def shape(outs):
         if not all(isinstance(o, Outputs) for o in outs):
             raise TypeError(f"apply must return metagrad.Outputs(g, eta), got "
                             f"{type(outs[0]).__name__}")
+        return (all(np.shape(o.g) == (16, 8) for o in outs),
+                f"g: expected (16, 8), got {np.shape(outs[0].g)}")
+
+    def adapts(fn, outs, shape_ok):
         grads = jax.grad(lambda mp: jnp.sum(rule.apply(mp, random_inputs(keys[0])).g))(
             meta_params)
-    except Exception as e:  # a submitted rule may fail in any way; report it, don't crash
-        return CheckReport(name, "metagrad", (Check("runs", False,
-                                                    f"{type(e).__name__}: {e}"),))
-    shape_ok = all(np.shape(o.g) == (16, 8) for o in outs)
-    checks.append(Check("output_shape", shape_ok, f"g: expected (16, 8), got "
-                                                  f"{np.shape(outs[0].g)}"))
-    checks.append(Check("finite", all(finite_tree(o) for o in outs),
-                        "g and eta on random inputs are finite"))
-    named_ok = isinstance(outs[0].eta, dict) and all(
-        np.shape(v) == () for v in outs[0].eta.values())
-    checks.append(Check("named_scalars", named_ok,
-                        f"eta is a dict of scalars: {sorted(outs[0].eta) if named_ok else '?'}"))
-    checks.append(Check("no_recompilation", traces[0] == 1,
-                        f"traced {traces[0]} time(s) for two calls of the same shapes"))
-    checks.append(Check("finite_meta_gradient", finite_tree(grads),
-                        "d sum(g) / d meta_params is finite"))
-    norm = float(sum(np.sum(np.square(np.asarray(g)))
-                     for g in jax.tree_util.tree_leaves(grads)) ** 0.5)
-    checks.append(Check("adapts", norm > 0, f"|d sum(g) / d meta_params| = {norm:.3g}"
-                        + ("" if norm > 0 else ": nothing is adapted (a fixed return)"),
-                        required=False))
-    return CheckReport(name, "metagrad", tuple(checks))
+        named_ok = isinstance(outs[0].eta, dict) and all(
+            np.shape(v) == () for v in outs[0].eta.values())
+        norm = float(sum(np.sum(np.square(np.asarray(g)))
+                         for g in jax.tree_util.tree_leaves(grads)) ** 0.5)
+        return [Check("named_scalars", named_ok, f"eta is a dict of scalars: "
+                      f"{sorted(outs[0].eta) if named_ok else '?'}"),
+                Check("finite_meta_gradient", finite_tree(grads),
+                      "d sum(g) / d meta_params is finite"),
+                Check("adapts", norm > 0, f"|d sum(g) / d meta_params| = {norm:.3g}"
+                      + ("" if norm > 0 else ": nothing is adapted (a fixed return)"),
+                      required=False)]
+
+    return check_rule("metagrad", name, rule, meta_params, [random_inputs(k) for k in keys],
+                      shape, adapts, finite="g and eta on random inputs are finite")
 
 
 FAMILY = register_family(Family(
