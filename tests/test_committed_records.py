@@ -18,7 +18,7 @@ import pytest
 import scipy.stats
 
 from metabench import leaderboard as lb
-from metabench import results, spec, submission
+from metabench import results, spec, submissions
 from metabench.rules import params_hash
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +48,8 @@ def _task(task_id: str):
 @functools.lru_cache(maxsize=None)
 def _baseline(name: str):
     """(content_hash, params_hash) of the shipped baseline submission ``name``."""
-    sub = submission.load(BASELINES / name)
-    return sub.content_hash, params_hash(submission.build_rule(sub).meta_params), sub
+    sub = submissions.load(BASELINES / name)
+    return sub.content_hash, params_hash(submissions.build_rule(sub).meta_params), sub
 
 
 @pytest.mark.parametrize("task_id", TASK_IDS)

@@ -22,7 +22,7 @@ LAYERS = [
     {"metabench.families", "metabench.graphs"},           # agents and the rules they run
     {"metabench.spec", "metabench.calibrate"},            # tasks
     {"metabench.harness"},                                # training and records
-    {"metabench.submission", "metabench._child", "metabench.discover"},
+    {"metabench.submissions", "metabench.discover"},
     {"metabench.leaderboard"},                            # the site
     {"metabench.bench"},                                  # the speed bench and its twins
     {"metabench.cli"},
