@@ -271,11 +271,11 @@ def _int_or_none(x):
 
 
 def cmd_check(args) -> int:
-    from metabench import submission
+    from metabench import submissions
 
     failed = 0
     for folder in args.dirs:
-        res = submission.check(folder, timeout=args.timeout)
+        res = submissions.check(folder, timeout=args.timeout)
         print(res.message)
         failed += not res.ok
     return 1 if failed else 0
@@ -288,11 +288,11 @@ def _submission_order(dirs: list[str], task) -> list[str]:
 
 
 def cmd_submit(args) -> int:
-    from metabench import submission
+    from metabench import submissions
     from metabench.tasks import spec
 
     task = spec.load(args.task)
-    shard = submission.parse_shard(args.shard)
+    shard = submissions.parse_shard(args.shard)
     command = "metabench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     folders = []
     for folder in _submission_order(args.dirs, task):
@@ -300,8 +300,8 @@ def cmd_submit(args) -> int:
             # A glob over submissions/ spans families; the task's own are scored, the rest
             # are named and skipped rather than failing the batch.
             try:
-                family = submission.load(folder).family
-            except submission.SubmissionError:
+                family = submissions.load(folder).family
+            except submissions.SubmissionError:
                 family = None
             if family is not None and family not in task.families():
                 print(f"{folder}: skipped, task {task.id} has no {family} agent "
@@ -323,23 +323,23 @@ def cmd_submit(args) -> int:
 
 def _submit_each(folders, args, task, shard, command):
     """Results one by one as they are scored (all at the end with --batch)."""
-    from metabench import submission
+    from metabench import submissions
 
     kw = dict(results_dir=Path(args.results), force=args.force, shard=shard, seeds=args.seeds,
               timeout=args.timeout, command=command, backend=args.backend,
               address=args.address)
     if args.batch:
-        yield from submission.submit_many(folders, args.task, args.split, batch=True, **kw)
+        yield from submissions.submit_many(folders, args.task, args.split, batch=True, **kw)
     else:
         for folder in folders:
-            yield submission.submit(folder, args.task, args.split, **kw)
+            yield submissions.submit(folder, args.task, args.split, **kw)
 
 
 def cmd_merge(args) -> int:
-    from metabench import submission
+    from metabench import submissions
 
-    res = submission.merge(args.shards, results_dir=Path(args.results),
-                           out=Path(args.out) if args.out else None, task=args.task)
+    res = submissions.merge(args.shards, results_dir=Path(args.results),
+                            out=Path(args.out) if args.out else None, task=args.task)
     if res.record is not None:
         _print_record(res.record)
     print(res.message)

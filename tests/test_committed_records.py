@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from metabench import results, submission
+from metabench import results, submissions
 from metabench.tasks import spec
 from metabench.rules import params_hash
 from metabench.site.model import analyse_task
@@ -49,8 +49,8 @@ def _task(task_id: str):
 @functools.lru_cache(maxsize=None)
 def _baseline(name: str):
     """(content_hash, params_hash) of the shipped baseline submission ``name``."""
-    sub = submission.load(BASELINES / name)
-    return sub.content_hash, params_hash(submission.build_rule(sub).meta_params), sub
+    sub = submissions.load(BASELINES / name)
+    return sub.content_hash, params_hash(submissions.build_rule(sub).meta_params), sub
 
 
 @pytest.mark.parametrize("task_id", TASK_IDS)

@@ -81,11 +81,11 @@ def test_controls_pass_the_required_checks(family):
 def test_the_control_baselines_are_submissions_marked_as_controls():
     from pathlib import Path
 
-    from metabench import submission
+    from metabench import submissions
 
     root = Path(__file__).resolve().parents[1] / "submissions" / "baselines"
     for name in families():
-        sub = submission.load(root / f"null_{name}")
+        sub = submissions.load(root / f"null_{name}")
         assert sub.control and sub.metadata()["control"] is True
         assert sub.family == name
-    assert not submission.load(root / "ppo_clip").control
+    assert not submissions.load(root / "ppo_clip").control

@@ -14,7 +14,7 @@ import optax
 import pytest
 import jax.flatten_util  # noqa: F401
 
-from metabench import submission
+from metabench import submissions
 from metabench.cli import main
 from metabench.discover import lpg as dlpg
 
@@ -287,12 +287,12 @@ def test_a_run_killed_between_checkpoints_resumes_with_each_step_once(runs):
 
 def test_discovered_lpg_is_a_ready_submission(runs):
     folder = runs.dir / "full" / "submission"
-    sub = submission.load(folder)
+    sub = submissions.load(folder)
     assert sub.family == "lpg" and sub.factory == "lpg" and sub.kwargs == {"hidden": 8}
     assert sub.disclosure.task == "lpg-tiny" and sub.disclosure.env_steps > 0
     discovery = json.loads((folder / "discovery.json").read_text())
     assert discovery["provenance"]["command"].startswith("metabench discover lpg")
-    result = submission.check(folder)
+    result = submissions.check(folder)
     assert result.ok, result.message
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, nets, params_io, submission
+from metabench import harness, nets, params_io, submissions
 from metabench.tasks import spec
 from metabench.cli import main
 from metabench.families import epg
@@ -429,7 +429,7 @@ def test_discover_epg_writes_a_submission_the_checks_accept(tmp_path, capsys):
     assert summary["config"]["guidance_generations"] == 1
 
     folder = out / "submission"
-    sub = submission.load(folder)
+    sub = submissions.load(folder)
     assert sub.family == "epg" and sub.factory == "epg" and sub.params_file == "params.npz"
     assert sub.disclosure.task == "epg-tiny" and sub.disclosure.env_steps == 2 * 4 * 2 * 8192
     capsys.readouterr()

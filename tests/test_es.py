@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import harness, params_io, submission
+from metabench import harness, params_io, submissions
 from metabench.tasks import spec
 from metabench.cli import main
 from metabench.discover import es as es_mod
@@ -195,10 +195,10 @@ def test_discover_lpo_resumes_to_identical_results(lpo_runs):
 def test_discover_lpo_writes_a_submission_the_checks_accept(lpo_runs):
     tmp, *_ = lpo_runs
     folder = tmp / "full" / "submission"
-    sub = submission.load(folder)
+    sub = submissions.load(folder)
     assert sub.family == "drift" and sub.factory == "lpo" and sub.params_file == "params.npz"
     assert sub.disclosure.task == "lpo-tiny" and sub.disclosure.env_steps == 2 * 4 * 2 * 8192
-    result = submission.check(folder)
+    result = submissions.check(folder)
     assert result.ok, result.message
     # The parameters moved away from the PPO-clip initialisation.
     init = drift.lpo().init(jax.random.PRNGKey(0))

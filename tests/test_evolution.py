@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import graphs, harness, submission
+from metabench import graphs, harness, submissions
 from metabench.tasks import spec
 from metabench.cli import main
 from metabench.discover import evolution
@@ -211,7 +211,7 @@ def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
     assert summary["env_steps"] % (2 * 4000) == 0 and summary["env_steps"] > 0
     assert sum(status.values()) == 12
     # The best loss is a ready submission that the checks accept, with its disclosure.
-    sub = submission.load(out / "submission")
+    sub = submissions.load(out / "submission")
     assert sub.family == "td_loss" and sub.entry == "graph:loss.yaml"
     assert sub.disclosure.task == "cheap-td" and sub.disclosure.env_steps == summary["env_steps"]
     assert sub.disclosure.train_envs == ("gymnax/CartPole-v1",)
@@ -223,7 +223,7 @@ def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
     # These figures were measured on the final-window fitness (the flag reaches the config).
     assert discovery["config"]["fitness"] == "final_window"
     assert discovery["fitness"]["objective"] == summary["evaluation"]["fitness"] == "final_window"
-    assert submission.check(out / "submission").ok
+    assert submissions.check(out / "submission").ok
 
 
 # --- the fitness objective: all training episodes (the paper's) or the final window ---------
@@ -308,5 +308,5 @@ def test_evolve_records_its_fitness_objective(tmp_path, hand_training):
             assert s["config"]["fitness"] == s["fitness"]["objective"] == objective
             assert s["evaluation"]["fitness"] == objective
         assert summary["best"]["fitness"] == pytest.approx(best)
-        notes = submission.load(out / "submission").disclosure.notes
+        notes = submissions.load(out / "submission").disclosure.notes
         assert f"fitness {objective}: {summary['fitness']['definition']}" in notes

@@ -22,7 +22,7 @@ LAYERS = [
     {"metabench.families", "metabench.graphs"},           # agents and the rules they run
     {"metabench.tasks"},                                  # task specs: read, validate, calibrate
     {"metabench.harness"},                                # training and records
-    {"metabench.submission", "metabench._child", "metabench.discover"},
+    {"metabench.submissions", "metabench.discover"},
     {"metabench.site"},                                   # the site
     {"metabench.bench"},                                  # the speed bench and its twins
     {"metabench.cli"},

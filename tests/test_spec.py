@@ -159,10 +159,10 @@ def test_every_shipped_task_loads_and_is_calibrated():
 
 
 def test_spec_and_submission_errors_are_one_kind_and_the_lock_file_is_checked(tmp_path):
-    from metabench import submission, yamlfile
+    from metabench import submissions, yamlfile
 
     assert issubclass(SpecError, yamlfile.FieldError)
-    assert issubclass(submission.SubmissionError, yamlfile.FieldError)
+    assert issubclass(submissions.SubmissionError, yamlfile.FieldError)
     lock = tmp_path / spec.CALIBRATION_FILE
     lock.write_text("- not\n- a mapping\n")
     with pytest.raises(yamlfile.FieldError, match=r"calibration.*: <top level>: a mapping, got list"):

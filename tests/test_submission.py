@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from metabench import params_io, results, submission
+from metabench import params_io, results, submissions
 from metabench.tasks import spec
+from metabench.submissions import isolate, orchestrate
 from metabench.families import drift
 
 ONE_ENV_TASK = """
@@ -81,7 +82,7 @@ def scored(tmp_path_factory, task_path):
     """The KL drift, scored once: (results dir, submission folder, result)."""
     root = tmp_path_factory.mktemp("scored")
     folder = write_sub(root / "kl", yaml_for(), {"rule.py": KL_RULE})
-    res = submission.submit(folder, str(task_path), results_dir=root / "results", log=print)
+    res = submissions.submit(folder, str(task_path), results_dir=root / "results", log=print)
     assert res.ok, res.message
     return root / "results", folder, res
 
@@ -92,7 +93,7 @@ def test_external_rule_folder_becomes_a_record(scored, task_path):
     assert rec["status"] == "ok" and rec["verified"] is True
     assert rec["submission"]["name"] == "kl-drift" and rec["submission"]["authors"] == [
         "A. Researcher"]
-    assert rec["submission"]["content_hash"] == submission.load(folder).content_hash
+    assert rec["submission"]["content_hash"] == submissions.load(folder).content_hash
     assert rec["check"]["passed"] and rec["check"]["mirror_valid"] is True
     assert len(rec["runs"]) == 4 and all(r["status"] == "ok" for r in rec["runs"])
     task = spec.load(task_path)
@@ -102,15 +103,15 @@ def test_external_rule_folder_becomes_a_record(scored, task_path):
 
 def _checked(monkeypatch):
     """Replaces the child-process check with a pass: the checks are tested on their own."""
-    monkeypatch.setattr(submission, "check", lambda f: submission.CheckResult(
-        True, "", {"passed": True}, submission.load(f)))
+    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+        True, "", {"passed": True}, submissions.load(f)))
 
 
 def _dead_scoring(monkeypatch):
     """Scoring that 'dies' at once: the record is written (every run failed) without
     training, which is all the staleness tests need."""
-    dead = submission._Cell({}, None, None, None, "", 1.0)
-    monkeypatch.setattr(submission, "_score_alone", lambda p, command, backend, address, log:
+    dead = isolate._Cell({}, None, None, None, "", 1.0)
+    monkeypatch.setattr(orchestrate, "_score_alone", lambda p, command, backend, address, log:
                         [(set(range(len(p.per_env))), dead)])
 
 
@@ -119,7 +120,7 @@ def test_resubmitting_unchanged_content_is_a_no_op_unless_forced(scored, task_pa
     results_dir, folder, _ = scored
     _checked(monkeypatch)
     before = snapshot(results_dir)
-    again = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
+    again = submissions.submit(folder, str(task_path), results_dir=results_dir, log=print)
     assert again.ok and "unchanged" in again.message and "--force" in again.message
     assert snapshot(results_dir) == before
 
@@ -142,7 +143,7 @@ def test_retuning_a_family_moves_only_its_stale_record_aside(scored, tmp_path, m
     def submit_with(text):
         path = tmp_path / "one.yaml"
         path.write_text(text)
-        return submission.submit(folder, str(path), results_dir=copy, log=logged.append)
+        return submissions.submit(folder, str(path), results_dir=copy, log=logged.append)
 
     again = submit_with(ONE_ENV_TASK.replace("td_loss: {}", "td_loss: {lr: 1.0e-3}"))
     assert again.ok and "unchanged" in again.message, again.message
@@ -195,17 +196,17 @@ def test_shards_merge_to_the_unsharded_record(scored, tmp_path, task_path):
     shard_dir = tmp_path / "results"
     paths = []
     for i in (1, 2):
-        r = submission.submit(folder, str(task_path), results_dir=shard_dir, shard=(i, 2),
+        r = submissions.submit(folder, str(task_path), results_dir=shard_dir, shard=(i, 2),
                               log=print)
         assert r.ok and "shards" in str(r.path), r.message
         paths.append(r.path)
     assert sorted(len(results.read(p)["runs"]) for p in paths) == [2, 2]
-    merged = submission.merge(paths, results_dir=shard_dir, task=task_path)
+    merged = submissions.merge(paths, results_dir=shard_dir, task=task_path)
     assert merged.ok, merged.message
     full = res.record
     assert merged.record["runs"] == full["runs"]  # runs carry no timings: equal as they are
     assert merged.record["aggregates"] == full["aggregates"]
-    incomplete = submission.merge(paths[:1], results_dir=shard_dir, task=task_path)
+    incomplete = submissions.merge(paths[:1], results_dir=shard_dir, task=task_path)
     assert not incomplete.ok and "expected shards 1..2" in incomplete.message
 
 
@@ -220,7 +221,7 @@ def test_ray_backend_gives_the_in_process_record(scored, tmp_path, task_path, mo
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, _node_ip_address="127.0.0.1")
     try:
-        via_ray = submission.submit(folder, str(task_path), results_dir=tmp_path / "results",
+        via_ray = submissions.submit(folder, str(task_path), results_dir=tmp_path / "results",
                                     backend="ray", log=print)
     finally:
         ray.shutdown()
@@ -230,16 +231,16 @@ def test_ray_backend_gives_the_in_process_record(scored, tmp_path, task_path, mo
     assert [e["name"] for e in rec["envs"]] == [e["name"] for e in full["envs"]]
     assert rec["rule"] == full["rule"] and rec["status"] == "ok"
     with pytest.raises(ValueError, match="backend must be 'local' or 'ray'"):
-        submission.submit(folder, str(task_path), results_dir=tmp_path / "r2", backend="dask")
+        submissions.submit(folder, str(task_path), results_dir=tmp_path / "r2", backend="dask")
 
 
 def test_shard_cells_cover_everything_once():
-    cells = [submission.shard_seeds(3, 4, (i, 3)) for i in (1, 2, 3)]
+    cells = [submissions.shard_seeds(3, 4, (i, 3)) for i in (1, 2, 3)]
     for env in range(3):
         got = sorted(s for c in cells for s in c[env])
         assert got == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="I/N"):
-        submission.parse_shard("3/2")
+        submissions.parse_shard("3/2")
 
 
 BAD_RULES = {
@@ -280,19 +281,19 @@ def test_bad_rules_are_refused_with_a_clear_message_and_results_intact(case, sco
     before = snapshot(results_dir)
     if case == "never_returns":
         # 12 s covers importing and checking a rule; the one that never returns is killed.
-        check = submission.check(folder, timeout=12)
+        check = submissions.check(folder, timeout=12)
         assert not check.ok and expected in check.message, check.message
         return
     if case in SUBMITTED:
         # The whole path, child process included, for one rule the child reports as an
         # error and one whose conformance report fails.
-        res = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
+        res = submissions.submit(folder, str(task_path), results_dir=results_dir, log=print)
         assert not res.ok and expected in res.message, res.message
         assert snapshot(results_dir) == before
         return
     # The rest: what the check's child computes, in this process (one child each saved).
     out = tmp_path / "check.json"
-    assert submission._child_check(str(folder), str(out)) == 0
+    assert isolate._child_check(str(folder), str(out)) == 0
     got = json.loads(out.read_text())
     message = got.get("error") or got["text"]
     assert expected in message and (got.get("error") or not got["report"]["passed"]), got
@@ -321,10 +322,10 @@ def test_bad_folders_are_refused_with_file_key_and_expectation(tmp_path, scored,
     }
     for case, (text, key) in cases.items():
         folder = write_sub(tmp_path / case, text, {"rule.py": KL_RULE})
-        with pytest.raises(submission.SubmissionError) as e:
-            submission.load(folder)
+        with pytest.raises(submissions.SubmissionError) as e:
+            submissions.load(folder)
         assert e.value.key == key and str(folder / "submission.yaml") in str(e.value), case
-        res = submission.submit(folder, str(task_path), results_dir=results_dir, log=print)
+        res = submissions.submit(folder, str(task_path), results_dir=results_dir, log=print)
         assert not res.ok and key in res.message
     assert snapshot(results_dir) == before
 
@@ -342,8 +343,8 @@ def test_parameters_are_hashed_and_must_match_the_rule_structure(tmp_path):
     rule = drift.lpo()
     good = jax.tree_util.tree_map(lambda x: x + 0.01, rule.init(jax.random.PRNGKey(0)))
     folder = _lpo_folder(tmp_path, good)
-    sub = submission.load(folder)
-    ref = submission.build_rule(sub)
+    sub = submissions.load(folder)
+    ref = submissions.build_rule(sub)
     # Same tree (an empty or partial tree would make a leaf-wise zip vacuous), same values.
     assert jax.tree_util.tree_structure(ref.meta_params) == jax.tree_util.tree_structure(good)
     got = jax.tree_util.tree_leaves(ref.meta_params)
@@ -353,11 +354,12 @@ def test_parameters_are_hashed_and_must_match_the_rule_structure(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # a wrong hash is named with the right one
     bad_hash = _lpo_folder(tmp_path / "h", good, sha="a" * 64)
-    with pytest.raises(submission.SubmissionError, match="params.sha256.*the sha256 of params.npz"):
-        submission.load(bad_hash)
+    with pytest.raises(submissions.SubmissionError,
+                       match="params.sha256.*the sha256 of params.npz"):
+        submissions.load(bad_hash)
     # a tree that is not the rule's init structure fails the check with the path named
     wrong = {"params": {"Dense_0": {"kernel": np.zeros((8, 64), np.float32)}}}
-    res = submission.check(_lpo_folder(tmp_path / "w", wrong), timeout=120)
+    res = submissions.check(_lpo_folder(tmp_path / "w", wrong), timeout=120)
     assert not res.ok and "params.file" in res.message and "Dense_1" in res.message
     assert "shape (8, 64) float32, expected (8, 128) float32" in res.message
 
@@ -368,10 +370,10 @@ def test_html_in_text_fields_is_loaded_verbatim(tmp_path):
             f"family: drift\ndescription: '{evil}'\nlicence: '{evil}'\npaper: 'javascript:x'\n"
             f"code: '{evil}'\nrule: {{factory: dpo}}\n"
             f"disclosure: {{task: null, train_envs: ['{evil}'], notes: '{evil}'}}\n")
-    sub = submission.load(write_sub(tmp_path / "evil", text))
+    sub = submissions.load(write_sub(tmp_path / "evil", text))
     assert sub.name == evil and sub.disclosure.notes == evil
     assert "/" not in sub.slug and "<" not in sub.slug and ".." not in sub.slug
-    assert submission.slug(evil) != submission.slug("_script_alert_1___script_")
+    assert results.slug(evil) != results.slug("_script_alert_1___script_")
 
 
 SCORING_FAILURES = {
@@ -398,7 +400,7 @@ def test_failures_while_scoring_become_failed_records(case, tmp_path, task_path)
     code = ("from metabench import UpdateRule\n" + body +
             "def make_rule():\n    return UpdateRule(lambda r: {}, apply)\n")
     folder = write_sub(tmp_path / case, yaml_for(name=case), {"rule.py": code})
-    res = submission.submit(folder, str(task_path), results_dir=tmp_path / "results",
+    res = submissions.submit(folder, str(task_path), results_dir=tmp_path / "results",
                             timeout=12 if case == "hangs_in_training" else None, log=print)
     assert res.ok and res.record["status"] == "failed", res.message
     assert all(r["status"] == "failed" and reason in r["reason"] for r in res.record["runs"])
@@ -435,17 +437,17 @@ def test_a_loss_graph_is_a_submission_without_python(tmp_path):
     text = yaml_for(name="reg-graph", rule="rule:\n  graph: loss.yaml\n").replace(
         "family: drift", "family: td_loss")
     folder = write_sub(tmp_path / "g", text, {"loss.yaml": GRAPH_YAML})
-    res = submission.check(folder, timeout=120)
+    res = submissions.check(folder, timeout=120)
     assert res.ok, res.message
     assert "select(q_tm1, a_tm1)" in res.message  # the equation is shown as the rule's note
     ill = GRAPH_YAML.replace("in: [q_sa, target]", "in: [q_tm1, a_tm1]")
     bad = write_sub(tmp_path / "bad", text, {"loss.yaml": ill})
-    res = submission.check(bad, timeout=120)
+    res = submissions.check(bad, timeout=120)
     assert not res.ok and "'delta'" in res.message and "subtract" in res.message
     drift_graph = write_sub(tmp_path / "d", yaml_for(rule="rule:\n  graph: loss.yaml\n"),
                             {"loss.yaml": GRAPH_YAML})
-    with pytest.raises(submission.SubmissionError, match="rule.graph"):
-        submission.load(drift_graph)
+    with pytest.raises(submissions.SubmissionError, match="rule.graph"):
+        submissions.load(drift_graph)
 
 
 @pytest.fixture(scope="module")
@@ -472,11 +474,11 @@ def test_batch_scores_one_factorys_submissions_in_one_call(tmp_path, small_task_
     b.mkdir()
     digest = params_io.save_params(b / "params.npz", half)
     write_sub(b, yaml_for("lpo-b", lpo, f"params: {{file: params.npz, sha256: {digest}}}\n"))
-    assert submission.batch_key(submission.load(a)) == submission.batch_key(submission.load(b))
+    assert submissions.batch_key(submissions.load(a)) == submissions.batch_key(submissions.load(b))
     # The checks are tested on their own; here they would only add two child processes.
-    monkeypatch.setattr(submission, "check", lambda f: submission.CheckResult(
-        True, "", {"passed": True}, submission.load(f)))
-    out = submission.submit_many([a, b], str(small_task_path), batch=True,
+    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+        True, "", {"passed": True}, submissions.load(f)))
+    out = submissions.submit_many([a, b], str(small_task_path), batch=True,
                                  results_dir=tmp_path / "results", log=print)
     assert [r.ok for r in out] == [True] * 2, [r.message for r in out]
     ra, rb = (r.record for r in out)
@@ -498,15 +500,15 @@ def test_batch_groups_by_key_and_rescores_members_alone_if_it_dies(tmp_path, tas
     lpo = "rule:\n  factory: lpo\n"
     folders = [write_sub(tmp_path / n, yaml_for(n, lpo)) for n in ("p", "q")]
     folders.append(write_sub(tmp_path / "kl", yaml_for(), {"rule.py": KL_RULE}))
-    assert submission.batch_key(submission.load(folders[2])) is None  # own code: alone
+    assert submissions.batch_key(submissions.load(folders[2])) is None  # own code: alone
     with pytest.raises(ValueError, match="one batch key"):
-        submission.batched_rule([submission.load(f) for f in folders])
+        submissions.batched_rule([submissions.load(f) for f in folders])
     # No child processes here: the check passes, the batch dies, scoring alone is recorded.
-    monkeypatch.setattr(submission, "check", lambda f: submission.CheckResult(
-        True, "", {"passed": True}, submission.load(f)))
-    dead = submission._Cell({}, None, None, None, "", 1.0)
+    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+        True, "", {"passed": True}, submissions.load(f)))
+    dead = isolate._Cell({}, None, None, None, "", 1.0)
     batches = []
-    monkeypatch.setattr(submission, "_score_batch", lambda group, command: (
+    monkeypatch.setattr(orchestrate, "_score_batch", lambda group, command: (
         batches.append([p.sub.name for p in group]) or [dead] * len(group)))
     alone = []
 
@@ -514,9 +516,9 @@ def test_batch_groups_by_key_and_rescores_members_alone_if_it_dies(tmp_path, tas
         alone.append(p.sub.name)
         return [(set(range(len(p.per_env))), dead)]
 
-    monkeypatch.setattr(submission, "_score_alone", score_alone)
+    monkeypatch.setattr(orchestrate, "_score_alone", score_alone)
     logged = []
-    out = submission.submit_many(folders, str(task_path), batch=True,
+    out = submissions.submit_many(folders, str(task_path), batch=True,
                                  results_dir=tmp_path / "results", log=logged.append)
     assert batches == [["p", "q"]] and alone == ["p", "q", "kl-drift"]
     assert any("scoring each member alone" in m and "wall-clock limit" in m for m in logged)
@@ -534,11 +536,11 @@ def test_loss_graph_submissions_batch_through_the_graph_interpreter(tmp_path):
     text = yaml_for(name="reg-graph", rule="rule:\n  graph: loss.yaml\n").replace(
         "family: drift", "family: td_loss")
     dqn = graphs.dump_graph(graphs.library()["dqn"])
-    subs = [submission.load(write_sub(tmp_path / n, text.replace("reg-graph", n),
+    subs = [submissions.load(write_sub(tmp_path / n, text.replace("reg-graph", n),
                                       {"loss.yaml": g}))
             for n, g in (("reg", GRAPH_YAML), ("dqn", dqn))]
-    assert submission.batch_key(subs[0]) == submission.batch_key(subs[1]) == ("graph", "td_loss")
-    refs, rule, batch = submission.batched_rule(subs)
+    assert submissions.batch_key(subs[0]) == submissions.batch_key(subs[1]) == ("graph", "td_loss")
+    refs, rule, batch = submissions.batched_rule(subs)
     # Padded to the larger graph (DQNReg: 8 ops and its inline constant), one row each.
     assert batch.op.shape == (2, len(graphs.INPUTS) + 9)
     x = td_loss.random_inputs(jax.random.PRNGKey(0), 16, 3)
@@ -556,4 +558,4 @@ def test_batch_cannot_go_to_ray(tmp_path, task_path, capsys):
                  "--results", str(tmp_path / "r")]) == 2
     assert "--batch" in capsys.readouterr().err and not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="backend='local'"):
-        submission.submit_many([folder], str(task_path), batch=True, backend="ray")
+        submissions.submit_many([folder], str(task_path), batch=True, backend="ray")
