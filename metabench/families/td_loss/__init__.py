@@ -7,6 +7,18 @@ in JAX arrays, online and periodically copied target networks, Adam. Per sampled
 the rule sees Q-values only (never an observation), and returns a loss that the agent
 minimises in batch mean. Targets are computed under ``stop_gradient``: a rule shapes the loss,
 not what it is differentiated through.
+
+A rule of this family can also be written as a typed computation graph over the Q-values, the
+paper's search space. The graph language lives in this package, one concern per module, and
+its public names are re-exported here:
+
+- :mod:`~metabench.families.td_loss.graph`: types, operations, graphs and the type checker;
+- :mod:`~metabench.families.td_loss.evaluate`: a graph as a JAX loss (compiled, or through
+  the interpreter that runs a whole population in one compiled call);
+- :mod:`~metabench.families.td_loss.formula`: a graph printed as an equation;
+- :mod:`~metabench.families.td_loss.search`: functional hashes, mutation and random graphs;
+- :mod:`~metabench.families.td_loss.yaml_form`: the YAML form and the shipped graphs in
+  ``library/`` (DQN, DQNReg, DQNClipped).
 """
 
 from __future__ import annotations
@@ -23,6 +35,17 @@ import optax
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, count_traces,
                                      finite_tree, register_family)
+# The graph language's API, so that ``td_loss.load_graph`` and the like name it from the
+# family. The submodules never import this package back (see tests/test_layers.py).
+from metabench.families.td_loss.evaluate import (INTERPRETER_OPS, EncodedGraph, compile_graph,
+                                                 encode, interpreter_rule, live_size)
+from metabench.families.td_loss.formula import equation
+from metabench.families.td_loss.graph import (CONSTANTS, INPUTS, OPS, Graph, GraphError,
+                                              GraphTypeError, Node, Op, Type, accepts,
+                                              input_node, live_nodes, node_types, typecheck)
+from metabench.families.td_loss.search import functional_hash, mutate, random_graph
+from metabench.families.td_loss.yaml_form import (LIBRARY_DIR, dump_graph, library,
+                                                  library_rule, load_graph)
 from metabench.rl import episode_returns
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
