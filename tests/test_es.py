@@ -14,6 +14,7 @@ import pytest
 
 from metabench import harness, params_io, submissions
 from metabench.tasks import spec
+from metabench.harness import train as harness_train
 from metabench.cli import main
 from metabench.discover import es as es_mod
 from metabench.families import drift
@@ -148,9 +149,9 @@ def lpo_runs(tmp_path_factory):
     path = write_task(tmp, TASK, "lpo-tiny")
     args = ["discover", "lpo", "--task", str(path), "--population", "4", "--seeds", "2",
             "--sigma", "0.1"]
-    before = len(harness._CACHE)
+    before = len(harness_train._CACHE)
     assert main(args + ["--generations", "2", "--out", str(tmp / "full")]) == 0
-    compiled = len(harness._CACHE) - before
+    compiled = len(harness_train._CACHE) - before
     assert main(args + ["--generations", "1", "--out", str(tmp / "resumed")]) == 0
     calls = []
     train = harness.train_population

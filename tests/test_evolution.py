@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import graphs, harness, submissions
+from metabench import harness, submissions
 from metabench.tasks import spec
 from metabench.cli import main
 from metabench.discover import evolution
@@ -21,7 +21,7 @@ from metabench.families import td_loss
 
 from conftest import write_task
 
-RULE = graphs.interpreter_rule()
+RULE = td_loss.interpreter_rule()
 MAX = 14
 APPLY = jax.jit(RULE.apply)
 GRAD = jax.jit(jax.grad(lambda q, e, x: jnp.mean(RULE.apply(e, x._replace(q_tm1=q)))))
@@ -47,61 +47,61 @@ scoring: {bootstrap_reps: 200, baselines: {td_loss: dqn}}
 """
 
 
-def _graphs(n: int, seed: int = 0) -> list[graphs.Graph]:
+def _graphs(n: int, seed: int = 0) -> list[td_loss.Graph]:
     rng = np.random.default_rng(seed)
-    return list(graphs.library().values()) + [graphs.random_graph(rng, 10) for _ in range(n)]
+    return list(td_loss.library().values()) + [td_loss.random_graph(rng, 10) for _ in range(n)]
 
 
 def test_interpreter_equals_compiled_graphs_in_value_and_gradient():
     x = td_loss.random_inputs(jax.random.PRNGKey(3), 48, 4)
     for g in _graphs(40):
-        enc = graphs.encode(g, MAX)
-        rule = graphs.compile_graph(g)
+        enc = td_loss.encode(g, MAX)
+        rule = td_loss.compile_graph(g)
         want = jax.jit(rule.apply)({}, x)
         np.testing.assert_allclose(APPLY(enc, x), want, rtol=2e-6, atol=1e-6,
-                                   err_msg=graphs.equation(g))
+                                   err_msg=td_loss.equation(g))
         want_g = jax.grad(lambda q: jnp.mean(rule.apply({}, x._replace(q_tm1=q))))(x.q_tm1)
         np.testing.assert_allclose(GRAD(x.q_tm1, enc, x), want_g, rtol=1e-5, atol=1e-7,
-                                   err_msg=graphs.equation(g))
+                                   err_msg=td_loss.equation(g))
 
 
 def test_interpreter_vmaps_over_a_population_of_graphs():
     x = td_loss.random_inputs(jax.random.PRNGKey(4), 16, 3)
     gs = _graphs(5, seed=1)
-    encs = [graphs.encode(g, MAX) for g in gs]
-    batch = graphs.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
+    encs = [td_loss.encode(g, MAX) for g in gs]
+    batch = td_loss.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
     out = jax.vmap(RULE.apply, in_axes=(0, None))(batch, x)
     for g, o in zip(gs, out):
-        np.testing.assert_allclose(o, graphs.compile_graph(g).apply({}, x), rtol=2e-6,
+        np.testing.assert_allclose(o, td_loss.compile_graph(g).apply({}, x), rtol=2e-6,
                                    atol=1e-6)
 
 
 def test_encode_rejects_graphs_larger_than_the_interpreter():
-    g = graphs.library()["dqn_clipped"]
-    live = sum(not g.nodes[i].op.startswith("input:") for i in graphs.live_nodes(g))
-    with pytest.raises(graphs.GraphError, match=f"{live} live nodes.*holds 3"):
-        graphs.encode(g, 3)
+    g = td_loss.library()["dqn_clipped"]
+    live = sum(not g.nodes[i].op.startswith("input:") for i in td_loss.live_nodes(g))
+    with pytest.raises(td_loss.GraphError, match=f"{live} live nodes.*holds 3"):
+        td_loss.encode(g, 3)
 
 
 def test_pad_graph_keeps_the_function_and_reaches_the_size():
     rng = np.random.default_rng(0)
-    for name, g in graphs.library().items():
+    for name, g in td_loss.library().items():
         padded = pad_graph(g, 16, rng)
-        assert len(padded.nodes) == len(graphs.INPUTS) + 16
-        assert graphs.functional_hash(padded) == graphs.functional_hash(g)
-        assert graphs.equation(padded) == graphs.equation(g)
+        assert len(padded.nodes) == len(td_loss.INPUTS) + 16
+        assert td_loss.functional_hash(padded) == td_loss.functional_hash(g)
+        assert td_loss.equation(padded) == td_loss.equation(g)
 
 
 def test_population_training_equals_single_rule_training(tmp_path):
     task = spec.load(write_task(tmp_path, CHEAP.replace("8000", "2000"), "cheap"))
-    gs = [graphs.library()["dqn"], graphs.library()["dqn_reg"]]
-    encs = [graphs.encode(g, MAX) for g in gs]
-    batch = graphs.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
+    gs = [td_loss.library()["dqn"], td_loss.library()["dqn_reg"]]
+    encs = [td_loss.encode(g, MAX) for g in gs]
+    batch = td_loss.EncodedGraph(*(np.stack(a) for a in zip(*encs)))
     env = task.train[0]
     pop = harness.train_population("td_loss", RULE, batch, task, env, [0, 1])
     assert len(pop) == 2 and pop[0].updates_done == 500
     for g, run in zip(gs, pop):
-        ref = harness.RuleRef(g.name, "td_loss", graphs.compile_graph(g), {})
+        ref = harness.RuleRef(g.name, "td_loss", td_loss.compile_graph(g), {})
         single = harness.train_env(ref, task, env, [0, 1])
         # Same seeds, same rule: the same losses (to float tolerance: vmapping over
         # candidates may reorder reductions) and the same episodes.
@@ -114,18 +114,18 @@ def test_population_training_equals_single_rule_training(tmp_path):
             [r["final_return"] for r in harness.run_records(single, 0.1)]
 
 
-def _distance_fitness(target: graphs.Graph):
+def _distance_fitness(target: td_loss.Graph):
     """A cheap, exact fitness: the correlation of a graph's outputs with ``target``'s on fixed
     inputs (1 when equal up to scale and shift). It exercises the search itself, not RL."""
     x = td_loss.random_inputs(jax.random.PRNGKey(0), 64, 4)
-    want = np.asarray(graphs.compile_graph(target).apply({}, x))
+    want = np.asarray(td_loss.compile_graph(target).apply({}, x))
     calls: list[str] = []
 
     def fitness(gs):
         out = []
         for g in gs:
-            calls.append(graphs.functional_hash(g))
-            got = np.asarray(graphs.compile_graph(g).apply({}, x), np.float64)
+            calls.append(td_loss.functional_hash(g))
+            got = np.asarray(td_loss.compile_graph(g).apply({}, x), np.float64)
             ok = np.all(np.isfinite(got)) and np.std(got) > 1e-9
             corr = float(np.corrcoef(got, want)[0, 1]) if ok else 0.0
             out.append(Evaluation(max(corr, 0.0), "trained", None, {}))
@@ -136,7 +136,7 @@ def _distance_fitness(target: graphs.Graph):
 
 def test_evolution_improves_the_best_score_and_never_retrains_a_hash(tmp_path):
     task = spec.load(write_task(tmp_path, CHEAP, "cheap"))
-    fitness, calls = _distance_fitness(graphs.library()["dqn_reg"])
+    fitness, calls = _distance_fitness(td_loss.library()["dqn_reg"])
     cfg = EvolveConfig(population=12, tournament=4, children=6, generations=25,
                        graph_nodes=10, bootstrap=None, seed=3)
     res = evolve(task, cfg, tmp_path / "run", evaluator=fitness, log=lambda _: None)
@@ -173,7 +173,7 @@ def test_evolution_improves_the_best_score_and_never_retrains_a_hash(tmp_path):
         assert h["parent"] in sample
         assert all(by_id[h["parent"]]["fitness"] >= by_id[j]["fitness"] for j in sample), h
     assert all(h["tournament"] is None for h in hist[:12])
-    assert graphs.load_graph(hist[0]["graph"]).nodes  # the history holds loadable graphs
+    assert td_loss.load_graph(hist[0]["graph"]).nodes  # the history holds loadable graphs
 
 
 def test_evolve_config_errors():
@@ -215,8 +215,8 @@ def test_discover_evolve_on_a_cheap_task_end_to_end(tmp_path, capsys):
     assert sub.family == "td_loss" and sub.entry == "graph:loss.yaml"
     assert sub.disclosure.task == "cheap-td" and sub.disclosure.env_steps == summary["env_steps"]
     assert sub.disclosure.train_envs == ("gymnax/CartPole-v1",)
-    loss = graphs.load_graph(out / "submission" / "loss.yaml")
-    assert graphs.functional_hash(loss) == summary["best"]["hash"]
+    loss = td_loss.load_graph(out / "submission" / "loss.yaml")
+    assert td_loss.functional_hash(loss) == summary["best"]["hash"]
     discovery = json.loads((out / "submission" / "discovery.json").read_text())
     assert discovery["provenance"]["command"].startswith("metabench discover evolve --task")
     assert discovery["config"]["population"] == 6
@@ -278,7 +278,7 @@ def hand_training(monkeypatch):
 
 def test_the_fitness_option_switches_full_evaluation_and_hurdle(tmp_path, hand_training):
     task = spec.load(write_task(tmp_path, TEN, "ten"))
-    dqn = [graphs.library()["dqn"]]
+    dqn = [td_loss.library()["dqn"]]
     name = task.train[0].name
     for fitness, want in (("final_window", 1.0), ("all_episodes", 0.375)):
         # Hurdle at 0.3: both pass; the hurdle and the full evaluation score the objective.

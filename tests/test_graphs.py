@@ -1,5 +1,5 @@
-"""Typed computation graphs (metabench.graphs): library formulas, YAML, types, compilation,
-equations, functional hashes and mutation."""
+"""Typed computation graphs (the graph language of metabench.families.td_loss): library
+formulas, YAML, types, compilation, equations, functional hashes and mutation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metabench import graphs as G
+from metabench.families import td_loss as G
+from metabench.families.td_loss.graph import DIV_EPS, LOG_EPS
 from metabench.rules import UpdateRule
 
 
@@ -304,8 +305,8 @@ def test_safe_ops_values():
         graph = g(f"nodes: [{{id: y, op: {op}, in: [{', '.join(ins)}]}}]\noutput: y")
         return float(G.compile_graph(graph).apply({}, x)[0])
 
-    assert run("div", "r_t", "discount_t") == pytest.approx(3.0 / G.DIV_EPS)
-    assert run("log", "discount_t") == pytest.approx(np.log(G.LOG_EPS))
+    assert run("div", "r_t", "discount_t") == pytest.approx(3.0 / DIV_EPS)
+    assert run("log", "discount_t") == pytest.approx(np.log(LOG_EPS))
     assert run("exp", "r_t") == pytest.approx(np.exp(3.0))
     assert run("l2_distance", "q_t", "q_tm1") == 0.0
     h = g("nodes: [{id: p, op: softmax, in: [q_t]}, {id: h, op: entropy, in: [p]}]\noutput: h")

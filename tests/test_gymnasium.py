@@ -11,6 +11,7 @@ import pytest
 
 from metabench import envs, harness
 from metabench.tasks import spec
+from metabench.harness import train as harness_train
 from metabench.envs import conformance
 
 TASK_ENVS = sorted({e.env for t in ("gymnasium-transfer-v1", "gymnasium-transfer-v1-quick")
@@ -100,7 +101,7 @@ def test_ppo_learns_gymnasium_cartpole_and_releases_the_copies():
     finals = np.array([r["final_return"] for r in harness.run_records(run, 0.05)])
     assert finals.min() > 110, finals
     key = (("drift", task.train[0].calibration_key()))
-    live = [c.env for k, c in harness._CACHE.items() if k[0] == key[0]
+    live = [c.env for k, c in harness_train._CACHE.items() if k[0] == key[0]
             and getattr(c.env, "id", "") == "gymnasium/CartPole-v1"]
     assert live and all(not e.pool._vecs for e in live)
 

@@ -13,6 +13,7 @@ import pytest
 
 from metabench import harness, scoring
 from metabench.tasks import spec
+from metabench.harness import train as harness_train
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, no_params
 
@@ -147,7 +148,7 @@ def test_raising_rule_becomes_failed_record_not_a_crash(tiny):
 
 
 def test_wall_clock_budget_is_enforced_between_chunks(tiny, monkeypatch):
-    monkeypatch.setattr(harness, "MIN_CHUNK_ENV_STEPS", 1)  # several chunks even this tiny
+    monkeypatch.setattr(harness_train, "MIN_CHUNK_ENV_STEPS", 1)  # several chunks even this tiny
     run = harness.train_env(harness.reference_rule("ppo_clip"), tiny, tiny.test[0], [0],
                             max_seconds=0.0)
     assert run.updates_done < run.num_updates
@@ -158,12 +159,12 @@ def test_wall_clock_budget_is_enforced_between_chunks(tiny, monkeypatch):
 
 def test_progress_is_reported_every_few_seconds(tiny, monkeypatch):
     ref = harness.reference_rule("ppo_clip")
-    monkeypatch.setattr(harness, "MIN_CHUNK_ENV_STEPS", 1)
+    monkeypatch.setattr(harness_train, "MIN_CHUNK_ENV_STEPS", 1)
     for seconds, calls in ((0.0, 32), (1e9, 2)):
         # 32 updates run as 32 one-update chunks; the harness looks at the run after the first
         # (to time it) and then every CHUNK_SECONDS: after each chunk when that is 0, once
         # more at the end when it is huge.
-        monkeypatch.setattr(harness, "CHUNK_SECONDS", seconds)
+        monkeypatch.setattr(harness_train, "CHUNK_SECONDS", seconds)
         seen = []
         run = harness.train_env(ref, tiny, tiny.test[0], [0], progress=lambda *a: seen.append(a))
         assert len(seen) == calls and seen[-1][1] == seen[-1][2] == 32
@@ -194,13 +195,13 @@ def test_reference_rules_with_learned_parameters_run_the_shipped_ones():
 
 
 def test_chunk_lengths():
-    assert harness._chunk_len(976) == 8  # 976 = 122 x 8: about 1% of training per chunk
-    assert harness._chunk_len(976, 10) == 122  # the divisor nearest 98
-    assert harness._chunk_len(10) == 1
-    assert harness._chunk_len(1) == 1
-    assert harness._chunk_len(97, 10) == 10  # prime: a remainder chunk instead of 97 tiny ones
-    assert harness._chunk_len(976, min_len=100) == 122  # at least about 100 updates a chunk
-    assert harness._chunk_len(32, min_len=512) == 32  # never longer than the run
+    assert harness_train._chunk_len(976) == 8  # 976 = 122 x 8: about 1% of training per chunk
+    assert harness_train._chunk_len(976, 10) == 122  # the divisor nearest 98
+    assert harness_train._chunk_len(10) == 1
+    assert harness_train._chunk_len(1) == 1
+    assert harness_train._chunk_len(97, 10) == 10  # prime: a remainder chunk, not 97 tiny ones
+    assert harness_train._chunk_len(976, min_len=100) == 122  # at least about 100 updates a chunk
+    assert harness_train._chunk_len(32, min_len=512) == 32  # never longer than the run
 
 
 def _qr_operand_ranks(jaxpr) -> list[int]:

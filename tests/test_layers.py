@@ -19,7 +19,7 @@ LAYERS = [
     {"metabench", "metabench.types", "metabench.rules", "metabench.rl", "metabench.nets",
      "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile"},
     {"metabench.envs"},                                   # environments and their backends
-    {"metabench.families", "metabench.graphs"},           # agents and the rules they run
+    {"metabench.families"},                               # agents and the rules they run
     {"metabench.tasks"},                                  # task specs: read, validate, calibrate
     {"metabench.harness"},                                # training and records
     {"metabench.submissions", "metabench.discover"},

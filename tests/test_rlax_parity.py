@@ -307,7 +307,7 @@ def test_dqn_reg_and_dqn_clipped_equal_the_paper(seed):
     # DQNClipped (ibid., the DQNClipped equation): L = max[Q(s_t,a_t), delta^2 + Y_t]
     #   + max[Q(s_t,a_t) - Y_t, gamma (max_a Q_targ(s_t+1, a))^2]. The paper's gamma is the
     # discount the loss is handed, here gamma (1 - terminated) as in Y_t (also
-    # graph_library/dqn_clipped.yaml); on non-terminal transitions that is gamma verbatim.
+    # td_loss/library/dqn_clipped.yaml); on non-terminal transitions that is gamma verbatim.
     want = np.maximum(q_sa, delta ** 2 + y) + np.maximum(q_sa - y, gamma_t * next_v ** 2)
     got = np.asarray(td_loss.dqn_clipped().apply({}, x))
     np.testing.assert_allclose(got, want, **TOL)

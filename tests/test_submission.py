@@ -530,19 +530,18 @@ def test_batch_groups_by_key_and_rescores_members_alone_if_it_dies(tmp_path, tas
 
 
 def test_loss_graph_submissions_batch_through_the_graph_interpreter(tmp_path):
-    from metabench import graphs
     from metabench.families import td_loss
 
     text = yaml_for(name="reg-graph", rule="rule:\n  graph: loss.yaml\n").replace(
         "family: drift", "family: td_loss")
-    dqn = graphs.dump_graph(graphs.library()["dqn"])
+    dqn = td_loss.dump_graph(td_loss.library()["dqn"])
     subs = [submissions.load(write_sub(tmp_path / n, text.replace("reg-graph", n),
                                       {"loss.yaml": g}))
             for n, g in (("reg", GRAPH_YAML), ("dqn", dqn))]
     assert submissions.batch_key(subs[0]) == submissions.batch_key(subs[1]) == ("graph", "td_loss")
     refs, rule, batch = submissions.batched_rule(subs)
     # Padded to the larger graph (DQNReg: 8 ops and its inline constant), one row each.
-    assert batch.op.shape == (2, len(graphs.INPUTS) + 9)
+    assert batch.op.shape == (2, len(td_loss.INPUTS) + 9)
     x = td_loss.random_inputs(jax.random.PRNGKey(0), 16, 3)
     for k, ref in enumerate(refs):
         one = jax.tree_util.tree_map(lambda a: a[k], batch)

@@ -181,9 +181,7 @@ def test_dqn_learns_cartpole_with_purejaxrl_settings(tmp_path):
 
 @pytest.mark.parametrize("name", ["dqn", "dqn_reg", "dqn_clipped"])
 def test_shipped_graphs_equal_the_factories(name):
-    from metabench import graphs
-
-    graph_rule = graphs.library_rule(name)
+    graph_rule = td_loss.library_rule(name)
     factory = td_loss.REFERENCE_RULES[name].factory()
     for seed in range(3):
         x = td_loss.random_inputs(jax.random.PRNGKey(100 + seed), batch=64, actions=5)

@@ -1,13 +1,15 @@
 """Regularised evolution over loss graphs: ``metabench discover evolve``.
 
 Co-Reyes et al. 2021, "Evolving Reinforcement Learning Algorithms" (ICLR), searched the
-space of :mod:`metabench.graphs` losses with regularised evolution (Real et al. 2019): keep a
-population; repeatedly pick the fittest of a random tournament, mutate it, train fresh DQN
-agents with the child's loss, add the child and remove the *oldest* member (not the worst),
-which keeps the search from clinging to lucky evaluations. Their two savings are here:
+space of loss graphs (:mod:`metabench.families.td_loss.graph`) with regularised evolution
+(Real et al. 2019): keep a population; repeatedly pick the fittest of a random tournament,
+mutate it, train fresh DQN agents with the child's loss, add the child and remove the
+*oldest* member (not the worst), which keeps the search from clinging to lucky evaluations.
+Their two savings are here:
 
-- **functional equivalence**: a child whose :func:`~metabench.graphs.functional_hash` was seen
-  before is not trained again; it joins the population with the cached fitness;
+- **functional equivalence**: a child whose
+  :func:`~metabench.families.td_loss.search.functional_hash` was seen before is not trained
+  again; it joins the population with the cached fitness;
 - **hurdle**: a child is first trained on a cheap hurdle (the task's first train env at a
   fraction of the budget); below ``hurdle_threshold`` it is not trained further and keeps its
   hurdle score as fitness.
@@ -17,9 +19,10 @@ it gets fitness 0 without training.
 
 Batching. Children are made ``children`` at a time (each from its own tournament) and trained
 together in one compiled call, vmapped over candidates and seeds: the loss graphs go through
-:func:`metabench.graphs.interpreter_rule` as encoded tables, so the whole search compiles the
-training loop once per (env, budget) instead of once per candidate. All candidates share the
-seed keys (common random numbers), which makes their scores more comparable.
+:func:`metabench.families.td_loss.evaluate.interpreter_rule` as encoded tables, so the whole
+search compiles the training loop once per (env, budget) instead of once per candidate. All
+candidates share the seed keys (common random numbers), which makes their scores more
+comparable.
 
 Fitness (``EvolveConfig.fitness``). By default it is the paper's objective (Co-Reyes et al.
 2021, Sec. 3: the search maximises the sum over training environments of Eval(L, E), the
@@ -46,8 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metabench import graphs, harness
+from metabench import harness
 from metabench.discover import common
+from metabench.families import td_loss
+from metabench.families.td_loss.search import _hash_inputs
 from metabench.results import write_json_atomic
 from metabench.tasks.spec import EnvSpec, TaskSpec, require_calibrated
 
@@ -135,11 +140,11 @@ class EvolveConfig:
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be positive, got {v!r}")
         if self.bootstrap is not None:
-            if self.bootstrap not in graphs.library():
-                raise ValueError(f"bootstrap must be one of {sorted(graphs.library())} or "
+            if self.bootstrap not in td_loss.library():
+                raise ValueError(f"bootstrap must be one of {sorted(td_loss.library())} or "
                                  f"None, got {self.bootstrap!r}")
-            g = graphs.library()[self.bootstrap]
-            need = len(g.nodes) - len(graphs.INPUTS)
+            g = td_loss.library()[self.bootstrap]
+            need = len(g.nodes) - len(td_loss.INPUTS)
             if self.graph_nodes < need:
                 raise ValueError(f"graph_nodes ({self.graph_nodes}) is smaller than the "
                                  f"bootstrap graph {self.bootstrap!r} ({need} nodes)")
@@ -149,7 +154,7 @@ class Individual(NamedTuple):
     """One evaluated (or cache-scored) graph."""
 
     id: int
-    graph: graphs.Graph
+    graph: td_loss.Graph
     hash: str
     fitness: float
     status: str
@@ -171,37 +176,37 @@ class Evaluation(NamedTuple):
     """Per train env, the mean normalised score (full evaluations only)."""
 
 
-def pad_graph(graph: graphs.Graph, n_nodes: int, rng: np.random.Generator) -> graphs.Graph:
+def pad_graph(graph: td_loss.Graph, n_nodes: int, rng: np.random.Generator) -> td_loss.Graph:
     """``graph`` (inputs first, as loaded) with random unused nodes inserted after the inputs
     until it has ``n_nodes`` non-input nodes; computes the same function."""
-    n_in = len(graphs.INPUTS)
+    n_in = len(td_loss.INPUTS)
     body = graph.nodes[n_in:]
     extra = n_nodes - len(body)
     if extra <= 0:
         return graph
-    filler = graphs.random_graph(rng, extra).nodes[n_in:]
+    filler = td_loss.random_graph(rng, extra).nodes[n_in:]
     shift = lambda j: j if j < n_in else j + extra  # noqa: E731
     moved = tuple(dataclasses.replace(n, inputs=tuple(shift(j) for j in n.inputs))
                   for n in body)
-    return graphs.Graph(graph.nodes[:n_in] + filler + moved, shift(graph.output),
-                        name=graph.name)
+    return td_loss.Graph(graph.nodes[:n_in] + filler + moved, shift(graph.output),
+                         name=graph.name)
 
 
 def _hash_inputs_jax():
-    return {k: jnp.asarray(v) for k, v in graphs._hash_inputs().items()}
+    return {k: jnp.asarray(v) for k, v in _hash_inputs().items()}
 
 
 @jax.jit
-def _q_gradient_norm(enc: graphs.EncodedGraph, x: dict) -> jax.Array:
-    rule = graphs.interpreter_rule()
+def _q_gradient_norm(enc: td_loss.EncodedGraph, x: dict) -> jax.Array:
+    rule = td_loss.interpreter_rule()
     g = jax.grad(lambda q: jnp.mean(rule.apply(enc, {**x, "q_tm1": q})))(x["q_tm1"])
     return jnp.max(jnp.abs(g))
 
 
-def _stack(encs: Sequence[graphs.EncodedGraph], size: int) -> graphs.EncodedGraph:
+def _stack(encs: Sequence[td_loss.EncodedGraph], size: int) -> td_loss.EncodedGraph:
     # Pad the batch with copies of its last member so that every call has one shape.
     encs = list(encs) + [encs[-1]] * (size - len(encs))
-    return graphs.EncodedGraph(*(np.stack(xs) for xs in zip(*encs)))
+    return td_loss.EncodedGraph(*(np.stack(xs) for xs in zip(*encs)))
 
 
 def _seed_scores(run: harness.EnvRun, window: float) -> float:
@@ -242,9 +247,9 @@ class TrainSplitFitness:
                 "hurdle_timesteps": self.hurdle_timesteps,
                 "hurdle_threshold": self.cfg.hurdle_threshold}
 
-    def _run(self, spec: EnvSpec, batch: graphs.EncodedGraph, n: int,
+    def _run(self, spec: EnvSpec, batch: td_loss.EncodedGraph, n: int,
              timesteps: int) -> list[float]:
-        runs = harness.train_population(FAMILY, graphs.interpreter_rule(), batch, self.task,
+        runs = harness.train_population(FAMILY, td_loss.interpreter_rule(), batch, self.task,
                                         spec, range(self.cfg.seeds), total_timesteps=timesteps)
         self.env_steps += len(runs) * self.cfg.seeds * runs[0].updates_done \
             * runs[0].steps_per_update
@@ -253,9 +258,9 @@ class TrainSplitFitness:
                                f"{runs[0].failure}")
         return [_seed_scores(r, self.window) for r in runs[:n]]
 
-    def __call__(self, graph_list: Sequence[graphs.Graph]) -> list[Evaluation]:
+    def __call__(self, graph_list: Sequence[td_loss.Graph]) -> list[Evaluation]:
         k = self.cfg.children
-        encs = [graphs.encode(g, self.cfg.graph_nodes) for g in graph_list]
+        encs = [td_loss.encode(g, self.cfg.graph_nodes) for g in graph_list]
         out: list[Evaluation | None] = [None] * len(encs)
         todo = []
         for i, e in enumerate(encs):
@@ -295,7 +300,7 @@ def _record(ind: Individual, ev: Evaluation | None, cached_from: int | None,
             "fitness": ind.fitness,
             "hurdle_score": None if ev is None else ev.hurdle,
             "scores": {} if ev is None else ev.scores, "cached_from": cached_from,
-            "equation": graphs.equation(ind.graph), "graph": graphs.dump_graph(ind.graph)}
+            "equation": td_loss.equation(ind.graph), "graph": td_loss.dump_graph(ind.graph)}
 
 
 class EvolveResult(NamedTuple):
@@ -306,7 +311,7 @@ class EvolveResult(NamedTuple):
 
 
 def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
-           evaluator: Callable[[list[graphs.Graph]], list[Evaluation]] | None = None,
+           evaluator: Callable[[list[td_loss.Graph]], list[Evaluation]] | None = None,
            command: str | None = None, log: Callable[[str], None] = print,
            author: str = "metabench discover evolve") -> EvolveResult:
     """Runs the search; writes ``history.jsonl`` (every individual: graph, hash, status,
@@ -337,7 +342,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
 
     def add(graph_list, parents, generation, tournaments=None) -> list[Individual]:
         nonlocal n_trained
-        hashes = [graphs.functional_hash(g) for g in graph_list]
+        hashes = [td_loss.functional_hash(g) for g in graph_list]
         new, first = [], {}
         for i, h in enumerate(hashes):
             if h not in seen and h not in first:
@@ -381,16 +386,16 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
             "no_q_gradient": sum(d.status == "no_q_gradient" for d in everyone.values()),
             "env_steps": getattr(evaluate, "env_steps", 0), "wall_s": time.perf_counter() - t0,
             "best": {"id": best.id, "fitness": best.fitness, "hash": best.hash,
-                     "equation": graphs.equation(best.graph)},
+                     "equation": td_loss.equation(best.graph)},
             "curve": curve,
             "provenance": harness.provenance(command),
         }
 
     if cfg.bootstrap is not None:
-        base = pad_graph(graphs.library()[cfg.bootstrap], cfg.graph_nodes, rng)
-        initial = [base] + [graphs.mutate(base, rng) for _ in range(cfg.population - 1)]
+        base = pad_graph(td_loss.library()[cfg.bootstrap], cfg.graph_nodes, rng)
+        initial = [base] + [td_loss.mutate(base, rng) for _ in range(cfg.population - 1)]
     else:
-        initial = [graphs.random_graph(rng, cfg.graph_nodes) for _ in range(cfg.population)]
+        initial = [td_loss.random_graph(rng, cfg.graph_nodes) for _ in range(cfg.population)]
     log(f"evolve: {task.id} train split, population {cfg.population}, {cfg.generations} "
         f"generations x {cfg.children} children; fitness {objective} ({objective_text}); "
         + ", ".join(f"{k} {v}" for k, v in info.items() if k != "fitness"))
@@ -407,7 +412,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
         log(f"  generation {generation:3d}: best {best.fitness:.3f}  population mean "
             f"{curve[-1]['population_mean']:.3f}  trained {n_trained}  "
             f"individuals {len(everyone)}  {curve[-1]['wall_s']:.0f}s  "
-            f"best = {graphs.equation(best.graph)[:80]}")
+            f"best = {td_loss.equation(best.graph)[:80]}")
 
     note(-1)
     interrupted = False
@@ -418,7 +423,7 @@ def evolve(task: TaskSpec, cfg: EvolveConfig, out_dir: str | Path, *,
             for _ in range(cfg.children):
                 picks = rng.choice(len(members), cfg.tournament, replace=False)
                 parent = max((members[j] for j in picks), key=lambda d: d.fitness)
-                children.append(graphs.mutate(parent.graph, rng))
+                children.append(td_loss.mutate(parent.graph, rng))
                 parents.append(parent.id)
                 # Logged so that selection can be checked: the parent beats the rest.
                 samples.append([members[j].id for j in picks])
@@ -446,11 +451,11 @@ def write_submission(folder: Path, best: Individual, task: TaskSpec, summary: di
     graph = dataclasses.replace(best.graph, name=name)
     (folder / "loss.yaml").write_text(
         f"# Found by `{summary['provenance']['command']}`\n# loss = "
-        f"{graphs.equation(graph)}\n" + graphs.dump_graph(graph))
+        f"{td_loss.equation(graph)}\n" + td_loss.dump_graph(graph))
     return common.write_submission(
         folder, name=name.replace("_", "-"), family=FAMILY, rule={"graph": "loss.yaml"},
         description=(f"Loss found by regularised evolution on {task.id} (train split): "
-                     f"{graphs.equation(graph)}"),
+                     f"{td_loss.equation(graph)}"),
         task=task, summary={**summary, "best_individual": best.id}, author=author,
         notes=(f"metabench discover evolve: {summary['individuals']} individuals, "
                f"{summary['trained']} trained, best train fitness {best.fitness:.3f}; fitness "

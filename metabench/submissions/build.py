@@ -35,13 +35,13 @@ def build_rule(sub: Submission):
         origin = f"{sub.family}.{info.factory.__name__}"
         default = info.default_params
     elif sub.entry.startswith("graph:"):
-        from metabench import graphs
+        from metabench.families import td_loss
 
         rel = sub.entry.split(":", 1)[1]
-        graph = graphs.load_graph(_inside(sub.path, rel, file, "rule.graph"))
-        graphs.typecheck(graph)
-        rule, origin, default = graphs.compile_graph(graph), sub.entry, None
-        note = f"loss graph: {graphs.equation(graph)}"
+        graph = td_loss.load_graph(_inside(sub.path, rel, file, "rule.graph"))
+        td_loss.typecheck(graph)
+        rule, origin, default = td_loss.compile_graph(graph), sub.entry, None
+        note = f"loss graph: {td_loss.equation(graph)}"
     else:
         rel, fn_name = sub.entry.split(":")
         path = _inside(sub.path, rel, file, "rule.entry")
@@ -120,14 +120,14 @@ def batched_rule(subs: Sequence[Submission]):
                          f"and arguments, or loss graphs of one family); got {sorted(map(str, keys))}")
     refs = [build_rule(s) for s in subs]
     if next(iter(keys))[0] == "graph":
-        from metabench import graphs
+        from metabench.families import td_loss
 
-        loaded = [graphs.load_graph(_inside(s.path, s.entry.split(":", 1)[1],
-                                            s.path / SUBMISSION_FILE, "rule.graph"))
+        loaded = [td_loss.load_graph(_inside(s.path, s.entry.split(":", 1)[1],
+                                             s.path / SUBMISSION_FILE, "rule.graph"))
                   for s in subs]
-        size = max(graphs.live_size(g) for g in loaded)
-        encoded = [graphs.encode(g, size) for g in loaded]
-        return refs, graphs.interpreter_rule(), graphs.EncodedGraph(
+        size = max(td_loss.live_size(g) for g in loaded)
+        encoded = [td_loss.encode(g, size) for g in loaded]
+        return refs, td_loss.interpreter_rule(), td_loss.EncodedGraph(
             *(np.stack(a) for a in zip(*encoded)))
     return refs, refs[0].rule, jax.tree_util.tree_map(lambda *xs: np.stack(xs),
                                                       *[r.meta_params for r in refs])
