@@ -13,11 +13,11 @@ MAIN_BASELINES ?= ppo_clip dpo dqn dqn_reg null_drift
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "metabench needs Python 3.11, found " + sys.version'
+$(VENV)/.installed: pyproject.toml constraints/tested-py311.txt
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "the tested set is for Python 3.11, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints/tested-py311.txt -e ".[test]"
 	touch $@
 
 run: setup

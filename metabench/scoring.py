@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from rliable import library as rly
@@ -41,6 +41,7 @@ __all__ = [
     "final_window_return",
     "floor_scores",
     "nan_iqm",
+    "score_matrix",
     "normalise",
     "performance_profile",
     "poi_interval",
@@ -102,6 +103,22 @@ def floor_scores(scores: np.ndarray, ok: np.ndarray, floor: float = SCORE_FLOOR)
     out[failed] = float(floor)
     np.maximum(out, float(floor), out=out)
     return out
+
+
+def score_matrix(envs: Sequence[Any], seeds: Sequence[Any],
+                 scores: Iterable[tuple[Any, Any, float | None]]) -> np.ndarray:
+    """``[seeds, envs]`` normalised scores, rows and columns in the given orders: each
+    ``(env, seed, score)`` fills its cell; a failed run (score None) or one that never
+    reported scores the floor, and completed runs are clipped below at it
+    (:func:`floor_scores`). The one score matrix of a record: the harness aggregates it and
+    the site re-checks the stored aggregates with it."""
+    col = {e: j for j, e in enumerate(envs)}
+    row = {s: i for i, s in enumerate(seeds)}
+    mat = np.full((len(seeds), len(envs)), np.nan)
+    for env, seed, score in scores:
+        if env in col and seed in row and score is not None:
+            mat[row[seed], col[env]] = score
+    return floor_scores(mat, np.isfinite(mat))
 
 
 def final_window_return(

@@ -1,4 +1,4 @@
-"""Shared fixtures: small task specs written to a temporary folder."""
+"""Session settings and fixtures; helpers live in ``helpers.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
 
-TINY_TASK = """
-id: tiny
-description: a tiny CartPole task for tests
-total_timesteps: {steps}
-seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {{random: 22.0, reference: 500.0}}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {{random: 22.0, reference: 500.0}}
-  - env: gymnax/CartPole-v1
-    name: CartPole-long-pole
-    params: {{length: {{uniform: [0.5, 1.0]}}}}
-    normalise: {{random: 22.0, reference: 500.0}}
-agents:
-  drift: {{num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}}
-budget: {{seeds: 2, max_seconds_per_env: 600}}
-scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
-"""
-
-
-def write_task(folder: Path, text: str, name: str = "tiny") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
+from helpers import TINY_TASK, write_task  # noqa: E402 (after the cache is set: it imports jax)
 
 
 @pytest.fixture

@@ -175,7 +175,7 @@ def test_options_are_checked():
 
 
 def test_task_params_take_a_constant_backend_only(tmp_path):
-    from conftest import TINY_TASK, write_task
+    from helpers import TINY_TASK, write_task
 
     from metabench.tasks import spec
     from metabench.tasks.spec import SpecError

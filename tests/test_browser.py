@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leaderboard_fixtures import (make_record, random_scores, submission_block, write_record,
-                                  write_task)
+from helpers import (make_record, random_scores, submission_block, write_record,
+                     write_site_task)
 from metabench.site.build import build
 from metabench.site.serve import make_server
 
@@ -66,7 +66,7 @@ def browser():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser")
-    fp = write_task(root / "tasks", "t", "browser test task")
+    fp = write_site_task(root / "tasks", "t", "browser test task")
     rng = np.random.default_rng(0)
     for i, (name, iqm, mean) in enumerate(RULES):
         rec = make_record("t", fp, name, random_scores(rng, iqm), iqm=iqm,

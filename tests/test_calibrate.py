@@ -6,7 +6,7 @@ import yaml
 
 from metabench.tasks import calibrate, spec
 
-from conftest import TINY_TASK, write_task
+from helpers import TINY_TASK, write_task
 
 
 def test_calibrate_writes_the_lock_and_specs_read_it(tmp_path):

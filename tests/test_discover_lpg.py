@@ -18,7 +18,7 @@ from metabench import submissions
 from metabench.cli import main
 from metabench.discover import lpg as dlpg
 
-from conftest import write_task
+from helpers import write_task
 
 TASK = """
 id: lpg-tiny

@@ -15,9 +15,10 @@ from metabench import harness, nets, params_io, submissions
 from metabench.tasks import spec
 from metabench.cli import main
 from metabench.families import epg
+from metabench.families.base import count_traces
 from metabench.rules import UpdateRule, no_params
 
-from conftest import write_task
+from helpers import write_task
 
 TASK = """
 id: epg-cartpole
@@ -132,7 +133,7 @@ def test_guided_mixes_the_learned_loss_with_reinforce_by_an_explicit_weight():
     x = epg.random_inputs(jax.random.PRNGKey(5))
     learned = np.asarray(rule.apply(phi, x))
     pg = np.asarray(epg.reinforce().apply({}, x))
-    fn, traces = epg.count_traces(g.apply)
+    fn, traces = count_traces(g.apply)
     fn = jax.jit(fn)
     for alpha in (0.0, 1.0, 0.25):
         got = np.asarray(fn({"loss": phi, "guidance": jnp.float32(alpha)}, x))

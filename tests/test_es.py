@@ -19,7 +19,7 @@ from metabench.cli import main
 from metabench.discover import es as es_mod
 from metabench.families import drift
 
-from conftest import write_task
+from helpers import write_task
 
 TASK = """
 id: lpo-tiny

@@ -19,7 +19,7 @@ from metabench.discover.evolution import (Evaluation, TrainSplitFitness, _seed_s
                                          fitness_window, pad_graph)
 from metabench.families import td_loss
 
-from conftest import write_task
+from helpers import write_task
 
 RULE = td_loss.interpreter_rule()
 MAX = 14

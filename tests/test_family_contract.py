@@ -12,7 +12,7 @@ from metabench import harness
 from metabench.families import base as families_base
 from metabench.tasks import spec
 
-from conftest import write_task
+from helpers import write_task
 
 # Every family on CartPole at the smallest settings that still make a few real updates
 # (td_loss: learning starts after 64 steps and updates every step after that).

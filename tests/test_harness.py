@@ -17,7 +17,7 @@ from metabench.harness import train as harness_train
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, no_params
 
-from conftest import TINY_TASK, write_task
+from helpers import TINY_TASK, write_task
 
 CARTPOLE_PUREJAXRL = """
 id: cartpole
@@ -37,7 +37,8 @@ scoring: {baselines: {drift: ppo_clip}}
 
 # Two families, so a task's whole-spec fingerprint differs from the drift family's one (with
 # a single family they are equal and a record carrying the wrong one would pass unseen).
-TWO_FAMILY_TINY = TINY_TASK.replace("agents:\n", "agents:\n  td_loss: {{}}\n")
+TWO_FAMILY_TINY = TINY_TASK.replace("agents:\n", "agents:\n  td_loss: {{}}\n").replace(
+    "{{drift: ppo_clip}}", "{{drift: ppo_clip, td_loss: dqn}}")
 
 
 @pytest.fixture(scope="module")

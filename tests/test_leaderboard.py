@@ -17,8 +17,8 @@ import pytest
 import scipy.stats
 from rliable import metrics
 
-from leaderboard_fixtures import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record,
-                                  random_scores, submission_block, write_record, write_task)
+from helpers import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record, random_scores,
+                     submission_block, write_record, write_site_task)
 from metabench import results, scoring
 from metabench.site import model, pages, svg
 from metabench.site.build import build as build_site
@@ -62,7 +62,7 @@ def env(tmp_path):
     """A tasks dir with task ``t``, an empty results dir, and a builder."""
     tasks, res = tmp_path / "tasks", tmp_path / "results"
     res.mkdir()
-    fp = write_task(tasks, "t", "the test task")
+    fp = write_site_task(tasks, "t", "the test task")
 
     def build(out: str = "site", reps: int = REPS) -> Path:
         build_site(res, tmp_path / out, tasks, bootstrap_reps=reps, seed=0)
@@ -176,7 +176,7 @@ def test_task_page_shows_poi_against_the_task_baseline(env):
 def test_stale_records_are_listed_not_ranked(env):
     add(env, "fresh")
     add(env, "old", fp="0123456789abcdef")
-    fp_gone = write_task(env["tasks"], "gone")
+    fp_gone = write_site_task(env["tasks"], "gone")
     add(env, "orphan", task="gone", fp=fp_gone)
     (env["tasks"] / "gone.yaml").unlink()  # the task was retired after scoring
     # a train record whose fingerprint is stale does not feed the train-IQM column
@@ -256,7 +256,7 @@ def test_a_stored_iqm_that_is_not_its_runs_iqm_is_not_ranked(env):
 
 
 def test_every_text_field_is_escaped(env, tmp_path):
-    write_task(env["tasks"], "t", HOSTILE)  # the task description too
+    write_site_task(env["tasks"], "t", HOSTILE)  # the task description too
     fp = model._load_spec("t", env["tasks"])[0].fingerprint
     sub = submission_block(HOSTILE, version=HOSTILE, authors=[HOSTILE], affiliation=HOSTILE,
                            family="drift", description=HOSTILE, licence=HOSTILE,
@@ -492,8 +492,8 @@ def test_downloads_csv_and_raw_json(env):
 
 
 def test_index_lists_every_task(env):
-    fp2 = write_task(env["tasks"], "second", "the other task")
-    write_task(env["tasks"], "empty", "a task nobody has tried")
+    fp2 = write_site_task(env["tasks"], "second", "the other task")
+    write_site_task(env["tasks"], "empty", "a task nobody has tried")
     for i, (name, iqm) in enumerate([("w", 0.2), ("x", 0.9), ("y", 0.5), ("z", 0.7)]):
         add(env, name, iqm=iqm, iqm_ci=(iqm - 0.01, iqm + 0.01),
             created=f"2026-10-0{i + 1}T08:00:00+00:00")
@@ -578,7 +578,7 @@ def test_the_site_scores_failed_runs_at_the_floor_below_every_completed_run(env)
     assert envs == [e[0] for e in ENVS]
     np.testing.assert_allclose(mat[:, 0], [-1.0, -1.0, -0.4])
     np.testing.assert_allclose(mat[:, 1], [0.5, 0.6, 0.7])
-    mean_score, _ = model._env_means(rec, ENVS[0][0])
+    mean_score, _ = model.env_means(rec, ENVS[0][0])
     assert mean_score == pytest.approx((-1.0 - 1.0 - 0.4) / 3)
     assert rec["aggregates"]["mean"]["point"] == pytest.approx(mat.mean())
     # The probability of improvement over the baseline uses the floored cells too: against

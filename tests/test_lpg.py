@@ -15,7 +15,7 @@ from metabench.tasks import spec
 from metabench.families import lpg
 from metabench.rl import truncated_gae
 
-from conftest import write_task
+from helpers import write_task
 
 M = lpg.PRED_DIM
 

@@ -13,7 +13,7 @@ from metabench.tasks import spec
 from metabench.families import metagrad as mg
 from metabench.rl import truncated_gae
 from metabench.rules import UpdateRule
-from tests.conftest import write_task
+from tests.helpers import write_task
 from tests.test_rl import EpisodesEnv
 
 

@@ -169,7 +169,7 @@ scoring: {{bootstrap_reps: 50, baselines: {{drift: ppo_clip}}}}
 
 def grid_task(tmp_path, ref="optimal", test_env="grid/tabular-sparse"):
     from metabench.tasks import spec
-    from conftest import write_task
+    from helpers import write_task
 
     return spec.load(write_task(tmp_path, GRID_TASK.format(ref=ref, test_env=test_env),
                                 "grid-opt"), calibration={})
@@ -207,7 +207,7 @@ def test_spec_errors_for_per_level_references(tmp_path, ref, test_env, words):
 def test_spec_rejects_oracle_for_a_non_grid_env(tmp_path):
     from metabench.tasks import spec
     from metabench.tasks.spec import SpecError
-    from conftest import TINY_TASK, write_task
+    from helpers import TINY_TASK, write_task
 
     text = TINY_TASK.format(steps=4096).replace("{random: 22.0, reference: 500.0}\ntest",
                                                 "{random: 22.0, reference: oracle}\ntest", 1)
@@ -267,7 +267,7 @@ def test_calibrate_records_how_every_reference_is_obtained(tmp_path):
     import yaml
 
     from metabench.tasks import calibrate, spec
-    from conftest import write_task
+    from helpers import write_task
 
     text = GRID_TASK.format(ref="optimal", test_env="grid/tabular-sparse").replace(
         "{random: 0.0, reference: 1.0}", "{random: calibrated, reference: 1.0}")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from metabench import harness
-from tests.conftest import TINY_TASK, write_task
+from tests.helpers import TINY_TASK, write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 

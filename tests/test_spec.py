@@ -7,7 +7,7 @@ import pytest
 from metabench.tasks import spec
 from metabench.tasks.spec import SpecError
 
-from conftest import TINY_TASK, write_task
+from helpers import TINY_TASK, write_task
 
 
 def load_text(tmp_path, text, calibration=None):

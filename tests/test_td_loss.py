@@ -14,7 +14,7 @@ from metabench.tasks import spec
 from metabench.families import td_loss
 from metabench.rules import UpdateRule, no_params
 
-from conftest import write_task
+from helpers import write_task
 from tests.test_rl import EpisodesEnv
 
 X = td_loss.random_inputs(jax.random.PRNGKey(7), batch=32, actions=3)

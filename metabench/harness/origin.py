@@ -15,7 +15,8 @@ from importlib import metadata
 
 import jax
 
-__version__ = "0.1.0"
+from metabench import __version__
+
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "gymnax", "rliable", "numpy")
 
 

@@ -118,17 +118,9 @@ def run_records(run: EnvRun, window: float) -> list[dict]:
 
 def score_matrix(task: TaskSpec, split: str, runs: Sequence[dict]) -> np.ndarray:
     """``[seeds, envs]`` normalised scores in split order; failed runs score the floor."""
-    names = [e.name for e in task.split(split)]
-    by_env = {n: [r for r in runs if r["env"] == n] for n in names}
-    seeds = sorted({r["seed"] for r in runs})
-    mat = np.full((len(seeds), len(names)), np.nan)
-    ok = np.zeros_like(mat, dtype=bool)
-    for j, n in enumerate(names):
-        for r in by_env[n]:
-            i = seeds.index(r["seed"])
-            if r["status"] == "ok" and r["score"] is not None:
-                mat[i, j], ok[i, j] = r["score"], True
-    return scoring.floor_scores(mat, ok)
+    return scoring.score_matrix(
+        [e.name for e in task.split(split)], sorted({r["seed"] for r in runs}),
+        ((r["env"], r["seed"], r["score"] if r["status"] == "ok" else None) for r in runs))
 
 
 def env_part(run: EnvRun, window: float) -> dict:

@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from metabench.site.model import Entry, _d, _f, _l, _s, analyse_task, discover_tasks
+from metabench.site.model import (Entry, analyse_task, as_dict, as_list, as_number, as_text,
+                                  discover_tasks)
 from metabench.site.pages import index_page, submission_page, task_page
 from metabench.tasks import schema
 
@@ -29,13 +30,13 @@ MARKER = ".metabench-site"
 
 
 def _csv_text(x: Any) -> str:
-    s = _s(x)
+    s = as_text(x)
     # A cell starting with = + - @ is a formula to spreadsheets; quote it as text.
     return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s
 
 
 def _csv_num(x: Any) -> str:
-    v = _f(x)
+    v = as_number(x)
     return "" if v is None else repr(v)
 
 
@@ -47,7 +48,7 @@ def runs_csv(task_id: str, e: Entry) -> str:
     w.writerow(["task", "submission", "split", "env", "seed", "status", "reason",
                 "final_return", "score"])
     for split, rec in (("test", e.test), ("train", e.train)):
-        for r in map(_d, _l(_d(rec).get("runs"))):
+        for r in map(as_dict, as_list(as_dict(rec).get("runs"))):
             seed = r.get("seed")
             w.writerow([_csv_text(task_id), _csv_text(e.name), split, _csv_text(r.get("env")),
                         seed if isinstance(seed, int) else _csv_text(seed),

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from metabench.results import slug
+from metabench import scoring
 from metabench.scoring import floor_scores, nan_iqm, poi_interval
 from metabench.tasks import schema
 
@@ -32,15 +33,15 @@ STALE_COLOUR = "#999999"
 # --- small value helpers (records are untrusted: every accessor tolerates the wrong type) ---
 
 
-def _d(x: Any) -> dict:
+def as_dict(x: Any) -> dict:
     return x if isinstance(x, dict) else {}
 
 
-def _l(x: Any) -> list:
+def as_list(x: Any) -> list:
     return x if isinstance(x, list) else []
 
 
-def _s(x: Any) -> str:
+def as_text(x: Any) -> str:
     """A record value as display text."""
     if x is None:
         return ""
@@ -51,7 +52,7 @@ def _s(x: Any) -> str:
     return json.dumps(x, sort_keys=True)
 
 
-def _f(x: Any) -> float | None:
+def as_number(x: Any) -> float | None:
     """A finite real number, or None (bools and numeric strings are not numbers here)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
@@ -59,19 +60,19 @@ def _f(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _interval(x: Any) -> tuple[float, float, float] | None:
+def as_interval(x: Any) -> tuple[float, float, float] | None:
     """``{point, lo, hi}`` -> a tuple; missing bounds collapse onto the point."""
-    d = _d(x)
-    p = _f(d.get("point"))
+    d = as_dict(x)
+    p = as_number(d.get("point"))
     if p is None:
         return None
-    lo, hi = _f(d.get("lo")), _f(d.get("hi"))
+    lo, hi = as_number(d.get("lo")), as_number(d.get("hi"))
     return (p, p if lo is None else lo, p if hi is None else hi)
 
 
 
 
-def _parse_time(s: Any) -> datetime.datetime | None:
+def parse_time(s: Any) -> datetime.datetime | None:
     """An ISO timestamp in UTC (naive ones are taken as UTC), or None."""
     if not isinstance(s, str):
         return None
@@ -104,7 +105,7 @@ def safe_url(url: Any) -> str | None:
 
 
 
-def _rng(seed: int, *parts: str) -> np.random.Generator:
+def pair_rng(seed: int, *parts: str) -> np.random.Generator:
     # Seeded by the names of what is compared, not by build order, so a new submission does
     # not move anyone else's confidence intervals.
     digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogatepass")).digest()
@@ -116,19 +117,14 @@ def score_matrix(rec: dict) -> tuple[list[str], np.ndarray]:
     """``[seeds, envs]`` normalised scores in the order of the record's ``envs``; failed,
     missing or null runs score the floor and completed runs are clipped below at it, as the
     harness does (``scoring.floor_scores``)."""
-    runs = [r for r in _l(rec.get("runs")) if isinstance(r, dict)]
-    envs = [_s(_d(e).get("name")) for e in _l(rec.get("envs"))]
+    runs = [r for r in as_list(rec.get("runs")) if isinstance(r, dict)]
+    envs = [as_text(as_dict(e).get("name")) for e in as_list(rec.get("envs"))]
     if not envs:
-        envs = sorted({_s(r.get("env")) for r in runs})
-    seeds = sorted({_s(r.get("seed")) for r in runs}, key=lambda s: (len(s), s))
-    col = {e: j for j, e in enumerate(envs)}
-    row = {s: i for i, s in enumerate(seeds)}
-    mat = np.full((len(seeds), len(envs)), np.nan)
-    for r in runs:
-        j, score = col.get(_s(r.get("env"))), _f(r.get("score"))
-        if j is not None and r.get("status") == "ok" and score is not None:
-            mat[row[_s(r.get("seed"))], j] = score
-    return envs, floor_scores(mat, np.isfinite(mat))
+        envs = sorted({as_text(r.get("env")) for r in runs})
+    seeds = sorted({as_text(r.get("seed")) for r in runs}, key=lambda s: (len(s), s))
+    return envs, scoring.score_matrix(envs, seeds, (
+        (as_text(r.get("env")), as_text(r.get("seed")),
+         as_number(r.get("score")) if r.get("status") == "ok" else None) for r in runs))
 
 
 def _floats(values: list) -> np.ndarray:
@@ -138,7 +134,8 @@ def _floats(values: list) -> np.ndarray:
         if arr.ndim != 1:
             raise ValueError
     except (TypeError, ValueError):  # a malformed list: convert item by item
-        arr = np.array([np.nan if _f(v) is None else float(v) for v in values], dtype=np.float64)
+        arr = np.array([np.nan if as_number(v) is None else float(v) for v in values],
+                       dtype=np.float64)
     arr[~np.isfinite(arr)] = np.nan
     return arr
 
@@ -146,29 +143,29 @@ def _floats(values: list) -> np.ndarray:
 def curve_matrix(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps[T], returns[seeds, T])`` of one env's runs on the union of their step grids;
     null points are NaN."""
-    return _series_matrix(rec, env, lambda r: _d(r.get("curve")), "returns")
+    return _series_matrix(rec, env, lambda r: as_dict(r.get("curve")), "returns")
 
 
 def trace_names(rec: dict) -> list[str]:
     """Names of the per-update scalars the runs recorded (e.g. an adapted gamma)."""
-    return sorted({_s(k) for r in _l(rec.get("runs")) if isinstance(r, dict)
-                   for k in _d(r.get("traces"))})
+    return sorted({as_text(k) for r in as_list(rec.get("runs")) if isinstance(r, dict)
+                   for k in as_dict(r.get("traces"))})
 
 
 def trace_matrix(rec: dict, env: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps[T], values[seeds, T])`` of one recorded trace of one env's runs."""
-    return _series_matrix(rec, env, lambda r: _d(_d(r.get("traces")).get(name)), "values")
+    return _series_matrix(rec, env, lambda r: as_dict(as_dict(r.get("traces")).get(name)), "values")
 
 
 def _series_matrix(rec: dict, env: str, get: Callable[[dict], dict], key: str
                    ) -> tuple[np.ndarray, np.ndarray]:
     curves = []
-    for r in _l(rec.get("runs")):
-        if isinstance(r, dict) and _s(r.get("env")) == env:
+    for r in as_list(rec.get("runs")):
+        if isinstance(r, dict) and as_text(r.get("env")) == env:
             c = get(r)
             if not c:
                 continue
-            steps, rets = _floats(_l(c.get("steps"))), _floats(_l(c.get(key)))
+            steps, rets = _floats(as_list(c.get("steps"))), _floats(as_list(c.get(key)))
             k = min(len(steps), len(rets))
             ok = np.isfinite(steps[:k])
             curves.append((steps[:k][ok], rets[:k][ok]))
@@ -184,19 +181,19 @@ def _normaliser(rec: dict, env: str) -> tuple[np.ndarray, np.ndarray] | None:
     a run's own ``reference`` and ``random`` where it has them (per-level references,
     ``optimal`` / ``oracle``), else the env's; None when some row has no usable pair."""
     rnd = ref = None
-    for e in _l(rec.get("envs")):
-        e = _d(e)
-        if _s(e.get("name")) == env:
-            rnd, ref = _f(e.get("random")), _f(e.get("reference"))
+    for e in as_list(rec.get("envs")):
+        e = as_dict(e)
+        if as_text(e.get("name")) == env:
+            rnd, ref = as_number(e.get("random")), as_number(e.get("reference"))
             per_level = bool(e.get("reference_method"))
             break
     else:
         return None
     rnds, refs = [], []
-    for r in _l(rec.get("runs")):
-        if isinstance(r, dict) and _s(r.get("env")) == env and _d(r.get("curve")):
-            run_ref = _f(r.get("reference")) if per_level else ref
-            run_rnd = _f(r.get("random")) if per_level and "random" in r else rnd
+    for r in as_list(rec.get("runs")):
+        if isinstance(r, dict) and as_text(r.get("env")) == env and as_dict(r.get("curve")):
+            run_ref = as_number(r.get("reference")) if per_level else ref
+            run_rnd = as_number(r.get("random")) if per_level and "random" in r else rnd
             if run_rnd is None or run_ref is None or run_ref == run_rnd:
                 return None
             rnds.append(run_rnd)
@@ -230,33 +227,35 @@ class Entry:
 
     @property
     def record(self) -> dict:
-        return self.test if self.test is not None else _d(self.train)
+        return self.test if self.test is not None else as_dict(self.train)
 
     @property
     def sub(self) -> dict:
-        return _d(self.record.get("submission"))
+        return as_dict(self.record.get("submission"))
 
     @property
     def name(self) -> str:
-        return (_s(self.sub.get("name")) or _s(_d(self.record.get("rule")).get("name"))
+        return (as_text(self.sub.get("name"))
+                or as_text(as_dict(self.record.get("rule")).get("name"))
                 or self.stem)
 
     @property
     def rule_name(self) -> str:
-        return _s(_d(self.record.get("rule")).get("name"))
+        return as_text(as_dict(self.record.get("rule")).get("name"))
 
     @property
     def family(self) -> str:
-        return _s(self.sub.get("family")) or _s(_d(self.record.get("rule")).get("family"))
+        return (as_text(self.sub.get("family"))
+                or as_text(as_dict(self.record.get("rule")).get("family")))
 
     def agg(self, name: str) -> tuple[float, float, float] | None:
-        return _interval(_d(_d(self.test).get("aggregates")).get(name))
+        return as_interval(as_dict(as_dict(self.test).get("aggregates")).get(name))
 
     @property
     def train_iqm(self) -> tuple[float, float, float] | None:
         if self.train is None or self.train_stale:
             return None
-        return _interval(_d(self.train.get("aggregates")).get("iqm"))
+        return as_interval(as_dict(self.train.get("aggregates")).get("iqm"))
 
     @property
     def verified(self) -> bool:
@@ -345,13 +344,13 @@ def _staleness(rec: dict, task_id: str, split: str, spec, spec_error: str | None
     """Why ``rec`` cannot be ranked against the current spec, or None."""
     if spec_error:
         return spec_error
-    task = _d(rec.get("task"))
-    if _s(task.get("id")) != task_id:
-        return f"the record is for task {_s(task.get('id'))!r}, filed under {task_id!r}"
-    if _s(task.get("split")) != split:
-        return f"the record's split is {_s(task.get('split'))!r}, expected {split!r}"
-    family = _s(_d(rec.get("rule")).get("family")) or None
-    fp, current = _s(task.get("fingerprint")), spec.fingerprint(family)
+    task = as_dict(rec.get("task"))
+    if as_text(task.get("id")) != task_id:
+        return f"the record is for task {as_text(task.get('id'))!r}, filed under {task_id!r}"
+    if as_text(task.get("split")) != split:
+        return f"the record's split is {as_text(task.get('split'))!r}, expected {split!r}"
+    family = as_text(as_dict(rec.get("rule")).get("family")) or None
+    fp, current = as_text(task.get("fingerprint")), spec.fingerprint(family)
     if fp != current:
         return (f"task fingerprint {fp or '(none)'} differs from the current spec's "
                 f"{current}: the task changed since this was scored")
@@ -458,7 +457,7 @@ def _add_poi(view: TaskView, reps: int, seed: int) -> None:
         for e in view.ranked:
             y = _align(e, base) if e.family == family else None
             if y is not None:
-                e.poi = poi_interval(e.matrix, y, reps, _rng(seed, view.id, "poi", e.stem,
+                e.poi = poi_interval(e.matrix, y, reps, pair_rng(seed, view.id, "poi", e.stem,
                                                              base.stem))
 
 
@@ -471,13 +470,13 @@ def discover_tasks(results_dir: Path, tasks_dir: Path) -> list[str]:
     return sorted(ids)
 
 
-def _env_means(rec: dict, env: str) -> tuple[float | None, float | None]:
+def env_means(rec: dict, env: str) -> tuple[float | None, float | None]:
     """Mean normalised score (failed runs at the floor) and mean final return of one env."""
-    runs = [_d(r) for r in _l(rec.get("runs")) if _s(_d(r).get("env")) == env]
+    runs = [as_dict(r) for r in as_list(rec.get("runs")) if as_text(as_dict(r).get("env")) == env]
     if not runs:
         return None, None
-    raw = np.array([_f(r.get("score")) if r.get("status") == "ok" else None for r in runs],
+    raw = np.array([as_number(r.get("score")) if r.get("status") == "ok" else None for r in runs],
                    dtype=np.float64)  # None -> NaN
     scores = floor_scores(raw, np.isfinite(raw))
-    finals = [v for r in runs if (v := _f(r.get("final_return"))) is not None]
+    finals = [v for r in runs if (v := as_number(r.get("final_return"))) is not None]
     return float(np.mean(scores)), (float(np.mean(finals)) if finals else None)

@@ -24,8 +24,9 @@ import numpy as np
 from markupsafe import Markup
 
 from metabench.scoring import performance_profile
-from metabench.site.model import (Entry, TaskView, _d, _f, _interval, _l, _parse_time, _rng,
-                                  _s, _env_means, safe_url, trace_matrix, trace_names)
+from metabench.site.model import (Entry, TaskView, as_dict, as_interval, as_list, as_number,
+                                  as_text, env_means, pair_rng, parse_time, safe_url,
+                                  trace_matrix, trace_names)
 from metabench.site.svg import Series, svg_intervals, svg_lines
 
 PROFILE_POINTS = 81
@@ -86,7 +87,7 @@ class Link(NamedTuple):
 
 
 def _cell(x: Any, value: Any = None, num: bool = False) -> Cell:
-    return Cell(_s(x), value, num)
+    return Cell(as_text(x), value, num)
 
 
 def _link(url: Any) -> Link:
@@ -94,7 +95,7 @@ def _link(url: Any) -> Link:
     if not url:
         return Link(None, "")
     ok = safe_url(url)
-    return Link(ok, ok if ok is not None else _s(url))
+    return Link(ok, ok if ok is not None else as_text(url))
 
 
 def table_html(table: Table) -> Markup:
@@ -133,7 +134,7 @@ def _ci_text(iv: tuple[float, float, float] | None) -> str:
 
 
 def _created(rec: dict | None) -> datetime.datetime | None:
-    return _parse_time(_d(_d(rec).get("provenance")).get("created"))
+    return parse_time(as_dict(as_dict(rec).get("provenance")).get("created"))
 
 
 def _created_utc(rec: dict | None) -> str:
@@ -152,7 +153,7 @@ def _last_updated(records: Iterable[dict]) -> str:
 
 
 def _versions(records: Iterable[dict]) -> str:
-    vs = sorted({_s(_d(r.get("provenance")).get("metabench")) for r in records} - {""})
+    vs = sorted({as_text(as_dict(r.get("provenance")).get("metabench")) for r in records} - {""})
     return ", ".join(vs) if vs else DASH
 
 
@@ -160,14 +161,14 @@ def _versions(records: Iterable[dict]) -> str:
 
 
 def _failures(rec: dict) -> int:
-    return sum(1 for r in _l(rec.get("runs")) if _d(r).get("status") != "ok")
+    return sum(1 for r in as_list(rec.get("runs")) if as_dict(r).get("status") != "ok")
 
 
 def _env_steps(rec: dict) -> tuple[str, float | None]:
-    vals = sorted({v for e in _l(rec.get("envs"))
-                   if (v := _f(_d(e).get("env_steps_per_seed"))) is not None})
+    vals = sorted({v for e in as_list(rec.get("envs"))
+                   if (v := as_number(as_dict(e).get("env_steps_per_seed"))) is not None})
     if not vals:
-        v = _f(_d(rec.get("task")).get("total_timesteps"))
+        v = as_number(as_dict(rec.get("task")).get("total_timesteps"))
         return _count(v), v
     if len(vals) == 1:
         return _count(vals[0]), vals[0]
@@ -175,10 +176,11 @@ def _env_steps(rec: dict) -> tuple[str, float | None]:
 
 
 def _wall_clock(rec: dict) -> tuple[str, float | None]:
-    total = _f(rec.get("wall_clock_s"))
+    total = as_number(rec.get("wall_clock_s"))
     if total is not None:
         return f"{total:,.0f} s", total
-    parts = [_f(_d(e).get(k)) for e in _l(rec.get("envs")) for k in ("compile_s", "run_s")]
+    parts = [as_number(as_dict(e).get(k)) for e in as_list(rec.get("envs"))
+             for k in ("compile_s", "run_s")]
     parts = [p for p in parts if p is not None]
     if not parts:
         return DASH, None
@@ -186,16 +188,16 @@ def _wall_clock(rec: dict) -> tuple[str, float | None]:
 
 
 def _device(rec: dict) -> str:
-    dev = _d(_d(rec.get("provenance")).get("device"))
-    kind, plat = _s(dev.get("kind")), _s(dev.get("platform"))
+    dev = as_dict(as_dict(rec.get("provenance")).get("device"))
+    kind, plat = as_text(dev.get("kind")), as_text(dev.get("platform"))
     if not kind and not plat:
         return ""
     return f"{kind or '?'} / {plat or '?'}"
 
 
 def _disclosed(e: Entry) -> tuple[str, float | None]:
-    d = _d(e.sub.get("disclosure"))
-    steps, hours = _f(d.get("env_steps")), _f(d.get("accelerator_hours"))
+    d = as_dict(e.sub.get("disclosure"))
+    steps, hours = as_number(d.get("env_steps")), as_number(d.get("accelerator_hours"))
     parts = []
     if steps is not None:
         parts.append(f"{_si(steps)} env steps")
@@ -225,7 +227,7 @@ def _profile_plot(view: TaskView, reps: int, seed: int) -> Markup:
     taus = np.linspace(0.0, top, PROFILE_POINTS)
     series = []
     for e in view.ranked:
-        p, lo, hi = performance_profile(e.matrix, taus, reps, _rng(seed, view.id, "profile",
+        p, lo, hi = performance_profile(e.matrix, taus, reps, pair_rng(seed, view.id, "profile",
                                                                    e.stem))
         series.append(Series(e.name, e.colour, taus, p, band=(lo, hi)))
     return svg_lines("Performance profiles (test), 95% CI bands", series,
@@ -314,7 +316,7 @@ def _rank_row(view: TaskView, i: int, e: Entry) -> dict:
     return {"cls": "rank-row tied" if e.tied else "rank-row", "name": e.name,
             "sort_name": e.name.lower(), "href": _sub_href(view, e, "../"), "rank": i + 1,
             "control": e.is_control, "tied": e.tied, "baseline": e.is_baseline,
-            "note": _s(_d(rec.get("rule")).get("note")), "verified": e.verified,
+            "note": as_text(as_dict(rec.get("rule")).get("note")), "verified": e.verified,
             "cells": cells}
 
 
@@ -332,7 +334,7 @@ def _env_score_table(view: TaskView) -> Table:
     for e in view.ranked:
         cells = [_cell(e.name)]
         for n in envs:
-            s, r = _env_means(e.test, n) if n in e.envs else (None, None)
+            s, r = env_means(e.test, n) if n in e.envs else (None, None)
             cells += [_cell(_num(s), num=True), _cell(_num(r, 2), num=True)]
         rows.append(cells)
     return Table(head, rows)
@@ -385,9 +387,9 @@ def _agg_table(e: Entry) -> Table:
     for split, rec, stale in (("test", e.test, e.stale), ("train", e.train, e.train_stale)):
         if rec is None:
             continue
-        aggs = _d(rec.get("aggregates"))
+        aggs = as_dict(rec.get("aggregates"))
         rows.append([_cell(split + (" (stale)" if stale else ""))]
-                    + [_cell(_ci_text(_interval(aggs.get(k))), num=True)
+                    + [_cell(_ci_text(as_interval(aggs.get(k))), num=True)
                        for k in ("iqm", "mean", "median", "optimality_gap")])
     return Table(["split", "IQM", "mean", "median", "optimality gap"], rows)
 
@@ -400,15 +402,16 @@ ENV_COLUMNS = ["env", "env id", "params", "seeds", "mean score", "mean return", 
 def env_table(rec: dict) -> Table:
     """Per env of a record: its settings, mean score and return, cost and failures; for
     multi-agent envs the team's (summed) return beside the per-agent one."""
-    multi = any("team_return" in _d(e) for e in _l(rec.get("envs")))
+    multi = any("team_return" in as_dict(e) for e in as_list(rec.get("envs")))
     rows = []
-    for env in map(_d, _l(rec.get("envs"))):
-        name = _s(env.get("name"))
-        score, ret = _env_means(rec, name)
-        fails = sum(1 for r in _l(rec.get("runs"))
-                    if _s(_d(r).get("env")) == name and _d(r).get("status") != "ok")
-        number = lambda key, digits: _cell(_num(_f(env.get(key)), digits), num=True)  # noqa: E731
-        count = lambda key: _cell(_count(_f(env.get(key))), num=True)  # noqa: E731
+    for env in map(as_dict, as_list(rec.get("envs"))):
+        name = as_text(env.get("name"))
+        score, ret = env_means(rec, name)
+        fails = sum(1 for r in as_list(rec.get("runs"))
+                    if as_text(as_dict(r).get("env")) == name and as_dict(r).get("status") != "ok")
+        def number(key, digits):
+            return _cell(_num(as_number(env.get(key)), digits), num=True)
+        count = lambda key: _cell(_count(as_number(env.get(key))), num=True)  # noqa: E731
         rows.append([
             _cell(name), _cell(env.get("env")),
             _cell(json.dumps(env.get("params"), sort_keys=True)), _cell(env.get("seeds")),
@@ -423,19 +426,19 @@ def env_table(rec: dict) -> Table:
 
 def runs_table(rec: dict) -> Table:
     """One row per run; multi-agent records add the team's and each agent's return."""
-    runs = list(map(_d, _l(rec.get("runs"))))
+    runs = list(map(as_dict, as_list(rec.get("runs"))))
     multi = any("team_return" in r for r in runs)
 
     def agents(r: dict) -> list[Cell]:
         if not multi:
             return []
-        per = ", ".join(f"{_s(k)} {_num(_f(v), 2)}"
-                        for k, v in sorted(_d(r.get("agent_returns")).items()))
-        return [_cell(_num(_f(r.get("team_return")), 2), num=True), _cell(per)]
+        per = ", ".join(f"{as_text(k)} {_num(as_number(v), 2)}"
+                        for k, v in sorted(as_dict(r.get("agent_returns")).items()))
+        return [_cell(_num(as_number(r.get("team_return")), 2), num=True), _cell(per)]
 
     rows = [[_cell(r.get("env")), _cell(r.get("seed"), num=True), _cell(r.get("status")),
-             _cell(r.get("reason")), _cell(_num(_f(r.get("final_return")), 2), num=True),
-             _cell(_num(_f(r.get("score"))), num=True)] + agents(r) for r in runs]
+             _cell(r.get("reason")), _cell(_num(as_number(r.get("final_return")), 2), num=True),
+             _cell(_num(as_number(r.get("score"))), num=True)] + agents(r) for r in runs]
     return Table(["env", "seed", "status", "reason", "final return", "score"]
                  + (["team return", "per-agent return"] if multi else []), rows)
 
@@ -446,29 +449,31 @@ def _check(rec: dict) -> dict | None:
         return None
     mv = check.get("mirror_valid")
     rows = [[_cell(c.get("name")), _cell(c.get("passed")), _cell(c.get("detail"))]
-            for c in map(_d, _l(check.get("checks")))]
-    return {"passed": _s(check.get("passed")), "mirror_valid": DASH if mv is None else _s(mv),
+            for c in map(as_dict, as_list(check.get("checks")))]
+    return {"passed": as_text(check.get("passed")),
+            "mirror_valid": DASH if mv is None else as_text(mv),
             "table": Table(["check", "passed", "detail"], rows)}
 
 
 def _disclosure(sub: dict) -> dict | None:
-    d = _d(sub.get("disclosure"))
+    d = as_dict(sub.get("disclosure"))
     if not d:
         return None
-    return {"task": _s(d.get("task")),
-            "envs": ", ".join(_s(x) for x in _l(d.get("train_envs"))),
-            "env_steps": _si(_f(d.get("env_steps"))),
-            "hours": _num(_f(d.get("accelerator_hours")), 1), "notes": _s(d.get("notes"))}
+    return {"task": as_text(d.get("task")),
+            "envs": ", ".join(as_text(x) for x in as_list(d.get("train_envs"))),
+            "env_steps": _si(as_number(d.get("env_steps"))),
+            "hours": _num(as_number(d.get("accelerator_hours")), 1),
+            "notes": as_text(d.get("notes"))}
 
 
 def _provenance(rec: dict) -> dict:
-    p = _d(rec.get("provenance"))
-    return {"created": _s(p.get("created")), "metabench": _s(p.get("metabench")),
-            "command": _s(p.get("command")) if p.get("command") else "",
-            "platform": _s(p.get("platform")), "python": _s(p.get("python")),
-            "libraries": ", ".join(f"{k} {_s(v)}"
-                                   for k, v in sorted(_d(p.get("libraries")).items())),
-            "git_commit": _s(p.get("git_commit")), "git_dirty": p.get("git_dirty") is True}
+    p = as_dict(rec.get("provenance"))
+    return {"created": as_text(p.get("created")), "metabench": as_text(p.get("metabench")),
+            "command": as_text(p.get("command")) if p.get("command") else "",
+            "platform": as_text(p.get("platform")), "python": as_text(p.get("python")),
+            "libraries": ", ".join(f"{k} {as_text(v)}"
+                                   for k, v in sorted(as_dict(p.get("libraries")).items())),
+            "git_commit": as_text(p.get("git_commit")), "git_dirty": p.get("git_dirty") is True}
 
 
 def _downloads(view: TaskView, e: Entry) -> list[tuple[str, str]]:
@@ -483,27 +488,29 @@ def _downloads(view: TaskView, e: Entry) -> list[tuple[str, str]]:
 
 def _authors(sub: dict) -> str:
     authors = sub.get("authors")
-    return ", ".join(_s(a) for a in ([authors] if isinstance(authors, str) else _l(authors)))
+    names = [authors] if isinstance(authors, str) else as_list(authors)
+    return ", ".join(as_text(a) for a in names)
 
 
 def submission_page(view: TaskView, e: Entry, builder: str) -> str:
     rec, sub = e.record, e.sub
-    rule = _d(rec.get("rule"))
+    rule = as_dict(rec.get("rule"))
     poi = None if e.poi is None else {"baseline": view.baseline.get(e.family, ""),
                                       "interval": _ci_text(e.poi)}
     return _render(
         "submission.html", title=f"{e.name} on {view.id} \u2014 metabench leaderboard",
         root="../../", builder=builder, task_id=view.id, task_slug=view.slug,
-        name=e.name, version=_s(sub.get("version")), verified=e.verified,
+        name=e.name, version=as_text(sub.get("version")), verified=e.verified,
         baseline=e.is_baseline, control=e.is_control, stale=e.stale or "",
-        note=_s(rule.get("note")), description=_s(sub.get("description")),
-        authors=_authors(sub), affiliation=_s(sub.get("affiliation")), family=e.family,
+        note=as_text(rule.get("note")), description=as_text(sub.get("description")),
+        authors=_authors(sub), affiliation=as_text(sub.get("affiliation")), family=e.family,
         paper=_link(sub.get("paper")), code=_link(sub.get("code")),
-        licence=_s(sub.get("licence")),
-        rule={"factory": _s(rule.get("factory")),
+        licence=as_text(sub.get("licence")),
+        rule={"factory": as_text(rule.get("factory")),
               "kwargs": json.dumps(rule.get("kwargs", {}), sort_keys=True),
-              "params_hash": _s(rule.get("params_hash"))},
-        params_sha256=_s(sub.get("params_sha256")), content_hash=_s(sub.get("content_hash")),
+              "params_hash": as_text(rule.get("params_hash"))},
+        params_sha256=as_text(sub.get("params_sha256")),
+        content_hash=as_text(sub.get("content_hash")),
         disclosure=_disclosure(sub), downloads=_downloads(view, e), aggregates=_agg_table(e),
         poi=poi, wall_clock=_wall_clock(rec)[0], device=_device(rec), failures=_failures(rec),
         split="test" if e.test is not None else "train", env_table=env_table(rec),

@@ -1,9 +1,12 @@
-"""Synthetic result records and task specs for the leaderboard tests.
+"""Helpers shared by the tests: task specs written to a folder (``TINY_TASK``, a two-seed
+CartPole task at a small budget), and synthetic result records and task specs for the site's
+tests.
 
 Records follow the schema of ``metabench.harness.assemble`` (plus the keys a submission adds),
 but their numbers are made up: scores come from the caller, curves rise towards the final
 return, and aggregates are rliable's point estimates with CIs the caller may set by hand.
 """
+
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
 """
 
 
-def write_task(tasks_dir: Path, task_id: str, description: str = "a synthetic task",
+def write_site_task(tasks_dir: Path, task_id: str, description: str = "a synthetic task",
                envs: Sequence[tuple[str, str, float, float]] = ENVS) -> Callable[[str], str]:
     """Writes ``tasks_dir/<task_id>.yaml``; returns its ``fingerprint(family)``."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,7 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
                 note: str = "", seed: int = 0) -> dict:
     """A record whose run scores are ``scores[seed, env]``; ``failed`` lists (seed, env)
     cells recorded as failed runs. ``iqm``/``iqm_ci``/``mean`` override the aggregates.
-    ``fingerprint`` is a literal or ``write_task``'s per-family fingerprint."""
+    ``fingerprint`` is a literal or ``write_site_task``'s per-family fingerprint."""
     if callable(fingerprint):
         fingerprint = fingerprint(family)
     scores = np.asarray(scores, dtype=np.float64)
@@ -173,7 +176,7 @@ def make_bench_set(root: Path, n_subs: int = 50, n_tasks: int = 3, seeds: int = 
     rng = np.random.default_rng(0)
     for t in range(n_tasks):
         task_id = f"bench-{t}"
-        fp = write_task(tasks_dir, task_id, f"synthetic benchmark task {t}")
+        fp = write_site_task(tasks_dir, task_id, f"synthetic benchmark task {t}")
         for i in range(n_subs):
             name = "ppo_clip" if i == 0 else f"rule_{i:03d}"
             level = rng.uniform(0.1, 0.9)
@@ -188,3 +191,31 @@ def make_bench_set(root: Path, n_subs: int = 50, n_tasks: int = 3, seeds: int = 
                                     split="train", submission=sub, created=created, seed=i + 1)
                 write_record(results_dir, name, train)
     return results_dir, tasks_dir
+
+
+TINY_TASK = """
+id: tiny
+description: a tiny CartPole task for tests
+total_timesteps: {steps}
+seed: 0
+train:
+  - env: gymnax/CartPole-v1
+    normalise: {{random: 22.0, reference: 500.0}}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {{random: 22.0, reference: 500.0}}
+  - env: gymnax/CartPole-v1
+    name: CartPole-long-pole
+    params: {{length: {{uniform: [0.5, 1.0]}}}}
+    normalise: {{random: 22.0, reference: 500.0}}
+agents:
+  drift: {{num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}}
+budget: {{seeds: 2, max_seconds_per_env: 600}}
+scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
+"""
+
+
+def write_task(folder: Path, text: str, name: str = "tiny") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
