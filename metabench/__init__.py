@@ -41,9 +41,9 @@ _API = {
     "aggregates": ("metabench.scoring", "aggregates"),
     "normalise": ("metabench.scoring", "normalise"),
     "probability_of_improvement": ("metabench.scoring", "probability_of_improvement"),
-    "SpecError": ("metabench.tasks.spec", "SpecError"),
-    "TaskSpec": ("metabench.tasks.spec", "TaskSpec"),
-    "list_tasks": ("metabench.tasks.spec", "list_tasks"),
+    "SpecError": ("metabench.tasks.schema", "SpecError"),
+    "TaskSpec": ("metabench.tasks.schema", "TaskSpec"),
+    "list_tasks": ("metabench.tasks.schema", "list_tasks"),
     "load_task": ("metabench.tasks.spec", "load"),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -558,6 +559,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # The reader stopped early (``metabench list tasks | head``): not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (KeyError, ValueError, FileNotFoundError, OSError) as e:
         # Unknown names and malformed specs are the user's to fix: say what, not a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

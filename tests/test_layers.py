@@ -154,7 +154,8 @@ def test_importing_a_leaf_module_loads_no_jax():
     # `import metabench` names its API lazily: the record format and the site's modules load
     # neither JAX nor the families.
     code = ("import sys, metabench, metabench.results, metabench.site.build, "
-            "metabench.site.serve\n"
+            "metabench.site.serve, metabench.tasks.schema\n"
+            "assert 'classic-transfer-v1-quick' in metabench.list_tasks() and metabench.TaskSpec\n"
             "bad = sorted(m for m in ('jax', 'flax', 'metabench.families', 'metabench.harness')"
             " if m in sys.modules)\n"
             "assert not bad, bad\n"
