@@ -193,6 +193,17 @@ def make_bench_set(root: Path, n_subs: int = 50, n_tasks: int = 3, seeds: int = 
     return results_dir, tasks_dir
 
 
+CARTPOLE_SPLITS = """train:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+test:
+  - env: gymnax/CartPole-v1
+    normalise: {random: 22.0, reference: 500.0}
+"""
+"""CartPole as the one train and the one test env of a small task (random policy 22; 500 is
+PureJaxRL's episode cap): tests write their own id, budget and agents around it."""
+
+
 TINY_TASK = """
 id: tiny
 description: a tiny CartPole task for tests

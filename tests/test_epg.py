@@ -18,20 +18,14 @@ from metabench.families import epg
 from metabench.families.base import count_traces
 from metabench.rules import UpdateRule, no_params
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 
 TASK = """
 id: epg-cartpole
 description: the EPG agent on CartPole
 total_timesteps: 100000
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   epg: {}
 budget: {seeds: 2, max_seconds_per_env: 600}
 scoring: {bootstrap_reps: 200, baselines: {epg: reinforce}}
@@ -394,13 +388,7 @@ id: epg-tiny
 description: a tiny CartPole task for ES on EPG's loss
 total_timesteps: 8192
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   epg: {num_envs: 8, rollout_len: 32, buffer_len: 64}
 budget: {seeds: 2, max_seconds_per_env: 600}
 scoring: {bootstrap_reps: 200, baselines: {epg: reinforce}}

@@ -19,20 +19,14 @@ from metabench.cli import main
 from metabench.discover import es as es_mod
 from metabench.families import drift
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 
 TASK = """
 id: lpo-tiny
 description: a tiny CartPole task for ES on LPO's drift
 total_timesteps: 8192
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   drift: {num_envs: 4, rollout_len: 64, epochs: 2, minibatches: 2}
 budget: {seeds: 2, max_seconds_per_env: 600}
 scoring: {bootstrap_reps: 200, baselines: {drift: ppo_clip}}

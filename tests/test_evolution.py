@@ -19,7 +19,7 @@ from metabench.discover.evolution import (Evaluation, TrainSplitFitness, _seed_s
                                          fitness_window, pad_graph)
 from metabench.families import td_loss
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 
 RULE = td_loss.interpreter_rule()
 MAX = 14
@@ -32,13 +32,7 @@ id: cheap-td
 description: a cheap CartPole task for searching losses
 total_timesteps: 8000
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   td_loss: {num_envs: 4, buffer_size: 5000, batch_size: 64, eps_decay_steps: 2000,
             learning_starts: 500, target_update_period: 200, train_every: 4, lr: 0.001,
             hidden: [64, 64]}

@@ -12,20 +12,14 @@ from metabench import harness
 from metabench.families import base as families_base
 from metabench.tasks import spec
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 
 # Every family on CartPole at the smallest settings that still make a few real updates
 # (td_loss: learning starts after 64 steps and updates every step after that).
 CONTRACT_TASK = """
 id: contract
 total_timesteps: 2048
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   drift: {num_envs: 4, rollout_len: 32, epochs: 1, minibatches: 1, hidden: [16, 16]}
   td_loss: {num_envs: 4, buffer_size: 512, batch_size: 32, learning_starts: 64,
             eps_decay_steps: 512, target_update_period: 64, hidden: [16, 16]}

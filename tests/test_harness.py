@@ -17,18 +17,12 @@ from metabench.harness import train as harness_train
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, no_params
 
-from helpers import TINY_TASK, write_task
+from helpers import CARTPOLE_SPLITS, TINY_TASK, write_task
 
 CARTPOLE_PUREJAXRL = """
 id: cartpole
 total_timesteps: 1e5
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   drift: {num_envs: 4, rollout_len: 128, epochs: 4, minibatches: 4, lr: 2.5e-4}
 budget: {seeds: 4, max_seconds_per_env: 1800}
 scoring: {baselines: {drift: ppo_clip}}

@@ -15,7 +15,7 @@ from metabench.tasks import spec
 from metabench.families import lpg
 from metabench.rl import truncated_gae
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 
 M = lpg.PRED_DIM
 
@@ -261,13 +261,7 @@ id: lpg-cartpole
 description: the LPG agent on CartPole
 total_timesteps: 200000
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   lpg: {num_envs: 16, rollout_len: 20, lr: 0.001, network: mlp, hidden: [64, 64],
         ent_coef: 0.01}
 budget: {seeds: 2, max_seconds_per_env: 600}

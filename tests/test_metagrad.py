@@ -13,7 +13,7 @@ from metabench.tasks import spec
 from metabench.families import metagrad as mg
 from metabench.rl import truncated_gae
 from metabench.rules import UpdateRule
-from tests.helpers import write_task
+from tests.helpers import CARTPOLE_SPLITS, write_task
 from tests.test_rl import EpisodesEnv
 
 
@@ -241,13 +241,7 @@ METAGRAD_TASK = """
 id: metagrad-tiny
 total_timesteps: 1e5
 seed: 0
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   metagrad: {num_envs: 16, rollout_len: 16, meta_lr: 0.01}
 budget: {seeds: 2, max_seconds_per_env: 600}
 scoring: {bootstrap_reps: 200, baselines: {metagrad: a2c_fixed}}

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import CARTPOLE_SPLITS
 from metabench import params_io, results, submissions
 from metabench.tasks import spec
 from metabench.submissions import isolate, orchestrate
@@ -20,13 +21,7 @@ from metabench.families import drift
 ONE_ENV_TASK = """
 id: one
 total_timesteps: 2048
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-  - env: gymnax/CartPole-v1
+""" + CARTPOLE_SPLITS + """  - env: gymnax/CartPole-v1
     name: CartPole-heavy-pole
     params: {masspole: 0.3}
     normalise: {random: 22.0, reference: 500.0}

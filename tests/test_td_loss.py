@@ -14,7 +14,7 @@ from metabench.tasks import spec
 from metabench.families import td_loss
 from metabench.rules import UpdateRule, no_params
 
-from helpers import write_task
+from helpers import CARTPOLE_SPLITS, write_task
 from tests.test_rl import EpisodesEnv
 
 X = td_loss.random_inputs(jax.random.PRNGKey(7), batch=32, actions=3)
@@ -154,13 +154,7 @@ def test_the_rule_sees_q_values_only():
 DQN_CARTPOLE = """
 id: dqn-cartpole
 total_timesteps: 3e5
-train:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-test:
-  - env: gymnax/CartPole-v1
-    normalise: {random: 22.0, reference: 500.0}
-agents:
+""" + CARTPOLE_SPLITS + """agents:
   td_loss: {}
 budget: {seeds: 4, max_seconds_per_env: 1800}
 scoring: {baselines: {td_loss: dqn}}
