@@ -42,12 +42,13 @@ test:
 agents:
   drift: {{num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}}
 budget: {{seeds: 16, max_seconds_per_env: 600}}
-scoring: {{bootstrap_reps: 200, baselines: {{drift: ppo_clip}}}}
+scoring: {{bootstrap_reps: 200, aggregate: {aggregate}, baselines: {{drift: ppo_clip}}}}
 """
 
 
 def write_site_task(tasks_dir: Path, task_id: str, description: str = "a synthetic task",
-               envs: Sequence[tuple[str, str, float, float]] = ENVS) -> Callable[[str], str]:
+                    envs: Sequence[tuple[str, str, float, float]] = ENVS,
+                    aggregate: str = "iqm") -> Callable[[str], str]:
     """Writes ``tasks_dir/<task_id>.yaml``; returns its ``fingerprint(family)``."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
     test = "\n".join(f"  - env: {env}\n    name: {json.dumps(name)}\n"
@@ -56,7 +57,7 @@ def write_site_task(tasks_dir: Path, task_id: str, description: str = "a synthet
     path = tasks_dir / f"{task_id}.yaml"
     path.write_text(textwrap.dedent(TASK_YAML).format(id=task_id,
                                                       description=json.dumps(description),
-                                                      test=test))
+                                                      test=test, aggregate=aggregate))
     return spec.load(path).fingerprint
 
 

@@ -89,3 +89,25 @@ def test_the_control_baselines_are_submissions_marked_as_controls():
         assert sub.control and sub.metadata()["control"] is True
         assert sub.family == name
     assert not submissions.load(root / "ppo_clip").control
+
+
+def test_a_baseline_is_marked_by_its_rule_not_by_its_folder(tmp_path):
+    """Every shipped baseline folder is a reference rule as the project ships it; the same
+    rule copied anywhere is one too, and a retuned or re-parameterised copy is not."""
+    import shutil
+    from pathlib import Path
+
+    from metabench import submissions
+
+    root = Path(__file__).resolve().parents[1] / "submissions" / "baselines"
+    for folder in sorted(p for p in root.iterdir() if (p / "submission.yaml").exists()):
+        assert submissions.load(folder).reference, folder.name
+    copy = tmp_path / "elsewhere" / "my_ppo"
+    shutil.copytree(root / "ppo_clip", copy)
+    assert submissions.load(copy).reference
+    text = (copy / "submission.yaml").read_text()
+    (copy / "submission.yaml").write_text(text.replace("{epsilon: 0.2}", "{epsilon: 0.3}"))
+    assert not submissions.load(copy).reference
+    (copy / "submission.yaml").write_text(text.replace("{epsilon: 0.2}", "{epsilon: 0.2, "
+                                                       "typo: 1}"))
+    assert not submissions.load(copy).reference

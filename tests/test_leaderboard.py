@@ -96,6 +96,32 @@ def test_ranks_by_iqm_point_not_mean(env):
     assert index.index("bravo") < index.index("alpha") < index.index("charlie")
 
 
+def test_ranks_by_the_tasks_aggregate_and_a_gap_ranks_lowest_first(env):
+    """``scoring.aggregate`` is what a task ranks by: the same records rank by their mean
+    when the task says mean, and by the smallest optimality gap when it says that."""
+    add(env, "alpha", iqm=0.5, iqm_ci=(0.45, 0.55), mean=0.9)
+    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.2)
+    for aggregate, order in (("mean", ["alpha", "bravo"]), ("iqm", ["bravo", "alpha"])):
+        fp = write_site_task(env["tasks"], "t", "the test task", aggregate=aggregate)
+        for name in ("alpha", "bravo"):  # the same runs, recorded under the retuned spec
+            rec = json.loads((env["results"] / "t" / f"{name}.json").read_text())
+            rec["task"]["fingerprint"] = fp("drift")
+            (env["results"] / "t" / f"{name}.json").write_text(json.dumps(rec))
+        page = (env["build"]() / "tasks" / "t.html").read_text()
+        assert [r["name"] for r in rank_rows(page)] == order, aggregate
+        label = {"mean": "mean", "iqm": "IQM"}[aggregate]
+        assert f"Ranking (test split, by {label})" in page
+    view = model.analyse_task("t", env["results"], env["tasks"], REPS, 0)
+    gaps = {e.name: e.agg("optimality_gap")[0] for e in view.ranked}
+    fp = write_site_task(env["tasks"], "t", "the test task", aggregate="optimality_gap")
+    for name in ("alpha", "bravo"):
+        rec = json.loads((env["results"] / "t" / f"{name}.json").read_text())
+        rec["task"]["fingerprint"] = fp("drift")
+        (env["results"] / "t" / f"{name}.json").write_text(json.dumps(rec))
+    view = model.analyse_task("t", env["results"], env["tasks"], REPS, 0)
+    assert [e.name for e in view.ranked] == sorted(gaps, key=gaps.get)
+
+
 def test_controls_are_listed_below_every_contender_and_never_numbered(env):
     # A control that scores above a contender (a task that cannot separate them) is still
     # listed last, badged, and left out of the index's top list and ranked count.

@@ -399,6 +399,17 @@ def _align(entry: Entry, other: Entry) -> np.ndarray | None:
     return other.matrix[:, [other.envs.index(n) for n in entry.envs]]
 
 
+AGGREGATE_LABELS = {"iqm": "IQM", "mean": "mean", "median": "median",
+                    "optimality_gap": "optimality gap"}
+LOWER_IS_BETTER = frozenset({"optimality_gap"})
+"""Aggregates where a smaller value ranks higher (the gap to a score of 1)."""
+
+
+def headline(view: TaskView) -> str:
+    """The aggregate the task ranks by, its ``scoring.aggregate`` (IQM without a spec)."""
+    return view.spec.scoring.aggregate if view.spec is not None else "iqm"
+
+
 def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
                  seed: int) -> TaskView:
     view = TaskView(task_id, slug(task_id))
@@ -410,8 +421,9 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
             e.stale = f"only a train-split record ({e.stem}.train.json); no {e.stem}.json"
         else:
             e.stale = _staleness(e.test, task_id, "test", view.spec, view.spec_error)
-            if e.stale is None and e.agg("iqm") is None:
-                e.stale = "the record has no IQM aggregate"
+            for name in dict.fromkeys(("iqm", headline(view))):
+                if e.stale is None and e.agg(name) is None:
+                    e.stale = f"the record has no {AGGREGATE_LABELS[name]} aggregate"
         _derive(e)
         if e.stale is None and 0 in e.matrix.shape:
             e.stale = "the record has no runs"
@@ -421,15 +433,17 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
             e.train_stale = _staleness(e.train, task_id, "train", view.spec, view.spec_error)
     ordered = sorted(entries.values(), key=lambda e: e.stem)
     _assign_slugs(ordered)
-    # Controls rank below every contender, whatever their IQM: they mark the floor of what
+    # Controls rank below every contender, whatever their score: they mark the floor of what
     # a task awards, and a task that cannot separate them from its baselines says so.
+    h = headline(view)
+    sign = 1.0 if h in LOWER_IS_BETTER else -1.0
     view.ranked = sorted((e for e in ordered if e.stale is None),
-                         key=lambda e: (e.is_control, -e.agg("iqm")[0], e.name, e.stem))
+                         key=lambda e: (e.is_control, sign * e.agg(h)[0], e.name, e.stem))
     view.stale = sorted((e for e in ordered if e.stale is not None),
                         key=lambda e: (e.name, e.stem))
     for i, e in enumerate(view.ranked):
         e.colour = PALETTE[i % len(PALETTE)]
-        e.tied = i > 0 and _overlaps(e.agg("iqm"), view.ranked[i - 1].agg("iqm"))
+        e.tied = i > 0 and _overlaps(e.agg(h), view.ranked[i - 1].agg(h))
     if view.spec is not None:
         view.baseline = dict(view.spec.scoring.baselines)
         _add_poi(view, reps, seed)

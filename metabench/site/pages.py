@@ -24,9 +24,9 @@ import numpy as np
 from markupsafe import Markup
 
 from metabench.scoring import performance_profile
-from metabench.site.model import (Entry, TaskView, as_dict, as_interval, as_list, as_number,
-                                  as_text, env_means, pair_rng, parse_time, safe_url,
-                                  trace_matrix, trace_names)
+from metabench.site.model import (AGGREGATE_LABELS, Entry, TaskView, as_dict, as_interval,
+                                  as_list, as_number, as_text, env_means, headline, pair_rng,
+                                  parse_time, safe_url, trace_matrix, trace_names)
 from metabench.site.svg import Series, svg_intervals, svg_lines
 
 PROFILE_POINTS = 81
@@ -367,6 +367,7 @@ def task_page(view: TaskView, reps: int, seed: int, builder: str) -> str:
         "title": f"{view.id} \u2014 metabench leaderboard", "root": "../", "builder": builder,
         "id": view.id, "spec": _spec_facts(view), "spec_error": view.spec_error,
         "columns": RANK_COLUMNS, "ranked": [], "stale": _stale_table(view),
+        "headline": AGGREGATE_LABELS[headline(view)],
         "updated": _last_updated(view.records), "versions": _versions(view.records)}
     if view.ranked:  # the plots need at least one ranked entry
         context.update(

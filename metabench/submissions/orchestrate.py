@@ -135,8 +135,7 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
     if base_name == sub.name or p.shard is not None:
         base_mat = None
     rec = harness.assemble(rule, task, split, parts, base_mat, base_name, command, prov)
-    is_baseline = baseline if baseline is not None else (
-        sub.path.resolve().parent.name == "baselines")
+    is_baseline = baseline if baseline is not None else sub.reference
     rec["submission"] = sub.metadata(baseline=is_baseline)
     rec["check"] = p.check.report
     rec["verified"] = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -91,6 +92,23 @@ class Submission:
     @property
     def slug(self) -> str:
         return slug(self.name)
+
+    @property
+    def reference(self) -> bool:
+        """Whether the submission is one of its family's reference rules as the project ships
+        it: ``factory`` names the rule, its kwargs are the factory's defaults (or a subset of
+        them) and it brings no parameters of its own. Such a record is marked as a baseline;
+        what marks it is the rule, not the folder it sits in."""
+        if self.factory is None or self.params_sha256 is not None:
+            return False
+        from metabench.families import get_family
+
+        info = get_family(self.family).reference_rules.get(self.factory)
+        if info is None:
+            return False
+        defaults = {k: p.default for k, p in inspect.signature(info.factory).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return all(k in defaults and defaults[k] == v for k, v in self.kwargs.items())
 
     @property
     def control(self) -> bool:
