@@ -89,3 +89,22 @@ def test_truncation_is_not_termination():
         obs, state, r, term, trunc, info = env.step(k, state, t % 2, params)
     assert bool(trunc) and not bool(term)
     assert not np.allclose(np.asarray(info["final_observation"]), np.asarray(obs))
+
+
+def test_every_backend_builds_envs_of_the_one_interface():
+    """Callers read capabilities (``num_agents``, ``jittable``, ``release``, ...) instead of
+    probing for them: every backend's envs are :class:`metabench.envs.api.Env`s."""
+    from metabench.envs import make, registered
+    from metabench.envs.api import Env
+
+    first = {}
+    for env_id in registered():
+        first.setdefault(env_id.split("/")[0], env_id)
+    assert set(first) == {"gymnax", "chain", "grid", "brax", "gymnasium", "pettingzoo"}
+    for backend, env_id in sorted(first.items()):
+        env, _ = make(env_id)
+        assert isinstance(env, Env) and env.id == env_id, backend
+        assert env.jittable == (backend not in ("gymnasium", "pettingzoo")), backend
+        assert (env.num_agents > 1) == (backend == "pettingzoo"), backend
+        assert (env.episode_log() is None) == (backend != "pettingzoo"), backend
+        env.release()

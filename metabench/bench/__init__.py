@@ -179,8 +179,7 @@ def _env_only(env: Any, params: Any, n: int, length: int, repeats: int) -> tuple
         t0 = time.perf_counter()
         jax.block_until_ready(fn(jax.random.PRNGKey(i)))
         times.append(time.perf_counter() - t0)
-        if hasattr(env, "release"):  # host-stepped: the next repeat reuses these copies
-            env.release()
+        env.release()  # host-stepped: the next repeat reuses these copies
     return compile_s, n * length / float(np.median(times))
 
 
@@ -207,11 +206,10 @@ def backend_rows(entries: Sequence[tuple], num_envs: int = 128,
     rows = []
     for label, env_id, params, *n in entries:
         env, env_params = make(env_id, **params)
-        agents = int(getattr(env, "num_agents", 1))
+        agents = env.num_agents
         copies = -(-(n[0] if n else num_envs) // agents) * agents
         compile_s, sps = _env_only(env, env_params, copies, steps, repeats)
-        if hasattr(env, "close"):
-            env.close()
+        env.close()
         rows.append({"label": label, "env": env_id, "params": dict(params),
                      "num_envs": copies, "steps": steps, "repeats": repeats,
                      "compile_s": compile_s, "steps_per_s": sps,

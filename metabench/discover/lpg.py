@@ -351,7 +351,7 @@ def probe_y(e: "_EnvMeta", lts: Lifetimes, rollouts: int = 4) -> dict | None:
     from metabench.envs import optimal
 
     env = e.env
-    if not (getattr(env, "tabular", False) and optimal.can_solve(env)):
+    if not (env.tabular and optimal.can_solve(env)):
         return None
     state = jax.tree_util.tree_map(lambda x: x[0], lts.agent)
     params = jax.device_get(state.env_params)

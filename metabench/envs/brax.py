@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import struct
 from gymnax.environments import spaces
 
+from metabench.envs.api import Env
 from metabench.envs.registry import EnvEntry, register
 
 BACKENDS = ("spring", "positional", "generalized", "mjx")
@@ -87,7 +88,7 @@ def _brax_env(name: str, backend: str) -> Any:
         return brax.envs.get_environment(name, backend=backend)
 
 
-class BraxEnv:
+class BraxEnv(Env):
     """Functional adapter: ``reset(key, params)`` and ``step(key, state, action, params)``.
 
     ``step`` returns ``(obs, state, reward, terminated, truncated, info)`` with

@@ -65,6 +65,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments import spaces
 
+from metabench.envs.api import Env
 from metabench.envs.grids import DEFAULT_LEVEL_SEED, override_params
 from metabench.envs.registry import EnvEntry, register
 
@@ -113,7 +114,7 @@ SETTINGS: dict[str, ChainSetting] = {
 }
 
 
-class ChainEnv:
+class ChainEnv(Env):
     """A delayed chain: ``reset(key, params)``, ``step(key, state, action, params)``.
 
     ``step`` returns ``(obs, state, reward, terminated, truncated, info)``, auto-resets when

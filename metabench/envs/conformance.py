@@ -422,7 +422,7 @@ def check(env_id: str, num_envs: int = 3, steps: int = 20, seed: int = 0,
     dynamics that random actions may not tell apart)."""
     backend = env_id.split("/", 1)[0]
     env, env_params = make(env_id, **params)
-    jittable = getattr(env, "jittable", True)
+    jittable = env.jittable
     if jittable:
         env_params = _strong(env_params)
     obs_space = env.observation_space(env_params)
@@ -470,5 +470,4 @@ def check(env_id: str, num_envs: int = 3, steps: int = 20, seed: int = 0,
 
 
 def _release(env: Any) -> None:
-    if hasattr(env, "release"):
-        env.release()
+    env.release()  # host-stepped envs free their copies; jitted ones have nothing to free

@@ -146,6 +146,7 @@ import numpy as np
 from flax import struct
 from gymnax.environments import spaces
 
+from metabench.envs.api import Env
 from metabench.envs.grid_levels import (DEFAULT_LEVEL_SEED, PROCGEN_MAX_OBJECTS, PROCGEN_MAX_SIZE,
                                         SETTINGS, GridParams, level_key, no_level, procgen_base,
                                         procgen_level, sample_procgen_params, setting_params,
@@ -184,7 +185,7 @@ def tabular_index(cell: Any, present: Any) -> Any:
 
 
 
-class GridEnv:
+class GridEnv(Env):
     """A grid world: ``reset(key, params)``, ``step(key, state, action, params)``.
 
     ``step`` returns ``(obs, state, reward, terminated, truncated, info)``, auto-resets when

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import gymnax
 import jax.numpy as jnp
 
+from metabench.envs.api import Env
 from metabench.envs.registry import EnvEntry, register
 
 
@@ -42,7 +43,7 @@ DERIVED_FIELDS: dict[str, dict[str, str]] = {
 _NEEDS_DOWNLOAD = {"MNISTBandit-bsuite": "downloads MNIST when built"}
 
 
-class GymnaxEnv:
+class GymnaxEnv(Env):
     """Functional adapter: ``reset(key, params)`` and ``step(key, state, action, params)``.
 
     ``step`` returns ``(obs, state, reward, terminated, truncated, info)`` with

@@ -23,6 +23,8 @@ used (never removed).
 
 from __future__ import annotations
 
+from metabench.envs.api import Env
+
 import abc
 from typing import Any, Callable, NamedTuple
 
@@ -135,7 +137,7 @@ def gymnax_space(space: Any) -> spaces.Space:
     raise ValueError(f"only Discrete and Box spaces are supported, got {space}")
 
 
-class HostEnv:
+class HostEnv(Env):
     """The functional env API (gymnax 1.0 style) over a :class:`HostPool`."""
 
     jittable = False

@@ -140,7 +140,7 @@ def tabular_model(env: Any, params: Any) -> TabularModel:
     target = np.clip(r2, 0, h - 1) * w + np.clip(c2, 0, w - 1)
     ok = on & ~walls[target]
     move = np.where(ok, target, np.arange(c_n)[:, None])
-    collect = bool(getattr(env, "collect_actions", False))
+    collect = env.collect_actions
     collect_target = np.where(ok, target, c_n) if collect else None
 
     active = np.asarray(params.obj_active, bool).reshape(k)

@@ -361,7 +361,7 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
     n_actions = int(space.n)
     obs_shape = tuple(env.observation_space(probe).shape)
     network = LPGNetwork(n_actions, config.network, config.hidden,
-                         one_hot=bool(getattr(env, "one_hot_obs", False)))
+                         one_hot=env.one_hot_obs)
     # eps_root keeps Adam differentiable where a gradient is exactly zero (sqrt'(0) is
     # infinite), which meta-gradients through the update need; 1e-12 leaves it unchanged.
     optimiser = {"adam": lambda lr: optax.adam(lr, eps_root=1e-12), "rmsprop": optax.rmsprop,

@@ -298,14 +298,13 @@ def memory_usage() -> dict:
 
 def _agent_log(env: Any) -> list[dict] | None:
     """A multi-agent env's finished games per seed (reset order is seed order)."""
-    if not hasattr(env, "episode_log"):
-        return None
-    return [{**g, "names": list(env.agents)} for g in env.episode_log()]
+    log = env.episode_log()
+    return None if log is None else [{**g, "names": list(env.agents)} for g in log]
 
 
 def _release(env: Any) -> None:
     """Closes a host-stepped env's live copies once its run is over (no-op for JAX envs)."""
-    if env is not None and hasattr(env, "release"):
+    if env is not None:
         env.release()
 
 
@@ -316,13 +315,13 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
     try:
         trainer, init_fn, chunk_fn, env = compiled(family, spec, config, rule, meta_params,
                                                    total_timesteps, population)
-        agents = getattr(env, "num_agents", 1)
+        agents = env.num_agents
         if getattr(config, "num_envs", agents) % agents:
             raise ValueError(f"{spec.env} has {agents} agents per game and every agent is an "
                              f"env copy: num_envs ({config.num_envs}) must be a multiple of "
                              f"{agents}")
         # A host-stepped env lives in this process: its callbacks cannot be sharded.
-        keys, place = _place(keys, population, shard=getattr(env, "jittable", True))
+        keys, place = _place(keys, population, shard=env.jittable)
         states = init_fn(keys)
         if place.states is not None:
             states = jax.device_put(states, place.states)

@@ -48,7 +48,7 @@ def random_return(spec: EnvSpec, num_envs: int = 64, seed: int = 0) -> dict[str,
         return finished, done
 
     # A multi-agent env's copies are its agents: whole games only.
-    agents = int(getattr(env, "num_agents", 1))
+    agents = env.num_agents
     num_envs = -(-num_envs // agents) * agents
     keys = jax.random.split(jax.random.PRNGKey(seed), num_envs)
     finished, done = jax.jit(jax.vmap(one_env))(keys)

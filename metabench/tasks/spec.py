@@ -140,7 +140,7 @@ def _check_env(path: Path, where: str, e: EnvSpec, spec: TaskSpec) -> None:
         except Exception:
             env, fields = None, set(e.params)
         # Options fixed when the env is built (brax's physics backend): constants only.
-        static = set(getattr(env, "static_params", ()))
+        static = set(env.static_params if env is not None else ())
         for k, dist in e.params.items():
             if k not in fields | static:
                 raise SpecError(path, f"{where}.params.{k}", f"a parameter of {e.env} "
