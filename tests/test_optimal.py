@@ -137,7 +137,7 @@ def test_optimal_policy_achieves_the_optimum_in_the_real_env(env_id, steps):
 def test_results_are_cached():
     env, p = envs.make("grid/tabular-sparse")
     a = optimal.optimal_return(env, p)
-    key = optimal._key(env, p, "max")
+    key = optimal.cache_key(env, p, "max")
     assert optimal._RESULTS[key] == a
     optimal._RESULTS[key] = 123.0
     try:

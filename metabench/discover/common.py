@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from metabench.params_io import save_params
 from metabench.results import write_json_atomic
 from metabench.tasks.spec import TaskSpec
 
@@ -96,8 +97,6 @@ def write_submission(folder: Path, *, name: str, family: str, rule: dict, descri
     ``params.npz`` when ``params`` is given), the disclosure filled in from ``summary``
     (task, train envs, env steps, device hours) and ``discovery.json`` (``summary``: config,
     budget, command, curve) beside it. ``notes`` opens the disclosure's notes."""
-    from metabench.params_io import save_params
-
     folder.mkdir(parents=True, exist_ok=True)
     device = summary["provenance"]["device"]
     sub = {"name": name, "version": "1.0", "authors": [author], "affiliation": "",

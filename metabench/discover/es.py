@@ -43,6 +43,7 @@ import optax
 
 from metabench import harness
 from metabench.discover.common import Checkpoint, reset_curve, write_submission
+from metabench.families import base, epg
 from metabench.results import write_json_atomic
 from metabench.rules import UpdateRule
 from metabench.tasks.spec import TaskSpec, require_calibrated
@@ -242,8 +243,6 @@ def discover_rule(task: TaskSpec, family: str, factory: str, cfg: ESConfig,
     rule's network and ``start`` what its initialisation is, for the submission's text.
     With ``guide`` (e.g. ``epg.guided``) and ``guidance_generations``, candidates train with
     the guided rule (see :func:`es_search`); the submission is the unguided rule."""
-    from metabench.families import base
-
     if family not in task.families():
         raise ValueError(f"task {task.id} has no {family} agent config")
     rule = base.get_family(family).reference_rules[factory].factory()
@@ -287,8 +286,6 @@ def discover_epg(task: TaskSpec, cfg: ESConfig, out_dir: str | Path, *,
     REINFORCE with a weight annealed from 1 to 0 over ``guidance_generations`` (default: an
     eighth of the generations, as the paper's code) and 0 after; the loss that is written
     and scored is the learned loss alone."""
-    from metabench.families import epg
-
     anneal = (default_guidance_generations(cfg.generations) if guidance_generations is None
               else int(guidance_generations))
     return discover_rule(task, "epg", "epg", cfg, out_dir, what="EPG's loss network",

@@ -68,6 +68,7 @@ from metabench import harness
 from metabench.discover import common
 from metabench.discover.lpg_objective import (Critic, critic_advantage, critic_step,
                                               meta_objective)
+from metabench.envs import optimal
 from metabench.families import lpg as lpg_family
 from metabench.families.base import finite_tree
 from metabench.results import write_json_atomic
@@ -348,8 +349,6 @@ def probe_y(e: "_EnvMeta", lts: Lifetimes, rollouts: int = 4) -> dict | None:
     R^2 of a linear read-out of y(s) for the true discounted optimal value V*(s) (value
     iteration on the lifetime's level, metabench.envs.optimal), over the distinct states its
     policy visits in ``rollouts`` fresh rollouts; None for envs the solver cannot handle."""
-    from metabench.envs import optimal
-
     env = e.env
     if not (env.tabular and optimal.can_solve(env)):
         return None

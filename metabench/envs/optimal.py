@@ -42,6 +42,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from metabench.envs import chains, grids
+
 __all__ = [
     "UnsolvableEnvError",
     "can_solve",
@@ -64,8 +66,6 @@ def _env_id(env: Any) -> str:
 
 def can_solve(env: Any) -> bool:
     """Whether :func:`optimal_return` handles ``env``: tabular grids and chains."""
-    from metabench.envs import chains, grids
-
     if isinstance(env, chains.ChainEnv):
         return True
     return isinstance(env, grids.GridEnv) and bool(env.tabular)
@@ -109,7 +109,7 @@ def _leaves(params: Any) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(params)]
 
 
-def _key(env: Any, params: Any, *extra: Any) -> tuple:
+def cache_key(env: Any, params: Any, *extra: Any) -> tuple:
     h = hashlib.sha256()
     for x in _leaves(params):
         h.update(str((x.dtype, x.shape)).encode())
@@ -122,10 +122,8 @@ _MODELS: dict[tuple, TabularModel] = {}
 
 def tabular_model(env: Any, params: Any) -> TabularModel:
     """The level's transition structure (cached)."""
-    from metabench.envs import grids
-
     _require(env)
-    key = _key(env, params)
+    key = cache_key(env, params)
     if key in _MODELS:
         return _MODELS[key]
     h, w, k = int(env.height), int(env.width), int(env.num_objects)
@@ -243,10 +241,8 @@ def _chain_value(env: Any, params: Any, mode: str) -> float:
 
 
 def _solve(env: Any, params: Any, mode: str) -> float:
-    from metabench.envs import chains
-
     _require(env)
-    key = _key(env, params, mode)
+    key = cache_key(env, params, mode)
     if key not in _RESULTS:
         if isinstance(env, chains.ChainEnv):
             _RESULTS[key] = float(_chain_value(env, params, mode))
@@ -286,7 +282,7 @@ def optimal_values(env: Any, params: Any, gamma: float, tol: float = 1e-6,
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
     m = tabular_model(env, params)
-    key = _key(env, params, "values", float(gamma), float(tol))
+    key = cache_key(env, params, "values", float(gamma), float(tol))
     if key in _VALUES:
         return _VALUES[key].copy()
     v = np.zeros((m.cells, 2 ** m.num_objects))

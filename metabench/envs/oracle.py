@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metabench.envs import grids, optimal
+
 NUM_ENVS = 64
 EPISODES = 4
 """Episodes per env copy: ``NUM_ENVS * EPISODES`` episodes per level."""
@@ -38,8 +40,6 @@ _INF = 1e6
 
 def can_play(env: Any) -> bool:
     """Whether the oracle plays ``env`` (every ``grid/*`` env)."""
-    from metabench.envs import grids
-
     return isinstance(env, grids.GridEnv)
 
 
@@ -53,8 +53,6 @@ def _shift(d: jax.Array, dr: int, dc: int, fill: float) -> jax.Array:
 def _distances(targets: jax.Array, passable: jax.Array) -> jax.Array:
     """8-connected step distances ``[H, W]`` to the nearest target cell (``_INF`` if none is
     reachable) through passable cells (targets count as passable)."""
-    from metabench.envs import grids
-
     d0 = jnp.where(targets, 0.0, _INF)
     dirs = [(int(r), int(c)) for r, c in zip(grids.DROW[1:], grids.DCOL[1:])]
 
@@ -72,8 +70,6 @@ def _distances(targets: jax.Array, passable: jax.Array) -> jax.Array:
 
 def oracle_action(env: Any, state: Any, params: Any) -> jax.Array:
     """The scripted agent's action in ``state`` (jittable; one env copy)."""
-    from metabench.envs import grids
-
     h, w = env.height, env.width
     cells = h * w
     walls = params.walls.reshape(h, w)
@@ -153,14 +149,12 @@ def oracle_returns(env: Any, params_batch: Any, *, num_envs: int = NUM_ENVS,
     """The oracle's (or, with ``policy="random"``, a uniform random policy's) mean return per
     level of ``params_batch`` (params with a leading level axis), each over
     ``num_envs * episodes`` complete episodes; cached per (env, level, policy)."""
-    from metabench.envs.optimal import _key
-
     if not can_play(env):
         raise ValueError(f"{getattr(env, 'id', env)}: the oracle plays grid envs (grid/*) only")
     params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
     n = int(np.asarray(params_batch.max_steps_in_episode).shape[0])
     levels = [jax.tree_util.tree_map(lambda x: x[i], params_batch) for i in range(n)]
-    keys = [_key(env, p, policy, num_envs, episodes, seed) for p in levels]
+    keys = [optimal.cache_key(env, p, policy, num_envs, episodes, seed) for p in levels]
     todo = [i for i, k in enumerate(keys) if k not in _CACHE]
     if todo:
         batch = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[levels[i] for i in todo])
@@ -187,8 +181,6 @@ def _per_level(method: str, env: Any, params_batch: Any, policy: str) -> Sequenc
     """``policy`` ("best" or "random") returns per level of a batch (leading axis), measured
     the way ``method`` says: exactly (``optimal``, :mod:`metabench.envs.optimal`) or by
     simulation with the oracle's episode protocol (``oracle``)."""
-    from metabench.envs import optimal
-
     params_batch = jax.tree_util.tree_map(np.asarray, params_batch)
     if method == "oracle":
         return oracle_returns(env, params_batch,

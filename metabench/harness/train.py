@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metabench.envs.oracle import level_randoms, level_references
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, tree_structure
 from metabench.tasks.spec import EnvSpec, TaskSpec, agent_config, make_env
@@ -269,8 +270,6 @@ def _level_references(spec: EnvSpec, env: Any, states: Any, place: "_Placement"
         if place.axis == 1:  # a population: every candidate trains on the same seeds
             params = jax.tree_util.tree_map(lambda x: x[0], params)
         params = jax.tree_util.tree_map(lambda x: x[:place.seeds], params)
-        from metabench.envs.oracle import level_randoms, level_references
-
         refs = [float(r) for r in level_references(spec.normalise.method, env, params)]
         randoms = [float(r) for r in level_randoms(spec.normalise.method, env, params)]
         return refs, None, randoms

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from metabench import __version__ as builder
 from metabench.site.model import (Entry, analyse_task, as_dict, as_list, as_number, as_text,
                                   discover_tasks)
 from metabench.site.pages import index_page, submission_page, task_page
@@ -68,8 +69,6 @@ def _utf8(text: str) -> bytes:
 def render_site(results_dir: Path, tasks_dir: Path | None = None, bootstrap_reps: int = 2000,
                 seed: int = 0) -> dict[str, bytes]:
     """Every file of the site as ``{relative path: bytes}``; pure apart from reading inputs."""
-    from metabench import __version__ as builder
-
     results_dir = Path(results_dir)
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else schema.TASKS_DIR
     if not results_dir.is_dir():

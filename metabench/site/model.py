@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from metabench import results, scoring
 from metabench.results import slug
-from metabench import scoring
 from metabench.scoring import floor_scores, nan_iqm, poi_interval
 from metabench.tasks import schema
 
@@ -314,8 +314,6 @@ def _load_spec(task_id: str, tasks_dir: Path):
 def _read_records(folder: Path, task_id: str) -> tuple[dict[str, Entry], list[tuple[str, str]]]:
     """Entries by file stem (``x.json`` and ``x.train.json`` pair up), and the files that are
     not valid records with the reason."""
-    from metabench import results
-
     entries: dict[str, Entry] = {}
     bad: list[tuple[str, str]] = []
     files = sorted(p for p in folder.iterdir()

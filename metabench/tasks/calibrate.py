@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from metabench.envs.oracle import level_references
 from metabench.tasks.spec import CALIBRATION_FILE, TASKS_DIR, EnvSpec, TaskSpec, make_env
 
 MAX_STEPS = 4000
@@ -81,8 +82,6 @@ def level_reference(spec: EnvSpec, levels: int = REFERENCE_LEVELS, seed: int = 0
                     ) -> dict[str, Any]:
     """A per-level reference (``spec.normalise.method`` optimal / oracle) summarised over
     ``levels`` levels drawn by the entry's param sampler: mean, min, max and how."""
-    from metabench.envs.oracle import level_references
-
     method = spec.normalise.method
     env, _, sampler = make_env(spec)
     params = jax.jit(jax.vmap(sampler))(jax.random.split(jax.random.PRNGKey(seed), levels))
