@@ -173,8 +173,8 @@ def lpo(hidden: int = 128, shift: float = 1e-4, epsilon: float = 0.2) -> UpdateR
 
 
 def _lpo_default_params(rule: UpdateRule):
-    # Until `metabench discover lpo` parameters are shipped the rule runs at its
-    # initialisation, which is PPO-clip, and says so.
+    # The shipped metabench/params/lpo.npz (from `metabench discover lpo`); without that file
+    # the rule runs at its initialisation, which is PPO-clip, and the record says so.
     return shipped_params("lpo", rule, "untrained: LPO at its PPO-clip initialisation")
 
 
