@@ -57,3 +57,12 @@ def test_reference_rule_passes_its_checks_and_trains(task, family, rule):
     assert run.num_updates >= 4 and run.returns_sum.shape == (1, run.num_updates)
     assert np.all(np.isfinite(run.returns_sum)) and np.all(np.isfinite(run.loss))
     assert run.episodes.sum() > 0  # CartPole episodes end: the agent acted in the env
+
+
+def test_every_family_refuses_a_budget_below_one_update():
+    assert families_base.update_count(100, 4, 8) == (32, 3)
+    with pytest.raises(ValueError, match=r"total_timesteps \(10\) is smaller than one update "
+                                         r"\(32 = num_envs x rollout_len\)"):
+        families_base.update_count(10, 4, 8)
+    with pytest.raises(ValueError, match=r"\(4 env steps\)"):
+        families_base.update_count(2, 4)

@@ -259,3 +259,17 @@ def check_config(config: Any, positive: Sequence[str] = (),
         if getattr(config, name) not in options:
             raise ValueError(f"{name} must be {', '.join(map(repr, options[:-1]))} or "
                              f"{options[-1]!r}, got {getattr(config, name)!r}")
+
+
+def update_count(total_timesteps: int, num_envs: int, rollout_len: int = 1) -> tuple[int, int]:
+    """``(env steps per update, number of updates)`` of a budget: ``num_envs * rollout_len``
+    steps per update, whole updates only; a budget below one update is the task's mistake,
+    said in its terms."""
+    steps_per_update = int(num_envs) * int(rollout_len)
+    num_updates = int(total_timesteps) // steps_per_update
+    if num_updates < 1:
+        per = (f"{steps_per_update} = num_envs x rollout_len" if rollout_len != 1
+               else f"{steps_per_update} env steps")
+        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
+                         f"({per})")
+    return steps_per_update, num_updates

@@ -22,7 +22,8 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
-                                     check_config, check_rule, env_info, register_family)
+                                     check_config, check_rule, env_info, register_family,
+                                     update_count)
 from metabench.params_io import shipped_params
 from metabench.rl import (RunningStats, normalise, normalise_obs, running_stats_init,
                           running_stats_update, truncated_gae)
@@ -225,11 +226,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     sample_params, continuous, action_dim, low, high, obs_shape = env_info(
         env, sample_params, env_params)
 
-    steps_per_update = config.num_envs * config.rollout_len
-    num_updates = int(total_timesteps) // steps_per_update
-    if num_updates < 1:
-        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
-                         f"({steps_per_update} = num_envs x rollout_len)")
+    steps_per_update, num_updates = update_count(total_timesteps, config.num_envs,
+                                                 config.rollout_len)
     minibatch_size = steps_per_update // config.minibatches
 
     network = nets.ActorCritic(action_dim=action_dim, continuous=continuous,

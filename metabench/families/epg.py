@@ -76,7 +76,7 @@ import optax
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
                                      check_config, check_rule, env_info, finite_tree,
-                                     register_family)
+                                     register_family, update_count)
 from metabench.params_io import shipped_params
 from metabench.rules import RuleInfo, UpdateRule, no_params
 from metabench.types import Metrics
@@ -409,11 +409,7 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
 
     n, t_len = config.num_envs, config.rollout_len
     h_len = config.buffer_len - t_len
-    steps_per_update = n * t_len
-    num_updates = int(total_timesteps) // steps_per_update
-    if num_updates < 1:
-        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
-                         f"({steps_per_update} = num_envs x rollout_len)")
+    steps_per_update, num_updates = update_count(total_timesteps, n, t_len)
     mb_envs = n // config.minibatches
 
     network = nets.ActorCritic(action_dim=action_dim, continuous=continuous,

@@ -44,7 +44,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, check_config, check_rule,
-                                     register_family)
+                                     register_family, update_count)
 from metabench.params_io import shipped_params
 from metabench.rl import episode_returns, truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
@@ -458,11 +458,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     if sample_params is None:
         fixed = env.default_params if env_params is None else env_params
         sample_params = lambda _: fixed  # noqa: E731
-    steps_per_update = config.num_envs * config.rollout_len
-    num_updates = int(total_timesteps) // steps_per_update
-    if num_updates < 1:
-        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
-                         f"({steps_per_update} = num_envs x rollout_len)")
+    steps_per_update, num_updates = update_count(total_timesteps, config.num_envs,
+                                                 config.rollout_len)
     agent = make_agent(env, config, rule, sample_params=sample_params)
 
     def step(state: RunnerState, meta_params, i=None) -> tuple[RunnerState, Metrics]:

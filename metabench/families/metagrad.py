@@ -34,7 +34,7 @@ import optax
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, actor_critic_rollout,
                                      check_config, check_rule, env_info, finite_tree,
-                                     register_family)
+                                     register_family, update_count)
 from metabench.rl import truncated_gae
 from metabench.rules import RuleInfo, UpdateRule
 from metabench.types import Metrics
@@ -299,11 +299,8 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     """The meta-gradient actor-critic on ``env`` with ``rule`` as its return function."""
     sample_params, continuous, action_dim, low, high, obs_shape = env_info(
         env, sample_params, env_params)
-    steps_per_update = config.num_envs * config.rollout_len
-    num_updates = int(total_timesteps) // steps_per_update
-    if num_updates < 1:
-        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
-                         f"({steps_per_update} = num_envs x rollout_len)")
+    steps_per_update, num_updates = update_count(total_timesteps, config.num_envs,
+                                                 config.rollout_len)
 
     agent = make_agent(rule, config, action_dim, continuous)
     network = agent.network

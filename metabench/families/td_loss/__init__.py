@@ -34,7 +34,7 @@ import optax
 
 from metabench import nets
 from metabench.families.base import (Check, CheckReport, Family, Trainer, check_config, check_rule,
-                                     finite_tree, register_family)
+                                     finite_tree, register_family, update_count)
 # The graph language's API, so that ``td_loss.load_graph`` and the like name it from the
 # family. The submodules never import this package back (see tests/test_layers.py).
 from metabench.families.td_loss.evaluate import (INTERPRETER_OPS, EncodedGraph, compile_graph,
@@ -268,10 +268,7 @@ def make_train(env, config: Config, rule: UpdateRule, *, total_timesteps: int,
     obs_shape = tuple(obs_space.shape)
     # Shapes only: a host-stepped env must not start an env copy just to report its dtype.
     obs_dtype = jax.eval_shape(env.reset, jax.random.PRNGKey(0), probe)[0].dtype
-    num_updates = int(total_timesteps) // config.num_envs
-    if num_updates < 1:
-        raise ValueError(f"total_timesteps ({total_timesteps}) is smaller than one update "
-                         f"({config.num_envs} env steps)")
+    _, num_updates = update_count(total_timesteps, config.num_envs)
     network = nets.QNetwork(n_actions, torso=config.network, hidden=config.hidden)
     optimiser = optax.adam(config.lr)
     if config.max_grad_norm > 0:
