@@ -15,10 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from metabench.envs import optimal, oracle, registry
-from metabench.families import base as families_base
 from metabench.envs import make as make_backend_env
-from metabench.envs import make_param_sampler
+from metabench.envs import make_param_sampler, optimal, oracle, registry
+from metabench.families import base as families_base
 from metabench.tasks.schema import (AGGREGATE_NAMES, CALIBRATION_FILE, REFERENCE_METHODS,
                                     SCORES, SPLITS, TASKS_DIR, Budget, EnvSpec, Normalise,
                                     ParamDistribution, Scoring, SpecError, TaskSpec,
