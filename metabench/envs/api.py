@@ -48,3 +48,10 @@ class Env:
     def episode_log(self) -> list[dict] | None:
         """Per-agent returns of the games played (multi-agent envs); None otherwise."""
         return None
+
+
+def capability(env: Any, name: str) -> Any:
+    """``env``'s value of one of the capabilities above; for an env that is not an
+    :class:`Env` (a gymnax env handed straight to a family's ``make_train``), the value a plain
+    jitted single-agent env has."""
+    return getattr(env, name, getattr(Env, name))

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metabench.envs.api import Env, capability
 from metabench.envs.registry import make
 
 
@@ -422,7 +423,7 @@ def check(env_id: str, num_envs: int = 3, steps: int = 20, seed: int = 0,
     dynamics that random actions may not tell apart)."""
     backend = env_id.split("/", 1)[0]
     env, env_params = make(env_id, **params)
-    jittable = env.jittable
+    jittable = capability(env, "jittable")
     if jittable:
         env_params = _strong(env_params)
     obs_space = env.observation_space(env_params)
@@ -470,4 +471,5 @@ def check(env_id: str, num_envs: int = 3, steps: int = 20, seed: int = 0,
 
 
 def _release(env: Any) -> None:
-    env.release()  # host-stepped envs free their copies; jitted ones have nothing to free
+    if isinstance(env, Env):  # host-stepped envs free their copies; jitted ones have none
+        env.release()

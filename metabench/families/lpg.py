@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from metabench import nets
+from metabench.envs.api import capability
 from metabench.families.base import (Check, CheckReport, Family, Trainer, check_config, check_rule,
                                      register_family, update_count)
 from metabench.params_io import shipped_params
@@ -361,7 +362,7 @@ def make_agent(env, config: Config, rule: UpdateRule, *,
     n_actions = int(space.n)
     obs_shape = tuple(env.observation_space(probe).shape)
     network = LPGNetwork(n_actions, config.network, config.hidden,
-                         one_hot=env.one_hot_obs)
+                         one_hot=capability(env, "one_hot_obs"))
     # eps_root keeps Adam differentiable where a gradient is exactly zero (sqrt'(0) is
     # infinite), which meta-gradients through the update need; 1e-12 leaves it unchanged.
     optimiser = {"adam": lambda lr: optax.adam(lr, eps_root=1e-12), "rmsprop": optax.rmsprop,
