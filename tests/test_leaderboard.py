@@ -607,6 +607,10 @@ def test_the_site_scores_failed_runs_at_the_floor_below_every_completed_run(env)
     mean_score, _ = model.env_means(rec, ENVS[0][0])
     assert mean_score == pytest.approx((-1.0 - 1.0 - 0.4) / 3)
     assert rec["aggregates"]["mean"]["point"] == pytest.approx(mat.mean())
+    # A failed run is floored even when its record still carries a score.
+    kept = json.loads(json.dumps(rec))
+    next(r for r in kept["runs"] if r["status"] != "ok")["score"] = 0.9
+    np.testing.assert_allclose(model.score_matrix(kept)[1], mat)
     # The probability of improvement over the baseline uses the floored cells too: against
     # a baseline at -0.7 everywhere, env 0 wins 1 of 3 pairs (-0.4), env 1 all 3, so
     # (1/3 + 1) / 2. Dropping seed 0 would give (1/2 + 1) / 2; imputing 0, (2/3 + 1) / 2.
