@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
@@ -104,6 +104,15 @@ class _Cell(NamedTuple):
     limit: float
 
 
+def _outputs(out: Path, err: str) -> tuple[Callable[[str], Any], str]:
+    """What a scoring child left in ``out``: a reader of its JSON files (None for a file it
+    never wrote) and its error, the child's own ``error.txt`` over what its stderr said."""
+    if (out / "error.txt").exists():
+        err = (out / "error.txt").read_text()
+    return (lambda name: json.loads((out / name).read_text()) if (out / name).exists()
+            else None), err
+
+
 def _score_cells(sub_path: str, task_path: str, split: str, per_env: list, limit: float,
                  command: str | None, capture: bool = False) -> _Cell:
     """Scores the envs with seeds in ``per_env`` in one isolated child process."""
@@ -112,13 +121,9 @@ def _score_cells(sub_path: str, task_path: str, split: str, per_env: list, limit
         if command:
             args.append(command)
         code, err = _child(args, limit, capture=capture)
-        out = Path(tmp)
-        if (out / "error.txt").exists():
-            err = (out / "error.txt").read_text()
-        parts = {i: json.loads((out / f"part-{i}.json").read_text())
-                 for i in range(len(per_env)) if (out / f"part-{i}.json").exists()}
-        read = lambda name: (json.loads((out / name).read_text())  # noqa: E731
-                             if (out / name).exists() else None)
+        read, err = _outputs(Path(tmp), err)
+        parts = {i: part for i in range(len(per_env))
+                 if (part := read(f"part-{i}.json")) is not None}
         return _Cell(parts, read("rule.json"), read("provenance.json"), code, err, limit)
 
 
@@ -134,15 +139,11 @@ def _score_batch(group: Sequence[Any], command: str | None) -> list[_Cell]:
         if command:
             args.append(command)
         code, err = _child(args, limit, capture=False)
-        out = Path(tmp)
-        if (out / "error.txt").exists():
-            err = (out / "error.txt").read_text()
-        read = lambda name: (json.loads((out / name).read_text())  # noqa: E731
-                             if (out / name).exists() else None)
+        read, err = _outputs(Path(tmp), err)
         cells = []
         for k in range(len(group)):
-            parts = {i: read(f"part-{k}-{i}.json") for i in range(len(p0.per_env))
-                     if (out / f"part-{k}-{i}.json").exists()}
+            parts = {i: part for i in range(len(p0.per_env))
+                     if (part := read(f"part-{k}-{i}.json")) is not None}
             cells.append(_Cell(parts, read(f"rule-{k}.json"), read("provenance.json"), code,
                                err, limit))
         return cells
