@@ -68,6 +68,13 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def as_written(data: Any) -> Any:
+    """``data`` as :func:`write_json_atomic` stores it and :func:`read` gives it back (tuples
+    as lists, numpy scalars as numbers, non-finite numbers as null): what a signature must
+    cover, since it is checked against the file, not the object that was written."""
+    return json.loads(json.dumps(_clean(data), allow_nan=False))
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Writes JSON to a temporary file in the same folder, fsyncs, then renames over ``path``:
     readers see the old file or the new one, never half of one."""

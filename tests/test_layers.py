@@ -17,7 +17,8 @@ PACKAGE = ROOT / "metabench"
 LAYERS = [
     # shared maths, types, networks, parameter and record files, statistics
     {"metabench", "metabench.types", "metabench.rules", "metabench.rl", "metabench.nets",
-     "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile"},
+     "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile",
+     "metabench.signing"},
     {"metabench.envs"},                                   # environments and their backends
     {"metabench.families"},                               # agents and the rules they run
     {"metabench.tasks"},                                  # task specs: read, validate, calibrate
