@@ -1,4 +1,5 @@
-"""``metabench``: list, eval, check, submit, merge, leaderboard, calibrate, discover, bench."""
+"""``metabench``: list, eval, check, submit, merge, keys, leaderboard, calibrate, discover,
+bench."""
 
 from __future__ import annotations
 
@@ -328,7 +329,7 @@ def _submit_each(folders, args, task, shard, command):
 
     kw = dict(results_dir=Path(args.results), force=args.force, shard=shard, seeds=args.seeds,
               timeout=args.timeout, command=command, backend=args.backend,
-              address=args.address)
+              address=args.address, key_path=args.key)
     if args.batch:
         yield from submissions.submit_many(folders, args.task, args.split, batch=True, **kw)
     else:
@@ -340,11 +341,42 @@ def cmd_merge(args) -> int:
     from metabench import submissions
 
     res = submissions.merge(args.shards, results_dir=Path(args.results),
-                            out=Path(args.out) if args.out else None, task=args.task)
+                            out=Path(args.out) if args.out else None, task=args.task,
+                            key_path=args.key)
     if res.record is not None:
         _print_record(res.record)
     print(res.message)
     return 0 if res.ok else 1
+
+
+def cmd_keys(args) -> int:
+    """This machine's signing key: create it, show its public half, or re-sign records a
+    maintainer has reviewed (in place, changing nothing but the signature)."""
+    from metabench import results, signing
+
+    path = Path(args.path).expanduser() if args.path else signing.default_key_path()
+    if args.action != "sign" and args.records:
+        print(f"metabench: error: `keys {args.action}` takes no records", file=sys.stderr)
+        return 2
+    if args.action == "init":
+        key = signing.init_key(path, force=args.force)
+        print(signing.public_key_text(key))
+        print(f"wrote the private key to {path} (mode 0600; keep it on this machine only)")
+        print(f"key id {signing.key_id(key)}: to have the leaderboard trust records this key "
+              "signs, add the line above to leaderboard/keys/NAME.pub")
+        return 0
+    key = signing.load_private_key(path)
+    if args.action == "show":
+        print(signing.public_key_text(key))
+        print(f"key id {signing.key_id(key)} ({path})")
+        return 0
+    if not args.records:
+        print("metabench: error: `keys sign` needs record file(s)", file=sys.stderr)
+        return 2
+    for rec_path in args.records:
+        results.write(rec_path, signing.sign(results.read(rec_path), key))
+        print(f"signed {rec_path} (key id {signing.key_id(key)})")
+    return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -352,7 +384,8 @@ def cmd_leaderboard(args) -> int:
         from metabench.site.build import build
 
         index = build(Path(args.results), Path(args.out),
-                      tasks_dir=Path(args.tasks) if args.tasks else None)
+                      tasks_dir=Path(args.tasks) if args.tasks else None,
+                      keys_dir=Path(args.keys) if args.keys else None)
         print(f"leaderboard built: open {index.resolve().as_uri()} "
               f"(or run `metabench leaderboard serve`)")
     else:
@@ -404,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "their meta-parameters vmapped (each still gets its own record)")
     sp.add_argument("--shard", default=None, help="score slice I/N of the (env, seed) cells")
     sp.add_argument("--seeds", type=int, default=None, help="override the task's seed count")
+    sp.add_argument("--key", default=None,
+                    help="signing key (default: $METABENCH_KEY or "
+                         "~/.config/metabench/signing_key.pem); none: the record is unsigned")
     sp.add_argument("--timeout", type=float, default=None,
                     help="wall-clock limit of the scoring process (default: from the task)")
     sp.set_defaults(fn=cmd_submit)
@@ -413,7 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--results", default="leaderboard/results")
     mp.add_argument("--out", default=None, help="output record (default: the results folder)")
     mp.add_argument("--task", default=None, help="task id or YAML (default: the shards' task)")
+    mp.add_argument("--key", default=None, help="signing key of the merged record (as submit)")
     mp.set_defaults(fn=cmd_merge)
+
+    kyp = sub.add_parser("keys", help="this machine's record-signing key: init, show, sign")
+    kyp.add_argument("action", choices=["init", "show", "sign"])
+    kyp.add_argument("records", nargs="*", help="record file(s) to re-sign in place (sign)")
+    kyp.add_argument("--path", default=None,
+                     help="key file (default: $METABENCH_KEY or "
+                          "~/.config/metabench/signing_key.pem)")
+    kyp.add_argument("--force", action="store_true", help="init: replace an existing key")
+    kyp.set_defaults(fn=cmd_keys)
 
     lb = sub.add_parser("leaderboard", help="build or serve the static leaderboard site")
     lb.add_argument("action", choices=["build", "serve"])
@@ -421,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="leaderboard/site")
     lb.add_argument("--tasks", default=None,
                     help="task specs folder (default: the shipped metabench/tasks/)")
+    lb.add_argument("--keys", default=None,
+                    help="trusted public keys (default: keys/ beside the results folder)")
     lb.add_argument("--port", type=int, default=8000)
     lb.add_argument("--host", default="127.0.0.1")
     lb.set_defaults(fn=cmd_leaderboard)

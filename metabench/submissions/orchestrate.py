@@ -13,14 +13,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from metabench.submissions.build import batch_key
 from metabench.submissions.isolate import (CheckResult, _Cell, _died, _score_batch,
                                            _score_cells, check)
 from metabench.submissions.schema import Submission
 from metabench.submissions.store import (RESULTS_DIR, SubmitResult, _baseline_matrix,
-                                         _move_stale, results_path, shard_seeds)
+                                         _move_stale, results_path, sealer, shard_seeds)
 
 COMPILE_ALLOWANCE_S = 300.0
 """Added to each env's wall-clock budget for compilation before the child is killed."""
@@ -110,8 +110,9 @@ def _score_alone(p: _Prepared, command: str | None, backend: str, address: str |
 
 def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
             baseline: bool | None, command: str | None, wall_clock_s: float, log,
-            batch: dict | None = None) -> SubmitResult:
-    """Assembles the scored parts into the submission's record and writes it."""
+            seal: Callable[[dict], dict], batch: dict | None = None) -> SubmitResult:
+    """Assembles the scored parts into the submission's record, seals it (signed by this
+    machine's key, or unsigned: :func:`store.sealer`) and writes it."""
     from metabench import harness, results
 
     sub, task, split = p.sub, p.task, p.split
@@ -138,12 +139,12 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
     is_baseline = baseline if baseline is not None else sub.reference
     rec["submission"] = sub.metadata(baseline=is_baseline)
     rec["check"] = p.check.report
-    rec["verified"] = True
     rec["wall_clock_s"] = round(wall_clock_s, 3)
     if batch is not None:
         rec["batch"] = batch
     if p.shard is not None:
         rec["shard"] = {"index": p.shard[0], "count": p.shard[1], "seeds": p.seeds}
+    rec = seal(rec)  # the signature covers exactly what is written
     results.write(p.path, rec)
     return SubmitResult(True, f"{sub.name}: wrote {p.path} (status {rec['status']})", p.path,
                         rec)
@@ -154,11 +155,24 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
            shard: tuple[int, int] | None = None, seeds: int | None = None,
            timeout: float | None = None, baseline: bool | None = None,
            log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
-           backend: str = "local", address: str | None = None) -> SubmitResult:
+           backend: str = "local", address: str | None = None,
+           key_path: str | os.PathLike | None = None) -> SubmitResult:
     """Checks, scores in a child process with a wall-clock limit, writes the record.
 
     ``backend="ray"`` sends one Ray task per env instead (``address`` of a running cluster,
-    or None to start a local one); the parts are merged into the same record."""
+    or None to start a local one); the parts are merged into the same record. The record is
+    signed with the key at ``key_path`` (default: :func:`metabench.signing.default_key_path`)
+    when there is one, else written unsigned (self-reported)."""
+    return _submit(folder, task_id, split, results_dir, force, shard, seeds, timeout, baseline,
+                   log, command, backend, address, sealer(key_path, log))
+
+
+def _submit(folder: str | os.PathLike, task_id: str, split: str, results_dir: Path,
+            force: bool, shard: tuple[int, int] | None, seeds: int | None,
+            timeout: float | None, baseline: bool | None, log, command: str | None,
+            backend: str, address: str | None, seal: Callable[[dict], dict]) -> SubmitResult:
+    """:func:`submit` with its sealer made: a batch of folders shares one (one key load, one
+    warning when there is no key)."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
     p = _prepare(folder, task_id, split, results_dir, force, shard, seeds, timeout, log)
@@ -166,7 +180,8 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
         return p
     t0 = time.perf_counter()
     cells = _score_alone(p, command, backend, address, log)
-    return _finish(p, cells, results_dir, baseline, command, time.perf_counter() - t0, log)
+    return _finish(p, cells, results_dir, baseline, command, time.perf_counter() - t0, log,
+                   seal)
 
 
 def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str = "test", *,
@@ -174,7 +189,8 @@ def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str =
                 shard: tuple[int, int] | None = None, seeds: int | None = None,
                 timeout: float | None = None, baseline: bool | None = None,
                 log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
-                backend: str = "local", address: str | None = None) -> list[SubmitResult]:
+                backend: str = "local", address: str | None = None,
+                key_path: str | os.PathLike | None = None) -> list[SubmitResult]:
     """:func:`submit` for each folder, in order. With ``batch``, submissions sharing a
     :func:`batch_key` train together: per env, one compiled call with their meta-parameters
     stacked (vmapped), in one child process whose limit is the sum of theirs. Each still gets
@@ -225,5 +241,5 @@ def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str =
             scored[j] = (p, cells, time.perf_counter() - t0, None)
     for j in sorted(scored):
         p, cells, wall, info = scored[j]
-        done[j] = _finish(p, cells, results_dir, baseline, command, wall, log, info)
+        done[j] = _finish(p, cells, results_dir, baseline, command, wall, log, seal, info)
     return [done[j] for j in range(len(folders))]

@@ -9,8 +9,9 @@ import dataclasses
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from metabench.results import slug
 
@@ -28,6 +29,29 @@ class SubmitResult:
     message: str
     path: Path | None = None
     record: dict | None = None
+
+
+def sealer(key_path: str | os.PathLike | None, log) -> Callable[[dict], dict]:
+    """What a record goes through just before it is written: signed by this machine's key
+    (``key_path``, default :func:`metabench.signing.default_key_path`), or, with no key
+    there, written unsigned (self-reported) after saying so once. A key file that exists but
+    does not load is an error now, before any scoring, not an unsigned record later."""
+    from metabench import signing
+
+    path = Path(key_path) if key_path is not None else signing.default_key_path()
+    if path.exists():
+        key = signing.load_private_key(path)
+        return lambda rec: signing.sign(rec, key)
+    said: list[bool] = []
+
+    def unsigned(rec: dict) -> dict:
+        if not said:
+            log(f"no signing key at {path}: the record is self-reported "
+                "(run `metabench keys init`)")
+            said.append(True)
+        return signing.unsigned(rec)
+
+    return unsigned
 
 
 def results_path(results_dir: Path, task_id: str, sub_slug: str, split: str,
@@ -111,12 +135,17 @@ def _move_stale(path: Path, task, family: str, log) -> None:
 
 
 def merge(paths: Sequence[str | os.PathLike], results_dir: Path = RESULTS_DIR,
-          out: Path | None = None, task: str | os.PathLike | None = None) -> SubmitResult:
+          out: Path | None = None, task: str | os.PathLike | None = None, *,
+          key_path: str | os.PathLike | None = None,
+          log=lambda msg: print(msg, file=sys.stderr)) -> SubmitResult:
     """Joins the shard records of one submission on one task split into its full record.
-    ``task`` (an id or a YAML path) defaults to the id the shards recorded."""
+    ``task`` (an id or a YAML path) defaults to the id the shards recorded. The merged record
+    is a new document: it is signed by the merging machine's key (``key_path``, as in
+    :func:`sealer`), never carries over a shard's signature or verdict."""
     from metabench import harness, results
     from metabench.tasks import spec
 
+    seal = sealer(key_path, log)
     recs = [results.read(p) for p in paths]
     if not recs:
         return SubmitResult(False, "merge: no shard records given")
@@ -150,12 +179,13 @@ def merge(paths: Sequence[str | os.PathLike], results_dir: Path = RESULTS_DIR,
         base_mat = None
     rec = harness.assemble(first["rule"], task, split, parts, base_mat, base_name,
                            provenance_=first["provenance"])
-    for k in ("submission", "check", "verified"):
+    for k in ("submission", "check"):
         rec[k] = first.get(k)
     rec["wall_clock_s"] = sum(r.get("wall_clock_s", 0.0) for r in recs)
     rec["merged_from"] = [f"shard {r['shard']['index']}/{count}" for r in recs]
     name = first.get("submission", {}).get("name", first["rule"]["name"])
     path = out or results_path(results_dir, task.id, slug(name), split)
+    rec = seal(rec)
     results.write(path, rec)
     return SubmitResult(True, f"merged {len(recs)} shards into {path} (status {rec['status']})",
                         path, rec)
