@@ -16,11 +16,11 @@ import math
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from metabench import results, scoring
+from metabench import results, scoring, signing
 from metabench.results import slug
 from metabench.scoring import floor_scores, nan_iqm, poi_interval
 from metabench.tasks import schema
@@ -220,6 +220,7 @@ class Entry:
     poi: tuple[float, float, float] | None = None
     is_baseline: bool = False
     colour: str = STALE_COLOUR
+    verdict: signing.Verdict = signing.Verdict(signing.SELF_REPORTED, "not checked")
     envs: list[str] = dataclasses.field(default_factory=list)
     matrix: np.ndarray | None = None
     curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(
@@ -259,7 +260,9 @@ class Entry:
 
     @property
     def verified(self) -> bool:
-        return self.record.get("verified") is True
+        """Signed by a key the leaderboard trusts, over the record as it is (never what the
+        record says of itself)."""
+        return self.verdict.verified
 
     @property
     def is_control(self) -> bool:
@@ -408,13 +411,23 @@ def headline(view: TaskView) -> str:
     return view.spec.scoring.aggregate if view.spec is not None else "iqm"
 
 
+def keys_dir_for(results_dir: Path) -> Path:
+    """The trusted public keys of a leaderboard: ``keys/`` beside its ``results/``."""
+    return Path(results_dir).parent / "keys"
+
+
 def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
-                 seed: int) -> TaskView:
+                 seed: int, trusted: Mapping[str, signing.TrustedKey] | None = None
+                 ) -> TaskView:
+    """``trusted`` defaults to the keys beside ``results_dir`` (:func:`keys_dir_for`)."""
+    if trusted is None:
+        trusted = signing.trusted_keys(keys_dir_for(results_dir))
     view = TaskView(task_id, slug(task_id))
     view.spec, view.spec_error = _load_spec(task_id, tasks_dir)
     folder = results_dir / task_id
     entries, view.unreadable = (_read_records(folder, task_id) if folder.is_dir() else ({}, []))
     for e in entries.values():
+        e.verdict = signing.verify(e.record, trusted)
         if e.test is None:
             e.stale = f"only a train-split record ({e.stem}.train.json); no {e.stem}.json"
         else:
@@ -448,15 +461,36 @@ def analyse_task(task_id: str, results_dir: Path, tasks_dir: Path, reps: int,
     return view
 
 
+AGREEMENT_RTOL = 1e-9
+"""How far a stored aggregate may be from its runs' (relative; absolute below 1): float
+rounding from summing in another order, never an edit."""
+
+
+def _shown(stored: float, runs: float) -> tuple[str, str]:
+    # Enough digits that the two numbers of a disagreement never print alike.
+    for digits in (6, 17):
+        a, b = f"{stored:.{digits}g}", f"{runs:.{digits}g}"
+        if a != b:
+            break
+    return a, b
+
+
 def _disagreement(e: Entry) -> str | None:
-    """Why a record is not ranked when its stored IQM is not the IQM of its own runs (a
-    hand-edited record, or one written by a harness that dropped failures): the site ranks
-    by the stored interval, so the two must agree."""
-    stored = e.agg("iqm")[0]
-    runs = float(nan_iqm(e.matrix.reshape(-1, 1))[0])
-    if not abs(stored - runs) <= 1e-6 * max(1.0, abs(runs)):
-        return (f"the record's stored IQM {stored:.6g} is not the IQM of its runs "
-                f"({runs:.6g})")
+    """Why a record is not ranked when a point aggregate it stores is not that aggregate of
+    its own runs (a hand-edited record, or one written by a harness that dropped failures):
+    the site ranks by the stored values, so they must be the runs'. Recomputed with the
+    harness's own functions (``scoring.aggregate_functions``) on the same floored matrix;
+    the bootstrap intervals are not, as that would cost seconds per record."""
+    funcs = scoring.aggregate_functions()
+    for name in scoring.AGGREGATES:
+        stored = e.agg(name)
+        if stored is None:
+            continue
+        runs = float(funcs[name](e.matrix))
+        if not abs(stored[0] - runs) <= AGREEMENT_RTOL * max(1.0, abs(runs)):
+            label = AGGREGATE_LABELS[name]
+            a, b = _shown(stored[0], runs)
+            return f"the record's stored {label} {a} is not the {label} of its runs ({b})"
     return None
 
 

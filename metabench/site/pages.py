@@ -317,6 +317,7 @@ def _rank_row(view: TaskView, i: int, e: Entry) -> dict:
             "sort_name": e.name.lower(), "href": _sub_href(view, e, "../"), "rank": i + 1,
             "control": e.is_control, "tied": e.tied, "baseline": e.is_baseline,
             "note": as_text(as_dict(rec.get("rule")).get("note")), "verified": e.verified,
+            "verdict": e.verdict.reason,
             "cells": cells}
 
 
@@ -502,6 +503,7 @@ def submission_page(view: TaskView, e: Entry, builder: str) -> str:
         "submission.html", title=f"{e.name} on {view.id} \u2014 metabench leaderboard",
         root="../../", builder=builder, task_id=view.id, task_slug=view.slug,
         name=e.name, version=as_text(sub.get("version")), verified=e.verified,
+        verdict=e.verdict.reason,
         baseline=e.is_baseline, control=e.is_control, stale=e.stale or "",
         note=as_text(rule.get("note")), description=as_text(sub.get("description")),
         authors=_authors(sub), affiliation=as_text(sub.get("affiliation")), family=e.family,
