@@ -21,6 +21,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 from helpers import TINY_TASK, write_task  # noqa: E402 (after the cache is set: it imports jax)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_developer_signing_key(tmp_path_factory):
+    """No test signs with the developer's own key (``~/.config/metabench``): by default there
+    is no key, and a test that wants one sets ``METABENCH_KEY`` or passes ``key_path``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METABENCH_KEY", str(tmp_path_factory.mktemp("no-key") / "absent.pem"))
+        yield
+
+
 @pytest.fixture
 def tiny_task_path(tmp_path) -> Path:
     return write_task(tmp_path, TINY_TASK.format(steps=4096))

@@ -16,14 +16,30 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rliable import metrics
 
-from metabench import results, scoring
+from metabench import results, scoring, signing
 from metabench.tasks import spec
 
 HOSTILE = '<script>alert(1)</script>"onmouseover="alert(2)'
 # As the site escapes it (markupsafe, through the templates and the SVG alike).
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;onmouseover=&#34;alert(2)"
+
+# The tests' stand-in for a scoring machine's key: ``make_record(verified=True)`` signs with
+# it, and a leaderboard trusts it once ``trust_test_key`` put it in its keys folder.
+TEST_KEY = Ed25519PrivateKey.generate()
+TEST_KEY_FILE = "test-machine.pub"
+
+
+def trust_test_key(keys_dir: Path, key: Ed25519PrivateKey = TEST_KEY,
+                   name: str = TEST_KEY_FILE) -> Path:
+    """Adds ``key``'s public half to a leaderboard's trusted keys (``keys_dir/name``)."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    path = keys_dir / name
+    path.write_text(f"# a test key\n{signing.public_key_text(key)}\n")
+    return path
+
 
 # Two test envs with different normalisers, so per-env normalisation is exercised.
 ENVS = (("CartPole-a", "gymnax/CartPole-v1", 20.0, 500.0),
@@ -78,6 +94,20 @@ def _interval(point: float, ci: tuple[float, float] | None, width: float = 0.05)
     return {"point": float(point), "lo": float(lo), "hi": float(hi)}
 
 
+def _with_mean(scores: np.ndarray, mean: float) -> np.ndarray:
+    """``scores`` moved to the given mean with their IQM unchanged: only the quarter that the
+    IQM trims at one end moves (the top one up, or the bottom one down), so that a record can
+    rank differently by mean and by IQM and still store its runs' own aggregates."""
+    flat = scores.ravel().copy()
+    k = int(flat.size * 0.25)  # what scipy's trim_mean (rliable's IQM) cuts at each end
+    assert k > 0, "too few runs to move the mean without moving the IQM"
+    order = np.argsort(flat, kind="stable")
+    delta = (mean - flat.mean()) * flat.size / k
+    flat[order[-k:] if delta > 0 else order[:k]] += delta
+    assert flat.min() >= scoring.SCORE_FLOOR, f"mean {mean} would push runs below the floor"
+    return flat.reshape(scores.shape)
+
+
 def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str, scores: np.ndarray, *,
                 split: str = "test", family: str = "drift",
                 envs: Sequence[tuple[str, str, float, float]] = ENVS,
@@ -87,8 +117,11 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
                 created: str = "2026-11-21T00:00:00+00:00", curve_points: int = 100,
                 note: str = "", seed: int = 0) -> dict:
     """A record whose run scores are ``scores[seed, env]``; ``failed`` lists (seed, env)
-    cells recorded as failed runs. ``iqm``/``iqm_ci``/``mean`` override the aggregates.
-    ``fingerprint`` is a literal or ``write_site_task``'s per-family fingerprint."""
+    cells recorded as failed runs. ``iqm``/``mean`` move the runs to those aggregates (the site
+    ranks only records whose stored aggregates are their runs'); ``iqm_ci`` sets the IQM's CI.
+    ``fingerprint`` is a literal or ``write_site_task``'s per-family fingerprint.
+    ``verified=True`` signs the record with :data:`TEST_KEY` (edit it afterwards and the
+    signature no longer matches); otherwise it is unsigned."""
     if callable(fingerprint):
         fingerprint = fingerprint(family)
     scores = np.asarray(scores, dtype=np.float64)
@@ -99,6 +132,9 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
         for cell in failed:
             ok[cell] = np.nan
         scores = scores + iqm - metrics.aggregate_iqm(scoring.floor_scores(ok, np.isfinite(ok)))
+    if mean is not None:
+        assert not failed, "mean= moves completed runs only: give no failed cells"
+        scores = _with_mean(scores, mean)
     n_seeds = scores.shape[0]
     rng = np.random.default_rng(seed)
     steps = np.linspace(4096 / curve_points, 4096, curve_points).astype(int).tolist()
@@ -122,7 +158,7 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
     floored = scoring.floor_scores(floored, np.isfinite(floored))
     aggs = {
         "iqm": _interval(metrics.aggregate_iqm(floored) if iqm is None else iqm, iqm_ci),
-        "mean": _interval(metrics.aggregate_mean(floored) if mean is None else mean, None),
+        "mean": _interval(metrics.aggregate_mean(floored), None),
         "median": _interval(metrics.aggregate_median(floored), None),
         "optimality_gap": _interval(metrics.aggregate_optimality_gap(floored, gamma=1), None),
     }
@@ -153,9 +189,7 @@ def make_record(task_id: str, fingerprint: str | Callable[[str], str], name: str
         rec["check"] = {"passed": True, "mirror_valid": True,
                         "checks": [{"name": "finite", "passed": True, "detail": "ok"}]}
         rec["wall_clock_s"] = 15.0
-    if verified is not None:
-        rec["verified"] = verified
-    return rec
+    return signing.sign(rec, TEST_KEY) if verified else rec
 
 
 def write_record(results_dir: Path, stem: str, record: dict) -> Path:
@@ -174,6 +208,7 @@ def make_bench_set(root: Path, n_subs: int = 50, n_tasks: int = 3, seeds: int = 
     """``n_subs`` submissions on ``n_tasks`` tasks (``seeds`` x 2 envs, 100-point curves),
     with a train-split record for every ``train_every``-th. Returns (results, tasks) dirs."""
     results_dir, tasks_dir = root / "results", root / "tasks"
+    trust_test_key(root / "keys")
     rng = np.random.default_rng(0)
     for t in range(n_tasks):
         task_id = f"bench-{t}"

@@ -18,7 +18,7 @@ import scipy.stats
 from rliable import metrics
 
 from helpers import (ENVS, ESCAPED, HOSTILE, make_bench_set, make_record, random_scores,
-                     submission_block, write_record, write_site_task)
+                     submission_block, trust_test_key, write_record, write_site_task)
 from metabench import results, scoring
 from metabench.site import model, pages, svg
 from metabench.site.build import build as build_site
@@ -62,6 +62,7 @@ def env(tmp_path):
     """A tasks dir with task ``t``, an empty results dir, and a builder."""
     tasks, res = tmp_path / "tasks", tmp_path / "results"
     res.mkdir()
+    trust_test_key(tmp_path / "keys")
     fp = write_site_task(tasks, "t", "the test task")
 
     def build(out: str = "site", reps: int = REPS) -> Path:
@@ -85,7 +86,7 @@ def add(env, name, scores=None, stem=None, **kw):
 
 def test_ranks_by_iqm_point_not_mean(env):
     add(env, "alpha", iqm=0.5, iqm_ci=(0.45, 0.55), mean=0.9)
-    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.2)
+    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.45)
     add(env, "charlie", iqm=0.3, iqm_ci=(0.25, 0.35), mean=0.5)
     site = env["build"]()
     rows = rank_rows((site / "tasks" / "t.html").read_text())
@@ -100,7 +101,7 @@ def test_ranks_by_the_tasks_aggregate_and_a_gap_ranks_lowest_first(env):
     """``scoring.aggregate`` is what a task ranks by: the same records rank by their mean
     when the task says mean, and by the smallest optimality gap when it says that."""
     add(env, "alpha", iqm=0.5, iqm_ci=(0.45, 0.55), mean=0.9)
-    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.2)
+    add(env, "bravo", iqm=0.7, iqm_ci=(0.65, 0.75), mean=0.45)
     for aggregate, order in (("mean", ["alpha", "bravo"]), ("iqm", ["bravo", "alpha"])):
         fp = write_site_task(env["tasks"], "t", "the test task", aggregate=aggregate)
         for name in ("alpha", "bravo"):  # the same runs, recorded under the retuned spec
@@ -276,6 +277,121 @@ def test_a_stored_iqm_that_is_not_its_runs_iqm_is_not_ranked(env):
     assert [r["name"] for r in rank_rows(page)] == ["honest"]
     stale = re.search(r'<table id="stale-table">(.*?)</table>', page, re.S).group(1)
     assert "boastful" in stale and "stored IQM 0.95 is not the IQM of its runs (0.3)" in stale
+
+
+@pytest.mark.parametrize("name, label", [("mean", "mean"), ("median", "median"),
+                                         ("optimality_gap", "optimality gap")])
+def test_every_stored_point_aggregate_must_be_its_runs(env, name, label):
+    # Not only the IQM: a record that boasts a better mean (or median, or gap) than its runs
+    # give is listed, not ranked, whichever aggregate the task ranks by.
+    add(env, "honest")
+    _, rec = add(env, "boastful")
+    true = rec["aggregates"][name]["point"]
+    rec["aggregates"][name]["point"] = true + 1e-6
+    write_record(env["results"], "boastful", rec)
+    view = model.analyse_task("t", env["results"], env["tasks"], reps=20, seed=0)
+    assert [e.name for e in view.ranked] == ["honest"]
+    (stale,) = view.stale
+    assert stale.stale.startswith(f"the record's stored {label} ")
+    assert f"is not the {label} of its runs" in stale.stale
+    stored, runs = re.findall(r"[-\d.e]+(?=\)|\s+is)", stale.stale)[-2:]
+    assert float(stored) == pytest.approx(true + 1e-6, abs=1e-7)
+    assert float(runs) == pytest.approx(true, abs=1e-7) and stored != runs
+
+
+# --- signatures -------------------------------------------------------------------------------
+
+
+def _badge(page: str, name: str) -> tuple[str, str]:
+    """(text, tooltip) of the verified column's badge in ``name``'s rank row."""
+    row = re.search(rf'data-submission="{re.escape(name)}">(.*?)</tr>', page, re.S).group(1)
+    title, text = re.findall(r'<span class="badge (?:verified|self)" title="([^"]*)">([^<]*)'
+                             r'</span>', row)[-1]
+    return text, html.unescape(title)
+
+
+def test_verified_means_signed_by_a_trusted_key(env):
+    add(env, "signed", verified=True)
+    add(env, "unsigned")
+    _, rec = add(env, "claims", verified=True)
+    rec = {k: v for k, v in rec.items() if k != "signature"}
+    rec["verified"] = True  # the old self-asserted flag counts for nothing
+    write_record(env["results"], "claims", rec)
+    site = env["build"]()
+    page = (site / "tasks" / "t.html").read_text()
+    assert sorted(r["name"] for r in rank_rows(page)) == ["claims", "signed", "unsigned"]
+    assert _badge(page, "signed") == ("verified", "scored by metabench submit and signed by "
+                                                  "test-machine.pub")
+    assert _badge(page, "unsigned") == ("self-reported", "not vouched for: no signature")
+    assert _badge(page, "claims") == ("self-reported", "not vouched for: no signature")
+    sub_page = (site / "submissions" / "t" / "signed.html").read_text()
+    assert "signed by test-machine.pub" in sub_page
+    # Without the trusted key (another keys folder), nothing is verified.
+    (env["root"] / "other-keys").mkdir()
+    build_site(env["results"], env["root"] / "site2", env["tasks"], bootstrap_reps=REPS,
+               keys_dir=env["root"] / "other-keys")
+    page = (env["root"] / "site2" / "tasks" / "t.html").read_text()
+    text, title = _badge(page, "signed")
+    assert text == "self-reported" and "which leaderboard/keys does not trust" in title
+
+
+def test_a_record_edited_after_signing_is_not_ranked_or_not_verified(env):
+    add(env, "honest", verified=True)
+    # One run's score changed: its stored aggregates are no longer its runs', so it is listed
+    # (not ranked), and its signature no longer matches.
+    _, rec = add(env, "edited", verified=True)
+    run = next(r for r in rec["runs"] if r["status"] == "ok")
+    run["score"] += 0.5
+    write_record(env["results"], "edited", rec)
+    # The runs and every aggregate changed consistently (a record of other scores carrying
+    # the first one's signature): ranked on its own numbers, but self-reported.
+    _, signed = add(env, "forged", verified=True)
+    _, other = add(env, "forged", random_scores(np.random.default_rng(7), 0.9))
+    write_record(env["results"], "forged", {**other, "signature": signed["signature"]})
+    view = model.analyse_task("t", env["results"], env["tasks"], reps=20, seed=0)
+    by_name = {e.name: e for e in view.entries}
+    assert [e.name for e in view.stale] == ["edited"]
+    assert re.search(r"stored .* is not the .* of its runs", by_name["edited"].stale)
+    for name in ("edited", "forged"):
+        assert by_name[name].verdict == ("self-reported", "signature does not match the record "
+                                                          "(edited after signing?)")
+    assert by_name["honest"].verified and not by_name["forged"].verified
+    page = (env["build"]() / "tasks" / "t.html").read_text()
+    assert _badge(page, "forged") == ("self-reported", "not vouched for: signature does not "
+                                                       "match the record (edited after signing?)")
+
+
+def test_signature_fields_and_key_file_names_are_escaped(env):
+    evil = '<img src=x onerror="alert(3)">'
+    trust_test_key(env["root"] / "keys", name=f"{evil}.pub")
+    (env["root"] / "keys" / "test-machine.pub").unlink()
+    add(env, "signed", verified=True)
+    _, rec = add(env, "hostile")
+    rec["signature"] = {"algorithm": "ed25519", "key_id": HOSTILE, "public_key": HOSTILE,
+                        "value": HOSTILE}
+    write_record(env["results"], "hostile", rec)
+    _, rec = add(env, "algorithm")
+    rec["signature"] = {"algorithm": HOSTILE}
+    write_record(env["results"], "algorithm", rec)
+    pages = html_texts(env["build"]())
+    for name, text in pages.items():
+        assert "<script>alert(1)" not in text and 'onmouseover="' not in text, name
+        assert "<img" not in text and 'onerror="' not in text, name
+    page = pages["tasks/t.html"]
+    assert _badge(page, "signed") == ("verified", f"scored by metabench submit and signed by "
+                                                  f"{evil}.pub")
+    assert _badge(page, "hostile")[1] == (f"not vouched for: signed by key {HOSTILE[:16]}\u2026, "
+                                          "which leaderboard/keys does not trust")
+    assert _badge(page, "algorithm")[1] == ("not vouched for: unsupported signature algorithm "
+                                            f"{HOSTILE[:16]}\u2026")
+    assert "&lt;img src=x onerror=&#34;alert(3)&#34;&gt;.pub" in pages["submissions/t/signed.html"]
+
+
+def test_a_malformed_trusted_key_file_fails_the_build_naming_it(env):
+    add(env, "signed", verified=True)
+    (env["root"] / "keys" / "broken.pub").write_text("ed25519 not-base64\n")
+    with pytest.raises(ValueError, match=r"keys/broken\.pub: the key is not valid base64"):
+        env["build"]()
 
 
 # --- hostile input ----------------------------------------------------------------------------
