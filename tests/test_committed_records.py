@@ -1,6 +1,7 @@
 """The committed records under leaderboard/results are the leaderboard's source of truth: each
 must be a valid record of the current task spec, scored with the shipped baseline's exact
-content and parameters, and its stored aggregates must be the ones its own runs give.
+content and parameters, its stored aggregates must be the ones its own runs give, and it must
+be signed by a key in leaderboard/keys (so the site shows it verified).
 
 Nothing here is pinned to a count or a value: the records are re-scored from time to time,
 and any honest record passes. A hand-edited score or aggregate, a task YAML edit that makes
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from metabench import results, submissions
+from metabench import results, signing, submissions
 from metabench.tasks import spec
 from metabench.rules import params_hash
 from metabench.site.model import analyse_task
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "leaderboard" / "results"
 TASKS = spec.TASKS_DIR
 BASELINES = ROOT / "submissions" / "baselines"
+KEYS = ROOT / "leaderboard" / "keys"
 
 # Only records filed directly under a task folder are ranked (stale/ and shards/ are not).
 RECORDS = sorted(p for p in RESULTS.glob("*/*.json") if not p.name.startswith("."))
@@ -39,6 +41,11 @@ def _id(p: Path) -> str:
 def test_there_are_committed_records():
     # Guards the parametrisations below against passing vacuously on an empty glob.
     assert RECORDS and TASK_IDS
+
+
+@functools.lru_cache(maxsize=None)
+def _trusted() -> dict:
+    return signing.trusted_keys(KEYS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,6 +71,7 @@ def test_the_leaderboard_ranks_every_committed_record(task_id):
     on_disk = {p.name.removesuffix(".train.json").removesuffix(".json")
                for p in RECORDS if p.parent.name == task_id}
     assert {e.stem for e in view.ranked} == on_disk
+    assert [(e.stem, e.verdict.reason) for e in view.ranked if not e.verified] == []
 
 
 def _floored_matrix(rec: dict, task) -> np.ndarray:
@@ -122,4 +130,9 @@ def test_committed_record_matches_its_runs_task_and_baseline(path):
     assert rec["submission"]["content_hash"] == content
     assert rec["rule"]["params_hash"] == shipped_hash
     assert rec["rule"]["name"] == name and rec["rule"]["family"] == sub.family == family
-    assert rec["verified"] is True and rec["check"]["passed"] is True
+    assert rec["check"]["passed"] is True
+    # Signed, over exactly these bytes' content, by a key leaderboard/keys trusts: the
+    # site shows it verified. A record re-scored must be signed again after review.
+    verdict = signing.verify(rec, _trusted())
+    assert verdict.verified, f"{_id(path)}: {verdict.reason} (re-sign it: metabench keys sign)"
+    assert "verified" not in rec  # the old self-asserted flag is gone
