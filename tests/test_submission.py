@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import CARTPOLE_SPLITS
-from metabench import params_io, results, submissions
+from helpers import CARTPOLE_SPLITS, trust_test_key
+from metabench import params_io, results, signing, submissions
 from metabench.tasks import spec
 from metabench.submissions import isolate, orchestrate
 from metabench.families import drift
@@ -77,7 +77,12 @@ def scored(tmp_path_factory, task_path):
     """The KL drift, scored once: (results dir, submission folder, result)."""
     root = tmp_path_factory.mktemp("scored")
     folder = write_sub(root / "kl", yaml_for(), {"rule.py": KL_RULE})
-    res = submissions.submit(folder, str(task_path), results_dir=root / "results", log=print)
+    # The scoring machine's key, found where `metabench submit` looks by default.
+    signing.init_key(root / "machine" / "key.pem")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METABENCH_KEY", str(root / "machine" / "key.pem"))
+        res = submissions.submit(folder, str(task_path), results_dir=root / "results",
+                                 log=print)
     assert res.ok, res.message
     return root / "results", folder, res
 
@@ -85,7 +90,11 @@ def scored(tmp_path_factory, task_path):
 def test_external_rule_folder_becomes_a_record(scored, task_path):
     results_dir, folder, res = scored
     rec = results.read(results_dir / "one" / "kl-drift.json")
-    assert rec["status"] == "ok" and rec["verified"] is True
+    machine = trust_test_key(results_dir.parent / "keys",
+                             signing.load_private_key(results_dir.parent / "machine" / "key.pem"))
+    verdict = signing.verify(rec, signing.trusted_keys(machine.parent))
+    assert rec["status"] == "ok" and verdict.verified, verdict.reason
+    assert "verified" not in rec and res.record == rec
     assert rec["submission"]["name"] == "kl-drift" and rec["submission"]["authors"] == [
         "A. Researcher"]
     assert rec["submission"]["content_hash"] == submissions.load(folder).content_hash
@@ -196,8 +205,14 @@ def test_shards_merge_to_the_unsharded_record(scored, tmp_path, task_path):
         assert r.ok and "shards" in str(r.path), r.message
         paths.append(r.path)
     assert sorted(len(results.read(p)["runs"]) for p in paths) == [2, 2]
-    merged = submissions.merge(paths, results_dir=shard_dir, task=task_path)
+    # The merged record is a new document: signed by the merging machine's key, whatever
+    # signed the shards.
+    merger = signing.init_key(tmp_path / "merger.pem")
+    merged = submissions.merge(paths, results_dir=shard_dir, task=task_path,
+                               key_path=tmp_path / "merger.pem")
     assert merged.ok, merged.message
+    trusted = signing.trusted_keys(trust_test_key(tmp_path / "keys", merger).parent)
+    assert signing.verify(results.read(merged.path), trusted).verified
     full = res.record
     assert merged.record["runs"] == full["runs"]  # runs carry no timings: equal as they are
     assert merged.record["aggregates"] == full["aggregates"]
