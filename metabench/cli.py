@@ -277,7 +277,7 @@ def cmd_check(args) -> int:
 
     failed = 0
     for folder in args.dirs:
-        res = submissions.check(folder, timeout=args.timeout)
+        res = submissions.check(folder, timeout=args.timeout, unsandboxed=args.unsandboxed)
         print(res.message)
         failed += not res.ok
     return 1 if failed else 0
@@ -329,7 +329,7 @@ def _submit_each(folders, args, task, shard, command):
 
     kw = dict(results_dir=Path(args.results), force=args.force, shard=shard, seeds=args.seeds,
               timeout=args.timeout, command=command, backend=args.backend,
-              address=args.address, key_path=args.key)
+              address=args.address, key_path=args.key, unsandboxed=args.unsandboxed)
     if args.batch:
         yield from submissions.submit_many(folders, args.task, args.split, batch=True, **kw)
     else:
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     kp.add_argument("dirs", nargs="+", help="submission folder(s)")
     kp.add_argument("--timeout", type=float, default=300.0,
                     help="seconds allowed to import and check the rule")
+    kp.add_argument("--unsandboxed", action="store_true",
+                    help="run the submission's code without the sandbox, where this machine "
+                         "cannot sandbox (only for code you trust; the record says so)")
     kp.set_defaults(fn=cmd_check)
 
     sp = sub.add_parser("submit", help="check, score in an isolated process, record the result")
@@ -442,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "~/.config/metabench/signing_key.pem); none: the record is unsigned")
     sp.add_argument("--timeout", type=float, default=None,
                     help="wall-clock limit of the scoring process (default: from the task)")
+    sp.add_argument("--unsandboxed", action="store_true",
+                    help="run the submission's code without the sandbox, where this machine "
+                         "cannot sandbox (only for code you trust; the record says so)")
     sp.set_defaults(fn=cmd_submit)
 
     mp = sub.add_parser("merge", help="join shard records into one result record")

@@ -55,9 +55,15 @@ class RuleInfo:
 
 def params_hash(meta_params: PyTree) -> str:
     """sha256 over the tree structure, dtypes, shapes and bytes of every leaf."""
-    h = hashlib.sha256()
     leaves, treedef = jax.tree_util.tree_flatten(meta_params)
-    h.update(str(treedef).encode())
+    return leaves_hash(str(treedef), leaves)
+
+
+def leaves_hash(treedef: str, leaves) -> str:
+    """:func:`params_hash` of a tree given as its structure's text and its leaves (how an
+    exported rule's meta-parameters reach the scorer)."""
+    h = hashlib.sha256()
+    h.update(treedef.encode())
     for leaf in leaves:
         arr = np.asarray(leaf)
         h.update(f"{arr.dtype}{arr.shape}".encode())

@@ -107,7 +107,7 @@ def test_external_rule_folder_becomes_a_record(scored, task_path):
 
 def _checked(monkeypatch):
     """Replaces the child-process check with a pass: the checks are tested on their own."""
-    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+    monkeypatch.setattr(orchestrate, "check", lambda f, **kw: submissions.CheckResult(
         True, "", {"passed": True}, submissions.load(f)))
 
 
@@ -486,7 +486,7 @@ def test_batch_scores_one_factorys_submissions_in_one_call(tmp_path, small_task_
     write_sub(b, yaml_for("lpo-b", lpo, f"params: {{file: params.npz, sha256: {digest}}}\n"))
     assert submissions.batch_key(submissions.load(a)) == submissions.batch_key(submissions.load(b))
     # The checks are tested on their own; here they would only add two child processes.
-    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+    monkeypatch.setattr(orchestrate, "check", lambda f, **kw: submissions.CheckResult(
         True, "", {"passed": True}, submissions.load(f)))
     out = submissions.submit_many([a, b], str(small_task_path), batch=True,
                                  results_dir=tmp_path / "results", log=print)
@@ -514,7 +514,7 @@ def test_batch_groups_by_key_and_rescores_members_alone_if_it_dies(tmp_path, tas
     with pytest.raises(ValueError, match="one batch key"):
         submissions.batched_rule([submissions.load(f) for f in folders])
     # No child processes here: the check passes, the batch dies, scoring alone is recorded.
-    monkeypatch.setattr(orchestrate, "check", lambda f: submissions.CheckResult(
+    monkeypatch.setattr(orchestrate, "check", lambda f, **kw: submissions.CheckResult(
         True, "", {"passed": True}, submissions.load(f)))
     dead = isolate._Cell({}, None, None, None, "", 1.0)
     batches = []

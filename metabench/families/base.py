@@ -97,6 +97,13 @@ class Family:
     """``check(rule, meta_params, name) -> CheckReport`` on random inputs."""
     baseline: str
     """The reference rule that probability of improvement is measured against."""
+    Outputs: type | None = None
+    """The NamedTuple a rule returns, where it returns more than one array (a submitted
+    rule's exported function names it by ``metabench.<family>.Outputs``)."""
+    rule_vjp_order: int = 1
+    """How many times training differentiates through ``rule.apply`` in reverse mode: what
+    a submitted rule's export must carry (2 where a meta-gradient runs through the rule
+    while it is scored, as in metagrad)."""
 
 
 _FAMILIES: dict[str, Family] = {}

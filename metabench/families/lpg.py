@@ -529,6 +529,7 @@ FAMILY = register_family(Family(
     Config=Config,
     make_train=make_train,
     reference_rules=REFERENCE_RULES,
+    Outputs=Outputs,
     check=check,
     baseline="actor_critic",
 ))

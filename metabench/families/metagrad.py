@@ -416,6 +416,8 @@ FAMILY = register_family(Family(
     Config=Config,
     make_train=make_train,
     reference_rules=REFERENCE_RULES,
+    Outputs=Outputs,
     check=check,
     baseline="a2c_fixed",
+    rule_vjp_order=2,
 ))

@@ -1,12 +1,20 @@
 """Isolation: checking and scoring a submission in child processes of their own.
 
 Building a rule imports submitted code, and training with it may crash, hang or exhaust
-memory; so :func:`check` and every scoring run happen in a child process (``python -m
-metabench.submissions``, see ``__main__.py``) in its own process group, killed at a
-wall-clock limit, and whatever it could not finish becomes a failed part of the record, not a
-failure of metabench. Both sides of that exchange live here, so the arguments and the files
-the child writes (``check.json``; ``rule.json``, ``provenance.json``, ``part-*.json``,
-``error.txt``) are read by the same module that writes them.
+memory; so :func:`check` and every scoring run happen in child processes (``python -m
+metabench.submissions``, see ``__main__.py``) in their own process groups, killed at a
+wall-clock limit (and with their parent), and whatever a child could not finish becomes a
+failed part of the record, not a failure of metabench.
+
+Only the check child imports a submission's ``rule.py``, and it runs in the sandbox of
+:mod:`metabench.submissions.sandbox` (no writes outside its scratch directory, no network,
+bounded memory, CPU time and processes). Given a task, it also exports the rule's ``apply``
+for that task's envs (:mod:`metabench.submissions.export`); the scoring child loads that
+export and never imports the submission. Reference factories and loss graphs are built by
+metabench's own code and are scored in-process. Both sides of each exchange live here, so
+the arguments and the files a child writes (``check.json`` and the export folder;
+``rule.json``, ``provenance.json``, ``part-*.json``, ``error.txt``) are read by the same
+module that writes them.
 """
 
 from __future__ import annotations
@@ -14,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
+from metabench.submissions import sandbox  # noqa: F401  (the module, by its own name)
 from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
@@ -30,24 +38,41 @@ imports, so runpy never executes a module that ``import metabench.submissions`` 
 loaded (it warns about that)."""
 
 
-def _child(args: Sequence[str], timeout: float, capture: bool = True) -> tuple[int | None, str]:
-    """Runs ``python -m metabench.submissions ARGS`` in its own process group; returns (exit
-    code, or None when it was killed at ``timeout``, and the tail of its stderr). With
-    ``capture=False`` stderr (progress) goes straight to ours."""
-    cmd = [sys.executable, "-m", CHILD_MODULE, *args]
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                stderr=err if capture else None, text=True,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the whole group: XLA threads and anything it spawned
-            proc.wait()
-            code = None
-        err.seek(0)
-        text = err.read()
-    return code, text[-4000:]
+def _child(args: Sequence[str], timeout: float, capture: bool = True,
+           policy: "sandbox.Policy | None" = None) -> tuple[int | None, str]:
+    """Runs ``python -m metabench.submissions ARGS`` in its own process group (in the
+    sandbox ``policy`` when given); returns (exit code, or None when it was killed at
+    ``timeout``, and the tail of its stderr). With ``capture=False`` stderr (progress) goes
+    straight to ours. The child dies with this process (and is killed on SIGINT, SIGTERM or
+    an exception here): no orphan outlives the scorer."""
+    if policy is not None:
+        cmd, env = sandbox.command(policy, CHILD_MODULE, list(args)), sandbox.environ(policy)
+    else:
+        cmd, env = [sys.executable, "-m", CHILD_MODULE, *args], None
+    return sandbox.run(cmd, timeout, env=env, capture=capture)
+
+
+def build_policy(scratch: Path, reads: Sequence[Path], unsandboxed: bool
+                 ) -> "tuple[sandbox.Policy | None, dict]":
+    """The sandbox for a child that imports submitted code, and what the record says of it.
+    Raises :class:`SandboxUnavailable` where this machine cannot sandbox and the user did
+    not pass ``--unsandboxed``."""
+    if unsandboxed:
+        return None, {"sandboxed": False,
+                      "reason": "scored with --unsandboxed: the submission's code ran with "
+                                "the scorer's own permissions"}
+    support = sandbox.support()
+    if not support.ok:
+        raise SandboxUnavailable(
+            f"this machine cannot sandbox submitted code ({support.reason}); metabench will "
+            "not run someone else's code without it. Pass --unsandboxed to run it anyway "
+            "(only for code you trust; the record will say so)")
+    policy = sandbox.Policy(scratch=str(scratch), reads=tuple(str(p) for p in reads))
+    return policy, sandbox.describe(policy)
+
+
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot sandbox, and running unsandboxed was not asked for."""
 
 
 def _died(code: int | None, stderr: str, timeout: float) -> str:
@@ -69,28 +94,71 @@ class CheckResult:
     message: str
     report: dict | None = None
     submission: Submission | None = None
+    sandbox: dict | None = None
+    """What the check child ran under (:func:`build_policy`), for the record."""
+    export: Path | None = None
+    """The folder holding the rule exported for the task, where one was asked for and the
+    rule is the submission's own code."""
 
 
-def check(folder: str | os.PathLike, timeout: float = CHECK_TIMEOUT_S) -> CheckResult:
-    """Validates the folder, then imports and conformance-checks the rule in a child."""
+def needs_export(sub: Submission) -> bool:
+    """Whether the submission's rule is its own Python (scored through an export) rather
+    than a reference factory or a loss graph, which metabench builds itself."""
+    return sub.factory is None and not (sub.entry or "").startswith("graph:")
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def check(folder: str | os.PathLike, timeout: float = CHECK_TIMEOUT_S, *,
+          task_path: str | None = None, split: str = "test", export_dir: Path | None = None,
+          unsandboxed: bool = False) -> CheckResult:
+    """Validates the folder, then imports and conformance-checks the rule in a sandboxed
+    child. With ``task_path`` and ``export_dir``, the child also exports a submission's own
+    rule for that task's ``split`` envs into ``export_dir`` (which it may write)."""
     try:
         sub = load(folder)
     except SubmissionError as e:
         return CheckResult(False, str(e))
+    want_export = export_dir is not None and task_path is not None and needs_export(sub)
     with tempfile.TemporaryDirectory(prefix="metabench-check-") as tmp:
-        out = Path(tmp) / "check.json"
-        code, err = _child(["_check", str(sub.path), str(out)], timeout)
+        # The sandbox writes only its scratch directory: the export's folder is kept there.
+        scratch = Path(export_dir) if want_export else Path(tmp)
+        scratch.mkdir(parents=True, exist_ok=True)
+        out = scratch / "check.json"
+        rule_dir = scratch / "rule"
+        reads = [sub.path.resolve(), _package_dir()]
+        if task_path is not None:
+            reads.append(Path(task_path).resolve())
+        try:
+            policy, info = build_policy(scratch, reads, unsandboxed)
+        except SandboxUnavailable as e:
+            return CheckResult(False, f"{sub.path}: {e}", submission=sub)
+        job = {"folder": str(sub.path), "out": str(out)}
+        if want_export:
+            job.update(task=str(task_path), split=split, export=str(rule_dir))
+        code, err = _child(["_check", json.dumps(job)], timeout, policy=policy)
         if code is None:
             return CheckResult(False, f"{sub.path}: building and checking the rule did not "
                                f"finish within {timeout:g}s (a rule that never returns?)",
-                               submission=sub)
-        if not out.exists():
-            return CheckResult(False, f"{sub.path}: {_died(code, err, timeout)}", submission=sub)
-        res = json.loads(out.read_text())
+                               submission=sub, sandbox=info)
+        try:
+            res = json.loads(out.read_text()) if out.exists() else None
+        except ValueError:
+            res = None
+        if not isinstance(res, dict):
+            return CheckResult(False, f"{sub.path}: {_died(code, err, timeout)}", submission=sub,
+                               sandbox=info)
     if res.get("error"):
-        return CheckResult(False, f"{sub.path}: {res['error']}", submission=sub)
-    report = res["report"]
-    return CheckResult(report["passed"], res["text"], report, sub)
+        return CheckResult(False, f"{sub.path}: {str(res['error'])[:4000]}", submission=sub,
+                           sandbox=info)
+    report = res.get("report")
+    if not isinstance(report, dict) or not isinstance(res.get("text"), str):
+        return CheckResult(False, f"{sub.path}: the check wrote no report", submission=sub,
+                           sandbox=info)
+    return CheckResult(report.get("passed") is True, res["text"][:20000], report, sub, info,
+                       rule_dir if want_export else None)
 
 
 class _Cell(NamedTuple):
@@ -114,13 +182,14 @@ def _outputs(out: Path, err: str) -> tuple[Callable[[str], Any], str]:
 
 
 def _score_cells(sub_path: str, task_path: str, split: str, per_env: list, limit: float,
-                 command: str | None, capture: bool = False) -> _Cell:
-    """Scores the envs with seeds in ``per_env`` in one isolated child process."""
+                 command: str | None, capture: bool = False,
+                 export_dir: str | None = None) -> _Cell:
+    """Scores the envs with seeds in ``per_env`` in one isolated child process; a rule of
+    the submission's own code is loaded from ``export_dir`` (see :func:`check`)."""
     with tempfile.TemporaryDirectory(prefix="metabench-score-") as tmp:
-        args = ["_score", sub_path, task_path, split, tmp, json.dumps(per_env)]
-        if command:
-            args.append(command)
-        code, err = _child(args, limit, capture=capture)
+        job = {"folder": sub_path, "task": task_path, "split": split, "out": tmp,
+               "per_env": per_env, "command": command, "export": export_dir}
+        code, err = _child(["_score", json.dumps(job)], limit, capture=capture)
         read, err = _outputs(Path(tmp), err)
         parts = {i: part for i in range(len(per_env))
                  if (part := read(f"part-{i}.json")) is not None}
@@ -134,11 +203,9 @@ def _score_batch(group: Sequence[Any], command: str | None) -> list[_Cell]:
     p0 = group[0]
     limit = sum(p.limit for p in group)
     with tempfile.TemporaryDirectory(prefix="metabench-batch-") as tmp:
-        args = ["_score_batch", json.dumps([str(p.sub.path) for p in group]), str(p0.task.path),
-                p0.split, tmp, json.dumps(p0.per_env)]
-        if command:
-            args.append(command)
-        code, err = _child(args, limit, capture=False)
+        job = {"folders": [str(p.sub.path) for p in group], "task": str(p0.task.path),
+               "split": p0.split, "out": tmp, "per_env": p0.per_env, "command": command}
+        code, err = _child(["_score_batch", json.dumps(job)], limit, capture=False)
         read, err = _outputs(Path(tmp), err)
         cells = []
         for k in range(len(group)):
@@ -152,40 +219,78 @@ def _score_batch(group: Sequence[Any], command: str | None) -> list[_Cell]:
 # --- the child side ------------------------------------------------------------------------
 
 
-def _child_check(folder: str, out: str) -> int:
+def _child_check(job_json: str) -> int:
+    """The sandboxed side of :func:`check`: builds and checks the rule, then (when asked)
+    exports it for the task's envs. Everything it writes is untrusted data to the parent."""
+    job = json.loads(job_json)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # export for any platform, run on none
     from metabench.families import base as families_base
     from metabench.results import write_json_atomic
 
+    out = job["out"]
     try:
-        sub = load(folder)
+        sub = load(job["folder"])
         ref = build_rule(sub)
-        report = families_base.get_family(sub.family).check(ref.rule, ref.meta_params, sub.name)
+        fam = families_base.get_family(sub.family)
+        report = fam.check(ref.rule, ref.meta_params, sub.name)
         text = report.format()
         if ref.note:
             text += f"\nnote: {ref.note}"
+        if report.passed and job.get("export"):
+            from metabench.submissions import export
+            from metabench.tasks import spec
+
+            task = spec.load(job["task"])
+            signatures = export.call_signatures(sub.family, ref.rule, ref.meta_params, task,
+                                                job["split"])
+            Path(job["export"]).mkdir()
+            export.export_rule(ref.rule, ref.meta_params, signatures, fam.rule_vjp_order,
+                               export.platforms(), Path(job["export"]))
         write_json_atomic(out, {"report": report.to_dict(), "text": text})
     except Exception as e:  # report any failure of submitted code as the check's result
         write_json_atomic(out, {"error": f"{type(e).__name__}: {e}"})
     return 0
 
 
-def _child_score(folder: str, task_path: str, split: str, out: str, per_env_json: str,
-                 command: str | None = None) -> int:
+def exported_ref(sub: Submission, export_dir: str | os.PathLike):
+    """The RuleRef of a submission's own rule, loaded from its export (the submission's
+    code is not imported)."""
+    import jax
+
+    from metabench import harness
+    from metabench.submissions import export
+
+    loaded = export.load(export_dir, sub.family, jax.default_backend())
+    return harness.RuleRef(sub.name, sub.family, loaded.rule, loaded.meta_params, sub.entry,
+                           tuple(sorted(sub.kwargs.items())), ""), loaded.params_hash
+
+
+def _child_score(job_json: str) -> int:
     from metabench import harness
     from metabench.tasks import spec
     from metabench.results import write_json_atomic
 
-    out_dir = Path(out)
+    job = json.loads(job_json)
+    out_dir = Path(job["out"])
+    split, command = job["split"], job.get("command")
     try:
-        sub = load(folder)
-        ref = build_rule(sub)
-        task = spec.load(task_path)
+        sub = load(job["folder"])
+        if needs_export(sub):
+            if not job.get("export"):
+                raise ValueError("a submission's own rule is scored from its export only")
+            ref, phash = exported_ref(sub, job["export"])
+        else:
+            ref, phash = build_rule(sub), None
+        task = spec.load(job["task"])
     except Exception as e:  # recorded as every run's reason by the parent
         (out_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
         return 1
-    write_json_atomic(out_dir / "rule.json", harness.rule_block(ref))
+    block = harness.rule_block(ref)
+    if phash is not None:  # the tree's hash, as an in-process build would state it
+        block["params_hash"] = phash
+    write_json_atomic(out_dir / "rule.json", block)
     write_json_atomic(out_dir / "provenance.json", harness.provenance(command))
-    per_env = json.loads(per_env_json)
+    per_env = job["per_env"]
     for i, (e, seeds) in enumerate(zip(task.split(split), per_env)):
         if not seeds:
             continue
@@ -195,24 +300,27 @@ def _child_score(folder: str, task_path: str, split: str, out: str, per_env_json
     return 0
 
 
-def _child_score_batch(folders_json: str, task_path: str, split: str, out: str,
-                       per_env_json: str, command: str | None = None) -> int:
+def _child_score_batch(job_json: str) -> int:
     from metabench import harness
     from metabench.tasks import spec
     from metabench.results import write_json_atomic
 
-    out_dir = Path(out)
+    job = json.loads(job_json)
+    out_dir = Path(job["out"])
+    split, command, per_env_json = job["split"], job.get("command"), job["per_env"]
     try:
-        subs = [load(f) for f in json.loads(folders_json)]
+        subs = [load(f) for f in job["folders"]]
+        if any(needs_export(s) for s in subs):
+            raise ValueError("only reference factories and loss graphs train in a batch")
         refs, rule, meta_batch = batched_rule(subs)
-        task = spec.load(task_path)
+        task = spec.load(job["task"])
     except Exception as e:  # the parent scores every member alone instead
         (out_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
         return 1
     for k, ref in enumerate(refs):
         write_json_atomic(out_dir / f"rule-{k}.json", harness.rule_block(ref))
     write_json_atomic(out_dir / "provenance.json", harness.provenance(command))
-    for i, (e, seeds) in enumerate(zip(task.split(split), json.loads(per_env_json))):
+    for i, (e, seeds) in enumerate(zip(task.split(split), per_env_json)):
         if not seeds:
             continue
         runs = harness.train_population(
@@ -235,12 +343,12 @@ def _stderr_progress(env: str, done: int, total: int, steps: int, seconds: float
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_check":
-        return _child_check(*argv[1:3])
-    if argv and argv[0] == "_score":
-        return _child_score(*argv[1:])
-    if argv and argv[0] == "_score_batch":
-        return _child_score_batch(*argv[1:])
+    if len(argv) == 2 and argv[0] == "_check":
+        return _child_check(argv[1])
+    if len(argv) == 2 and argv[0] == "_score":
+        return _child_score(argv[1])
+    if len(argv) == 2 and argv[0] == "_score_batch":
+        return _child_score_batch(argv[1])
     print("internal entry point of metabench's isolated checks; use `metabench check` or "
           "`metabench submit`", file=sys.stderr)
     return 2

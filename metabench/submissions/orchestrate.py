@@ -27,7 +27,8 @@ COMPILE_ALLOWANCE_S = 300.0
 
 
 def _score_on_ray(sub_path: str, task, split: str, per_env: list, command: str | None,
-                  address: str | None, log) -> list[tuple[set, _Cell]]:
+                  address: str | None, log, export_dir: Path | None = None
+                  ) -> list[tuple[set, _Cell]]:
     """One Ray task per (submission, task, env) cell, each taking one GPU when the cluster
     has any; every task scores its env in an isolated child process, as locally."""
     try:
@@ -45,7 +46,8 @@ def _score_on_ray(sub_path: str, task, split: str, per_env: list, command: str |
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     refs = [remote.remote(sub_path, str(task.path), split,
                           [seeds if j == i else [] for j, seeds in enumerate(per_env)],
-                          limit, command, True) for i in envs]
+                          limit, command, True,
+                          None if export_dir is None else str(export_dir)) for i in envs]
     return [({i}, cell) for i, cell in zip(envs, ray.get(refs))]
 
 
@@ -62,23 +64,36 @@ class _Prepared(NamedTuple):
     """Wall-clock limit of its scoring process."""
     shard: tuple[int, int] | None
     seeds: int
+    export: Path | None = None
+    """The rule exported by the sandboxed check (a submission's own code), removed once the
+    record is written."""
 
 
 def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: Path,
              force: bool, shard: tuple[int, int] | None, seeds: int | None,
-             timeout: float | None, log) -> "_Prepared | SubmitResult":
-    """Checks the submission and moves a stale record aside; a :class:`SubmitResult` when
-    there is nothing to score (it failed its check, or its record is up to date)."""
+             timeout: float | None, log, unsandboxed: bool = False
+             ) -> "_Prepared | SubmitResult":
+    """Checks the submission (in the sandbox, exporting a submission's own rule for the
+    task) and moves a stale record aside; a :class:`SubmitResult` when there is nothing to
+    score (it failed its check, or its record is up to date)."""
+    import shutil
+    import tempfile
+
     from metabench import results
     from metabench.tasks import spec
 
     task = spec.load(task_id)
     spec.require_calibrated(task, split)
-    res = check(folder)
+    export_dir = Path(tempfile.mkdtemp(prefix="metabench-export-"))
+    res = check(folder, task_path=str(task.path), split=split, export_dir=export_dir,
+                unsandboxed=unsandboxed)
+    if not res.ok or res.export is None:
+        shutil.rmtree(export_dir, ignore_errors=True)
     if not res.ok:
         return SubmitResult(False, res.message)
     sub = res.submission
     if sub.family not in task.agents:
+        _drop_export(res.export)
         return SubmitResult(False, f"{sub.path}: task {task.id} has no agent config for family "
                             f"{sub.family!r} (it supports {', '.join(task.families())})")
     path = results_path(results_dir, task.id, sub.slug, split, shard)
@@ -88,24 +103,35 @@ def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: P
         same = (old.get("submission", {}).get("content_hash") == sub.content_hash
                 and old["task"]["fingerprint"] == task.fingerprint(sub.family))
         if same:
+            _drop_export(res.export)
             return SubmitResult(True, f"{sub.name}: unchanged since {path} was scored; nothing "
                                 "to do (use --force to score again)", path, old)
     n_seeds = task.budget.seeds if seeds is None else int(seeds)
     per_env = shard_seeds(len(task.split(split)), n_seeds, shard)
     limit = timeout if timeout is not None else sum(
         task.budget.max_seconds_per_env + COMPILE_ALLOWANCE_S for s in per_env if s)
-    return _Prepared(sub, res, task, split, path, per_env, limit, shard, n_seeds)
+    return _Prepared(sub, res, task, split, path, per_env, limit, shard, n_seeds, res.export)
+
+
+def _drop_export(export_dir: Path | None) -> None:
+    """Removes the check's scratch folder that holds the export (its parent)."""
+    if export_dir is not None:
+        import shutil
+
+        shutil.rmtree(export_dir.parent, ignore_errors=True)
 
 
 def _score_alone(p: _Prepared, command: str | None, backend: str, address: str | None,
                  log) -> list[tuple[set, _Cell]]:
     if backend == "ray":
-        return _score_on_ray(str(p.sub.path), p.task, p.split, p.per_env, command, address, log)
-    log(f"scoring {p.sub.name} on {p.task.id} [{p.split}] in a child process "
+        return _score_on_ray(str(p.sub.path), p.task, p.split, p.per_env, command, address, log,
+                             p.export)
+    how = "its exported rule" if p.export is not None else "its rule"
+    log(f"scoring {p.sub.name} ({how}) on {p.task.id} [{p.split}] in a child process "
         f"(limit {p.limit:g}s)")
     return [(set(range(len(p.per_env))),
              _score_cells(str(p.sub.path), str(p.task.path), p.split, p.per_env, p.limit,
-                          command))]
+                          command, export_dir=None if p.export is None else str(p.export)))]
 
 
 def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
@@ -139,6 +165,7 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
     is_baseline = baseline if baseline is not None else sub.reference
     rec["submission"] = sub.metadata(baseline=is_baseline)
     rec["check"] = p.check.report
+    rec["sandbox"] = p.check.sandbox
     rec["wall_clock_s"] = round(wall_clock_s, 3)
     if batch is not None:
         rec["batch"] = batch
@@ -146,6 +173,7 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
         rec["shard"] = {"index": p.shard[0], "count": p.shard[1], "seeds": p.seeds}
     rec = seal(rec)  # the signature covers exactly what is written
     results.write(p.path, rec)
+    _drop_export(p.export)
     return SubmitResult(True, f"{sub.name}: wrote {p.path} (status {rec['status']})", p.path,
                         rec)
 
@@ -156,7 +184,8 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
            timeout: float | None = None, baseline: bool | None = None,
            log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
            backend: str = "local", address: str | None = None,
-           key_path: str | os.PathLike | None = None) -> SubmitResult:
+           key_path: str | os.PathLike | None = None,
+           unsandboxed: bool = False) -> SubmitResult:
     """Checks, scores in a child process with a wall-clock limit, writes the record.
 
     ``backend="ray"`` sends one Ray task per env instead (``address`` of a running cluster,
@@ -164,24 +193,29 @@ def submit(folder: str | os.PathLike, task_id: str, split: str = "test", *,
     signed with the key at ``key_path`` (default: :func:`metabench.signing.default_key_path`)
     when there is one, else written unsigned (self-reported)."""
     return _submit(folder, task_id, split, results_dir, force, shard, seeds, timeout, baseline,
-                   log, command, backend, address, sealer(key_path, log))
+                   log, command, backend, address, sealer(key_path, log), unsandboxed)
 
 
 def _submit(folder: str | os.PathLike, task_id: str, split: str, results_dir: Path,
             force: bool, shard: tuple[int, int] | None, seeds: int | None,
             timeout: float | None, baseline: bool | None, log, command: str | None,
-            backend: str, address: str | None, seal: Callable[[dict], dict]) -> SubmitResult:
+            backend: str, address: str | None, seal: Callable[[dict], dict],
+            unsandboxed: bool = False) -> SubmitResult:
     """:func:`submit` with its sealer made: a batch of folders shares one (one key load, one
     warning when there is no key)."""
     if backend not in ("local", "ray"):
         raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-    p = _prepare(folder, task_id, split, results_dir, force, shard, seeds, timeout, log)
+    p = _prepare(folder, task_id, split, results_dir, force, shard, seeds, timeout, log,
+                 unsandboxed)
     if isinstance(p, SubmitResult):
         return p
-    t0 = time.perf_counter()
-    cells = _score_alone(p, command, backend, address, log)
-    return _finish(p, cells, results_dir, baseline, command, time.perf_counter() - t0, log,
-                   seal)
+    try:
+        t0 = time.perf_counter()
+        cells = _score_alone(p, command, backend, address, log)
+        return _finish(p, cells, results_dir, baseline, command, time.perf_counter() - t0, log,
+                       seal)
+    finally:
+        _drop_export(p.export)
 
 
 def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str = "test", *,
@@ -190,7 +224,8 @@ def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str =
                 timeout: float | None = None, baseline: bool | None = None,
                 log=lambda msg: print(msg, file=sys.stderr), command: str | None = None,
                 backend: str = "local", address: str | None = None,
-                key_path: str | os.PathLike | None = None) -> list[SubmitResult]:
+                key_path: str | os.PathLike | None = None,
+                unsandboxed: bool = False) -> list[SubmitResult]:
     """:func:`submit` for each folder, in order. With ``batch``, submissions sharing a
     :func:`batch_key` train together: per env, one compiled call with their meta-parameters
     stacked (vmapped), in one child process whose limit is the sum of theirs. Each still gets
@@ -199,17 +234,18 @@ def submit_many(folders: Sequence[str | os.PathLike], task_id: str, split: str =
     again alone. Records are finished in ``folders`` order, so a baseline listed first is the
     others' baseline. Batched numbers match scoring alone up to float rounding (vmapping over
     rules may regroup reductions), so a batched record is reproduced by the same batch."""
-    if not batch:
-        return [submit(f, task_id, split, results_dir=results_dir, force=force, shard=shard,
-                       seeds=seeds, timeout=timeout, baseline=baseline, log=log,
-                       command=command, backend=backend, address=address) for f in folders]
-    if backend != "local":
+    if batch and backend != "local":
         raise ValueError("batching runs submissions in one local process; use "
                          "backend='local' with batch (or no batch on Ray)")
+    seal = sealer(key_path, log)
+    if not batch:
+        return [_submit(f, task_id, split, results_dir, force, shard, seeds, timeout, baseline,
+                        log, command, backend, address, seal, unsandboxed) for f in folders]
     done: dict[int, SubmitResult] = {}
     groups: dict[Any, list[tuple[int, _Prepared]]] = {}
     for j, f in enumerate(folders):
-        p = _prepare(f, task_id, split, results_dir, force, shard, seeds, timeout, log)
+        p = _prepare(f, task_id, split, results_dir, force, shard, seeds, timeout, log,
+                     unsandboxed)
         if isinstance(p, SubmitResult):
             done[j] = p
         else:

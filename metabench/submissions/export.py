@@ -1,0 +1,399 @@
+"""A submitted rule crosses from its sandbox to the scorer as compiled functions and data.
+
+The sandboxed build process (:mod:`metabench.submissions.isolate`) imports the submission,
+builds its rule, and records every shape its ``apply`` is called with while a task's agents
+train (by tracing each env's training step abstractly). It exports ``apply`` once per
+signature with :mod:`jax.export` — concrete shapes for the env, a symbolic leading batch
+dimension over the meta-parameters and inputs, and the VJPs the family's training needs —
+and writes the serialized functions, the meta-parameters as flat arrays and a manifest to
+its scratch directory. The scoring process reads that folder with :func:`load` and trains
+with an :class:`~metabench.rules.UpdateRule` whose ``apply`` calls the exported functions: it
+never imports the submission.
+
+Everything in the folder was written by a process that ran submitted code, so :func:`load`
+treats it as untrusted data: sizes are bounded, the manifest is validated, every function's
+argument shapes must be the recorded ones, and a function that calls into anything but the
+custom calls JAX itself guarantees stable is refused.
+
+Three facts of jax 0.10.2 shape the wrapper (:func:`_differentiable`): ``Exported.call`` has
+no batching rule, so the call is wrapped in :func:`jax.custom_batching.custom_vmap`, whose
+rule folds the vmapped axis into the symbolic leading dimension (so nested vmaps work); a
+``custom_vmap`` function cannot be differentiated in reverse mode, so a
+:func:`jax.custom_vjp` wraps it, its backward pass the exported VJP (called with the flat
+primals followed by the output cotangents); and for a second derivative the forward and
+backward passes must themselves be differentiable, one order lower.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+MANIFEST = "export.json"
+FORMAT = 1
+MAX_FUNCTIONS = 64
+"""More distinct call shapes than any family's training has (each env adds one or two)."""
+MAX_BYTES = 256 * 2**20
+"""Bound on the folder's total size: the scorer reads it into memory."""
+
+
+class Signature(NamedTuple):
+    """One ``apply`` call's inputs: their tree structure and each leaf's shape and dtype
+    (the meta-parameters are the same for every call)."""
+
+    tree: str
+    inputs: tuple[tuple[tuple[int, ...], str], ...]
+
+    @staticmethod
+    def of(inputs: Any) -> "Signature":
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(inputs)
+        return Signature(str(treedef), tuple(
+            (tuple(int(d) for d in np.shape(x)), str(np.dtype(x.dtype))) for x in leaves))
+
+    def to_json(self) -> dict:
+        return {"tree": self.tree, "leaves": [[list(s), d] for s, d in self.inputs]}
+
+    @staticmethod
+    def from_json(data: Any) -> "Signature":
+        if (not isinstance(data, dict) or not isinstance(data.get("tree"), str)
+                or not isinstance(data.get("leaves"), list)):
+            raise ValueError("a signature must be {tree, leaves: [[shape, dtype], ...]}")
+        out = []
+        for item in data["leaves"]:
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], list)
+                    or not all(isinstance(d, int) and 0 <= d < 2**31 for d in item[0])
+                    or not isinstance(item[1], str)):
+                raise ValueError(f"bad [shape, dtype] pair {str(item)[:80]!r}")
+            out.append((tuple(item[0]), str(np.dtype(item[1]))))
+        return Signature(data["tree"], tuple(out))
+
+
+_REGISTERED: set[str] = set()
+
+
+def _register_outputs() -> None:
+    """Lets jax.export serialize the families' Outputs NamedTuples (by a stable name), so an
+    exported function returns the type the family's training reads."""
+    from jax import export
+
+    from metabench.families import base as families_base
+
+    for name in families_base.families():
+        cls = families_base.get_family(name).Outputs
+        if cls is not None and name not in _REGISTERED:
+            export.register_namedtuple_serialization(
+                cls, serialized_name=f"metabench.{name}.Outputs")
+            _REGISTERED.add(name)
+
+
+# --- the sandbox side ----------------------------------------------------------------------
+
+
+def call_signatures(family: str, rule, meta_params, task, split: str) -> dict:
+    """``{Signature: treedef}``: every distinct input signature of ``rule.apply`` while
+    ``task``'s agents of ``family`` train on the envs of ``split``, found by tracing each
+    env's training step abstractly (:func:`jax.eval_shape`: nothing runs or compiles)."""
+    import jax
+
+    from metabench.families import base as families_base
+    from metabench.rules import UpdateRule
+    from metabench.tasks import spec
+
+    fam = families_base.get_family(family)
+    seen: dict[Signature, Any] = {}
+
+    def recording_apply(mp, inputs):
+        seen.setdefault(Signature.of(inputs), jax.tree_util.tree_structure(inputs))
+        return rule.apply(mp, inputs)
+
+    recorder = UpdateRule(rule.init, recording_apply)
+    for e in task.split(split):
+        env, _, sampler = spec.make_env(e)
+        try:
+            trainer = fam.make_train(env, spec.agent_config(task, family, e), recorder,
+                                     total_timesteps=task.total_timesteps,
+                                     sample_params=sampler)
+            jax.eval_shape(lambda k, mp: trainer.step(trainer.init(k), mp, 0),
+                           jax.random.PRNGKey(0), meta_params)
+        finally:
+            if getattr(env, "release", None) is not None:
+                env.release()
+    return seen
+
+
+def platforms() -> tuple[str, ...]:
+    """What to export for: the CPU, and CUDA where JAX's CUDA plugin is installed (the
+    sandboxed exporter itself runs on the CPU; the scorer may run on either)."""
+    import importlib.util
+
+    cuda = any(importlib.util.find_spec(m) is not None
+               for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+    return ("cpu", "cuda") if cuda else ("cpu",)
+
+
+def _leaf_specs(leaves: Sequence[Any], batch) -> list:
+    import jax
+
+    return [jax.ShapeDtypeStruct((batch,) + tuple(np.shape(x)), np.dtype(x.dtype))
+            for x in leaves]
+
+
+def export_rule(rule, meta_params, signatures: dict, vjp_order: int,
+                platforms: Sequence[str], out: Path) -> dict:
+    """Exports ``rule.apply`` once per signature (``{Signature: treedef}``, as
+    :func:`call_signatures` returns) into ``out``, and writes the meta-parameters and the
+    manifest; returns the manifest. The exported function takes flat leaves and rebuilds
+    the inputs with the recorded treedef."""
+    import jax
+    from jax import export
+
+    _register_outputs()
+    out = Path(out)
+    leaves, treedef = jax.tree_util.tree_flatten(meta_params)
+    leaves = [np.asarray(x) for x in leaves]
+    n_meta = len(leaves)
+    (batch,) = export.symbolic_shape("b")
+    functions = []
+    for k, (sig, in_tree) in enumerate(signatures.items()):
+        def flat_apply(*args, in_tree=in_tree):
+            mp = jax.tree_util.tree_unflatten(treedef, args[:n_meta])
+            return rule.apply(mp, jax.tree_util.tree_unflatten(in_tree, args[n_meta:]))
+
+        specs = _leaf_specs(leaves, batch) + [
+            jax.ShapeDtypeStruct((batch,) + s, np.dtype(d)) for s, d in sig.inputs]
+        try:
+            exp = export.export(jax.jit(jax.vmap(flat_apply)), platforms=tuple(platforms))(
+                *specs)
+            blob = exp.serialize(vjp_order=vjp_order)
+        except Exception as e:
+            raise ValueError(f"could not export the rule for inputs {sig.to_json()}: "
+                             f"{type(e).__name__}: {e}") from e
+        name = f"apply-{k}.bin"
+        (out / name).write_bytes(blob)
+        functions.append({"file": name, "inputs": sig.to_json()})
+    np.savez(out / "meta_params.npz", **{f"leaf_{i:04d}": x for i, x in enumerate(leaves)})
+    manifest = {"format": FORMAT, "vjp_order": int(vjp_order), "platforms": list(platforms),
+                "treedef": str(treedef), "functions": functions}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+# --- the scoring side ----------------------------------------------------------------------
+
+
+class Loaded(NamedTuple):
+    """What :func:`load` returns: the rule (its ``apply`` calls exported code) and its
+    meta-parameters as a tuple of arrays, plus the facts a record states."""
+
+    rule: Any
+    meta_params: tuple
+    params_hash: str
+    vjp_order: int
+    signatures: list[Signature]
+
+
+def _allowed_targets() -> set[str]:
+    try:  # JAX's own list of the custom calls whose ABI it keeps stable
+        from jax._src.export import _export
+
+        return set(_export._CUSTOM_CALL_TARGETS_GUARANTEED_STABLE)
+    except Exception:  # a later jax moved it: allow only what no rule needs to reach out
+        return {"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"}
+
+
+_CUSTOM_CALL = re.compile(r'call_target_name\s*=\s*"([^"]*)"|stablehlo\.custom_call\s*@(\w+)')
+_HOST_OPS = re.compile(r"\b(stablehlo|mhlo)\.(infeed|outfeed|send|recv)\b")
+
+
+def _check_module(exp, where: str, allowed: set[str]) -> None:
+    """Refuses a function whose code calls a custom call outside ``allowed`` (a host
+    callback, or anything a hand-made module could name)."""
+    text = exp.mlir_module()
+    host = _HOST_OPS.search(text)
+    if host:
+        raise ValueError(f"{where}: the exported function uses {host.group(0)}, which talks "
+                         "to the host")
+    for m in _CUSTOM_CALL.finditer(text):
+        target = m.group(1) or m.group(2)
+        if target not in allowed:
+            raise ValueError(f"{where}: the exported function calls {target!r}, which is not "
+                             "a custom call JAX guarantees stable (a callback into the host?)")
+
+
+def load(folder: str | Path, family: str, backend: str) -> Loaded:
+    """Reads an export folder written by :func:`export_rule` in a sandbox, validating it as
+    untrusted data; raises ValueError naming what is wrong."""
+    import jax
+    from jax import export
+
+    from metabench.families import base as families_base
+    from metabench.rules import UpdateRule
+
+    _register_outputs()
+    folder = Path(folder)
+    files = [p for p in folder.iterdir() if p.is_file() and not p.is_symlink()]
+    total = sum(p.stat().st_size for p in files)
+    if total > MAX_BYTES:
+        raise ValueError(f"the exported rule is {total / 2**20:.0f} MiB; the limit is "
+                         f"{MAX_BYTES / 2**20:.0f} MiB")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable {MANIFEST} from the build: {e}") from None
+    fam = families_base.get_family(family)
+    want_order = fam.rule_vjp_order
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{MANIFEST} is not an export manifest of format {FORMAT}")
+    if manifest.get("vjp_order") != want_order:
+        raise ValueError(f"{MANIFEST}: vjp_order {manifest.get('vjp_order')!r}, the "
+                         f"{family} family needs {want_order}")
+    funcs = manifest.get("functions")
+    if not isinstance(funcs, list) or not 1 <= len(funcs) <= MAX_FUNCTIONS:
+        raise ValueError(f"{MANIFEST}: functions must be a list of 1 to {MAX_FUNCTIONS}")
+    treedef = manifest.get("treedef")
+    if not isinstance(treedef, str) or len(treedef) > 100_000:
+        raise ValueError(f"{MANIFEST}: treedef must be a string")
+    with np.load(folder / "meta_params.npz", allow_pickle=False) as z:
+        names = sorted(z.files)
+        if names != [f"leaf_{i:04d}" for i in range(len(names))]:
+            raise ValueError("meta_params.npz must hold leaf_0000, leaf_0001, ... only")
+        meta = tuple(np.asarray(z[n]) for n in names)
+    for x in meta:
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"meta_params.npz: a leaf of dtype {x.dtype} (numbers only)")
+    allowed = _allowed_targets()
+    table: dict[Signature, Any] = {}
+    for f in funcs:
+        if not isinstance(f, dict) or not isinstance(f.get("file"), str):
+            raise ValueError(f"{MANIFEST}: each function needs a file and its inputs")
+        if not re.fullmatch(r"apply-\d+\.bin", f["file"]):
+            raise ValueError(f"{MANIFEST}: bad function file name {f['file'][:80]!r}")
+        sig = Signature.from_json(f.get("inputs"))
+        try:
+            exp = export.deserialize(bytearray((folder / f["file"]).read_bytes()))
+        except Exception as e:
+            raise ValueError(f"{f['file']}: not a serialized jax.export function "
+                             f"({type(e).__name__})") from None
+        where = f["file"]
+        if backend not in exp.platforms:
+            raise ValueError(f"{where}: exported for {', '.join(exp.platforms)}, scoring runs "
+                             f"on {backend}")
+        want = [((None,) + tuple(np.shape(x)), str(x.dtype)) for x in meta] + [
+            ((None,) + s, d) for s, d in sig.inputs]
+        got = [((None,) + tuple(a.shape[1:]), str(a.dtype)) for a in exp.in_avals]
+        if got != want or any(a.ndim == 0 or isinstance(a.shape[0], int)
+                              for a in exp.in_avals):
+            raise ValueError(f"{where}: its arguments are not the meta-parameters and inputs "
+                             "recorded for it, each with a symbolic leading batch axis")
+        current, order = exp, want_order
+        while True:
+            _check_module(current, where, allowed)
+            if order == 0:
+                break
+            try:
+                current = current.vjp()
+            except Exception as e:
+                raise ValueError(f"{where}: no VJP of order {want_order - order + 1} "
+                                 f"({type(e).__name__}: {e})") from None
+            order -= 1
+        table[sig] = _differentiable(exp, want_order)
+
+    def init(rng):
+        return meta
+
+    def apply(mp, inputs):
+        leaves = jax.tree_util.tree_leaves(inputs)
+        sig = Signature.of(inputs)
+        if sig not in table:
+            raise ValueError(f"the rule was exported for inputs {[s.to_json() for s in table]}"
+                             f"; training called it with {sig.to_json()}")
+        out = table[sig](*jax.tree_util.tree_leaves(mp), *leaves)
+        return out
+
+    return Loaded(UpdateRule(init, apply), meta, _hash(treedef, meta), want_order,
+                  list(table))
+
+
+def _hash(treedef: str, leaves: Sequence[np.ndarray]) -> str:
+    from metabench.rules import leaves_hash
+
+    return leaves_hash(treedef, leaves)
+
+
+def _batched_call(exp):
+    """``exp.call`` on arguments that all have a leading batch axis, vmappable: a vmapped
+    axis is folded into that leading axis (``[n, b, ...] -> [n * b, ...]``)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return exp.call(*args)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                for a, b in zip(args, in_batched)]
+        inner = args[0].shape[1]
+        outs = call(*[a.reshape((axis_size * a.shape[1],) + a.shape[2:]) for a in args])
+        unfold = jax.tree_util.tree_map(
+            lambda o: o.reshape((axis_size, inner) + o.shape[1:]), outs)
+        return unfold, jax.tree_util.tree_map(lambda _: True, outs)
+
+    return call
+
+
+def _call(exp):
+    """``exp`` called on unbatched arguments (a batch of one), vmappable."""
+    import jax
+    import jax.numpy as jnp
+
+    call = _batched_call(exp)
+
+    def one(*args):
+        outs = call(*[jnp.asarray(a)[None] for a in args])
+        return jax.tree_util.tree_map(lambda o: o[0], outs)
+
+    return one
+
+
+def _differentiable(exp, order: int):
+    """``exp`` as a function of unbatched flat arguments, vmappable and differentiable in
+    reverse mode ``order`` times (``exp`` must carry that many VJPs)."""
+    import jax
+    import jax.numpy as jnp
+
+    if order == 0:
+        return _call(exp)
+    forward = _differentiable(exp, order - 1)
+    backward = _differentiable(exp.vjp(), order - 1)
+    float0 = jax.dtypes.float0
+
+    @jax.custom_vjp
+    def f(*args):
+        return forward(*args)
+
+    def fwd(*args):
+        args = tuple(jnp.asarray(a) for a in args)
+        return forward(*args), args
+
+    def bwd(args, cts):
+        # The exported VJP takes a real cotangent for every output (zeros where JAX has a
+        # symbolic zero of an integer output) and returns float0 for integer inputs, which
+        # this custom_vjp must hand back as float0 zeros of the argument's shape.
+        flat_cts, _ = jax.tree_util.tree_flatten(cts)
+        flat_cts = [jnp.zeros(c.shape, a.dtype) if c.dtype == float0 else c
+                    for c, a in zip(flat_cts, exp.out_avals)]
+        grads = backward(*args, *flat_cts)
+        return tuple(np.zeros(a.shape, float0)
+                     if not jnp.issubdtype(a.dtype, jnp.inexact) else g
+                     for g, a in zip(grads, args))
+
+    f.defvjp(fwd, bwd)
+    return f
