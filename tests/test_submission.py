@@ -303,7 +303,7 @@ def test_bad_rules_are_refused_with_a_clear_message_and_results_intact(case, sco
         return
     # The rest: what the check's child computes, in this process (one child each saved).
     out = tmp_path / "check.json"
-    assert isolate._child_check(str(folder), str(out)) == 0
+    assert isolate._child_check(json.dumps({"folder": str(folder), "out": str(out)})) == 0
     got = json.loads(out.read_text())
     message = got.get("error") or got["text"]
     assert expected in message and (got.get("error") or not got["report"]["passed"]), got
@@ -387,31 +387,44 @@ def test_html_in_text_fields_is_loaded_verbatim(tmp_path):
 
 
 SCORING_FAILURES = {
-    # passes the check (which never uses batches of 32) but fails on training's minibatches
-    "raises_in_training": ("def apply(p, x):\n"
-                           "    if x.ratio.shape[0] == 32:\n"
-                           "        raise ValueError('not with batches of 32')\n"
-                           "    return x.ratio - 1 - x.log_ratio\n", "not with batches of 32"),
-    "oom_in_training": ("import numpy as np\n"
-                        "def apply(p, x):\n"
-                        "    if x.ratio.shape[0] == 32:\n"
-                        "        np.ones(1 << 44)\n"
-                        "    return x.ratio - 1 - x.log_ratio\n", "MemoryError"),
-    "hangs_in_training": ("def apply(p, x):\n"
-                          "    while x.ratio.shape[0] == 32:\n"
-                          "        pass\n"
-                          "    return x.ratio - 1 - x.log_ratio\n", "did not finish within"),
+    # Training's minibatches (32) differ from the check's inputs. What fails while the rule
+    # is traced for training now fails in the sandboxed check, which exports the rule for the
+    # task: a clear refusal, no record. What fails while the exported code runs is a failed
+    # record with the reason.
+    "raises_when_traced_for_training": (
+        "def apply(p, x):\n"
+        "    if x.ratio.shape[0] == 32:\n"
+        "        raise ValueError('not with batches of 32')\n"
+        "    return x.ratio - 1 - x.log_ratio\n", "not with batches of 32", "refused"),
+    "oom_when_traced_for_training": (
+        "import numpy as np\n"
+        "def apply(p, x):\n"
+        "    if x.ratio.shape[0] == 32:\n"
+        "        np.ones(1 << 44)\n"
+        "    return x.ratio - 1 - x.log_ratio\n", "MemoryError", "refused"),
+    "hangs_in_training": (
+        "import jax\n"
+        "def apply(p, x):\n"
+        "    start = 0 if x.ratio.shape[0] == 32 else 1\n"
+        "    never = jax.lax.while_loop(lambda c: c[0] < 1, lambda c: (c[0], c[1] + 1.0),\n"
+        "                               (start, 0.0))\n"
+        "    return x.ratio - 1 - x.log_ratio + 0.0 * never[1]\n", "did not finish within",
+        "record"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(SCORING_FAILURES))
 def test_failures_while_scoring_become_failed_records(case, tmp_path, task_path):
-    body, reason = SCORING_FAILURES[case]
+    body, reason, outcome = SCORING_FAILURES[case]
     code = ("from metabench import UpdateRule\n" + body +
             "def make_rule():\n    return UpdateRule(lambda r: {}, apply)\n")
     folder = write_sub(tmp_path / case, yaml_for(name=case), {"rule.py": code})
     res = submissions.submit(folder, str(task_path), results_dir=tmp_path / "results",
-                            timeout=12 if case == "hangs_in_training" else None, log=print)
+                             timeout=25 if case == "hangs_in_training" else None, log=print)
+    if outcome == "refused":
+        assert not res.ok and reason in res.message and res.record is None, res.message
+        assert not (tmp_path / "results").exists()
+        return
     assert res.ok and res.record["status"] == "failed", res.message
     assert all(r["status"] == "failed" and reason in r["reason"] for r in res.record["runs"])
     assert res.record["aggregates"]["mean"]["point"] == -1.0  # failures score the floor
