@@ -278,7 +278,57 @@ def test_child_dies_with_its_parent(box, tmp_path, sig):
         parent.kill()
     # the parent dies of the signal as it would have without run()'s handlers
     assert parent.returncode == -sig, (parent.returncode, out, err)
-    assert gone(child), f"the sandboxed child {child} outlived its parent"
+    assert gone(child) or kill(child), f"the sandboxed child {child} outlived its parent"
+
+
+def kill(pid: int) -> bool:
+    """Cleans up after a failed test; always False."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return False
+
+
+UNSANDBOXED_PARENT = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from metabench.submissions import sandbox
+if {own_handler!r}:
+    def handler(sig, frame):
+        print("own handler", file=sys.stderr)
+    signal.signal(signal.SIGTERM, handler)
+cmd = [sys.executable, "-c", {code!r}]
+print(sandbox.run(cmd, 60), file=sys.stderr)
+assert signal.getsignal(signal.SIGTERM) is (handler if {own_handler!r} else signal.SIG_DFL)
+print("returned", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("sig,own_handler", [(signal.SIGTERM, False), (signal.SIGINT, False),
+                                             (signal.SIGTERM, True)])
+def test_run_kills_the_group_when_its_process_is_signalled(tmp_path, sig, own_handler):
+    """Without the sandbox (no death signal): run()'s handlers kill the group, restore the
+    old handlers and deliver the signal to them: default ones end the parent, its own runs."""
+    pid_file = tmp_path / "pid"
+    code = "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)"
+    script = tmp_path / "parent.py"
+    script.write_text(UNSANDBOXED_PARENT.format(root=str(ROOT), code=code,
+                                                own_handler=own_handler))
+    parent = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        child = int(wait_for(pid_file))
+        parent.send_signal(sig)
+        _, err = parent.communicate(timeout=10)
+    finally:
+        parent.kill()
+    assert gone(child) or kill(child), f"the child {child} outlived run()"
+    if own_handler:
+        assert parent.returncode == 0 and "own handler" in err and "(None, " in err, err
+        assert "returned" in err
+    else:
+        assert parent.returncode == -sig, (parent.returncode, err)
 
 
 def test_cannot_signal_outside(box):
