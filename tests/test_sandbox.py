@@ -376,3 +376,31 @@ def test_jax_under_default_limits(box):
               file=sys.stderr)
     """)
     assert "threads" in err
+
+
+def test_rights_and_layouts_of_every_abi(tmp_path):
+    """The rights per ABI (13, then REFER, TRUNCATE, IOCTL_DEV), and rulesets in the layout of
+    each older ABI: this kernel accepts them, so all of them are stacked in one child here."""
+    counts = {abi: bin(sandbox._fs_rights(abi)).count("1") for abi in range(1, 8)}
+    assert counts == {1: 13, 2: 14, 3: 15, 4: 15, 5: 16, 6: 16, 7: 16}
+    assert [len(sandbox._ruleset_attr(abi, False)) for abi in (1, 3, 4, 5, 6, 7)] == \
+        [8, 8, 16, 16, 24, 24]
+    scratch, outside = tmp_path / "scratch", tmp_path / "outside"
+    scratch.mkdir(), outside.mkdir()
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from metabench.submissions import sandbox
+sandbox._prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+for abi in range(1, sandbox.landlock_abi() + 1):
+    sandbox._landlock(sandbox.Policy({str(scratch)!r}), abi)
+open({str(scratch / "ok")!r}, "w").write("ok")
+try:
+    open({str(outside / "no")!r}, "w")
+except PermissionError:
+    print("denied")
+"""
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.strip() == "denied", out.stderr
+    assert (scratch / "ok").read_text() == "ok"
