@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import signal
 import struct
 import subprocess
@@ -67,10 +66,12 @@ class Limits:
 
     address_space_mb: int = 8192
     """RLIMIT_AS: virtual memory. XLA and glibc reserve far more than they touch (a thread's
-    stack, a malloc arena per thread): ``import jax`` plus a jitted ``x + 1`` on CPU peaks at
-    about 1.5 GiB of address space with 17 threads on a 2-core machine, and more threads (more
-    cores) reserve more; 8 GiB leaves room for that and for a real training run's arrays.
-    Beyond it allocations fail (MemoryError) instead of the machine swapping."""
+    stack, a malloc arena per thread): ``import jax`` plus a jitted gradient on CPU peaks at
+    1.45 GiB of address space with 17 threads on a 2-core machine (at 1 GiB XLA aborts with
+    ``std::bad_alloc``), and more cores mean more threads and arenas; 8 GiB leaves room for
+    that and for a training run's arrays. Beyond it Python allocations raise MemoryError and
+    XLA's abort the process, instead of the machine swapping. (Not for GPUs: CUDA reserves
+    more address space than this, and Landlock here allows no GPU device files.)"""
 
     cpu_seconds: int = 3600
     """RLIMIT_CPU: CPU time of all threads together. At the soft limit the kernel sends
@@ -228,6 +229,8 @@ def _add_path_rule(ruleset: int, path: str, rights: int) -> None:
     try:
         if not os.path.isdir(f"/proc/self/fd/{fd}"):
             rights &= FILE_RIGHTS
+        if not rights:
+            return  # an empty rule is ENOMSG, and would allow nothing anyway
         # struct landlock_path_beneath_attr is packed: u64 allowed_access, s32 parent_fd
         attr = ctypes.create_string_buffer(struct.pack("<Qi", rights, fd), 12)
         if _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, attr, 0) < 0:
@@ -389,9 +392,11 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _set_limits(limits: Limits) -> None:
+    import resource  # POSIX only: importing this module must work anywhere (support() says no)
+
     # CPU: the hard limit a second later is SIGKILL, for a process that handles SIGXCPU
     for res, soft, hard in (
-            
+            (resource.RLIMIT_AS, limits.address_space_mb * MB, limits.address_space_mb * MB),
             (resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 1),
             (resource.RLIMIT_FSIZE, limits.file_size_mb * MB, limits.file_size_mb * MB),
             (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
@@ -415,7 +420,9 @@ def environ(policy: Policy, base: dict[str, str] | None = None) -> dict[str, str
 def apply(policy: Policy, parent: int) -> dict[str, Any]:
     """Confines this process, for good, to ``policy``; ``parent`` is the pid expected to be
     its parent (this process exits when it is not, or when it dies). Must run while the
-    process is single-threaded, i.e. before numpy or JAX is imported. Returns the record of
+    process is single-threaded, i.e. before numpy or JAX is imported: a user namespace cannot
+    be entered otherwise, and Landlock and seccomp would confine only the calling thread
+    (threads started later inherit both). Returns the record of
     what was applied (:func:`describe` plus the thread count at the time)."""
     if sys.platform != "linux":
         raise SandboxError(f"no sandbox on {sys.platform}: it needs Linux (Landlock)")
@@ -556,7 +563,11 @@ def run(cmd: Sequence[str], timeout: float, *, env: dict[str, str] | None = None
     (its exit code, or None when it was killed at ``timeout``; the tail of its stderr). The
     whole group is killed with SIGKILL (a child that ignores SIGTERM must not survive) at the
     timeout, on any exception here and on SIGINT/SIGTERM to this process, which is then
-    delivered again once the child is gone. With ``capture=False`` stderr goes to ours."""
+    delivered again once the child is gone. With ``capture=False`` stderr goes to ours.
+
+    The sandboxed child's death signal fires when the *thread* that started it ends, so call
+    this from a thread that outlives the child (it blocks until then anyway), and from the
+    process that built ``cmd`` (:func:`command` records it as the expected parent)."""
     killer = _GroupKiller()
     with tempfile.TemporaryFile("w+b") as err:
         try:
