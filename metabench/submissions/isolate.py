@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from metabench.submissions import sandbox  # noqa: F401  (the module, by its own name)
+import metabench.submissions.sandbox as sandbox
 from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
@@ -237,7 +237,7 @@ def _child_check(job_json: str) -> int:
         if ref.note:
             text += f"\nnote: {ref.note}"
         if report.passed and job.get("export"):
-            from metabench.submissions import export
+            import metabench.submissions.export as export
             from metabench.tasks import spec
 
             task = spec.load(job["task"])
@@ -258,7 +258,7 @@ def exported_ref(sub: Submission, export_dir: str | os.PathLike):
     import jax
 
     from metabench import harness
-    from metabench.submissions import export
+    import metabench.submissions.export as export
 
     loaded = export.load(export_dir, sub.family, jax.default_backend())
     return harness.RuleRef(sub.name, sub.family, loaded.rule, loaded.meta_params, sub.entry,
