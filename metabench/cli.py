@@ -169,6 +169,16 @@ def cmd_bench(args) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
+    if args.export:
+        rows = [bench.export_row(e, int(args.timesteps or (bench.QUICK_STEPS if args.quick
+                                                           else 100_000)), algo,
+                                 repeats=1 if args.quick else 5)
+                for algo in args.algo or tuple(bench.PAIRS)
+                for e in args.env or ["gymnax/CartPole-v1"]]
+        print(bench.format_export_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     rows = bench.run(env_id=args.env, total_timesteps=args.timesteps, seeds=tuple(args.seeds),
                      quick=args.quick, algos=args.algo or tuple(bench.PAIRS),
                      devices=tuple(args.devices or (None,)))
@@ -598,6 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
     bp.add_argument("--plot", default=None,
                     help="also write an HTML page plotting steps/s against seeds")
+    bp.add_argument("--export", action="store_true",
+                    help="each family's baseline in-process vs through its jax.export (the "
+                         "path a submitted rule takes to the scorer)")
     bp.add_argument("--backends", action="store_true",
                     help="instead: env-only steps/s and compile time of each --env per "
                          "backend option (brax physics, gymnasium sync/async; default: one "

@@ -173,29 +173,60 @@ def _alive(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("how", ["timeout", "parent_killed"])
-def test_a_rule_that_ignores_sigterm_and_loops_leaves_no_process(how, tmp_path):
+HANGS_WHEN_RUN = '''
+import jax
+from metabench import UpdateRule
+
+def apply(p, x):
+    start = 0 if x.ratio.shape[0] == 32 else 1  # training's minibatches, not the check's
+    never = jax.lax.while_loop(lambda c: c[0] < 1, lambda c: (c[0], c[1] + 1.0), (start, 0.0))
+    return x.ratio - 1 - x.log_ratio + 0.0 * never[1]
+
+def make_rule():
+    return UpdateRule(lambda r: {}, apply)
+'''
+
+
+def _killed_parent(marker: str, call: str, child_tag: bytes) -> None:
+    """Runs ``call`` in a parent process, waits for its child (whose command line holds
+    ``child_tag``), then SIGKILLs the parent: no handler of metabench's runs, only the
+    child's death signal can act."""
+    parent = subprocess.Popen([sys.executable, "-c", f"from metabench import submissions; {call}"])
+    deadline = time.monotonic() + 120
+    while not [p for p in _alive(marker) if p != parent.pid and child_tag in
+               Path(f"/proc/{p}/cmdline").read_bytes()]:
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+
+@pytest.mark.parametrize("how", ["timeout", "checker_killed", "scorer_killed"])
+def test_no_process_outlives_its_limit_or_its_parent(how, tmp_path):
+    """A rule that ignores SIGTERM and loops at import, killed at the check's limit or with
+    its parent; and a scoring child (the rule's export hangs) whose parent is killed."""
     marker = f"adversarial-loop-{how}-{os.getpid()}"
     code = ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "while True:\n    pass\n")
+    if how == "scorer_killed":
+        code = HANGS_WHEN_RUN
     folder = write_sub(tmp_path / marker, yaml_for(name="loop"), {"rule.py": code})
     if how == "timeout":
         res = submissions.check(folder, timeout=8)
         assert not res.ok and "did not finish within 8s" in res.message, res.message
+    elif how == "checker_killed":
+        _killed_parent(marker, f"submissions.check({str(folder)!r}, timeout=600)", b"_check")
     else:
-        parent = subprocess.Popen([sys.executable, "-c", (
-            "import sys; from metabench import submissions; "
-            f"submissions.check({str(folder)!r}, timeout=600)")])
-        deadline = time.monotonic() + 60
-        while not [p for p in _alive(marker) if p != parent.pid]:
-            assert time.monotonic() < deadline and parent.poll() is None
-            time.sleep(0.2)
-        parent.send_signal(signal.SIGKILL)  # no handler runs: only PDEATHSIG can act
-        parent.wait()
+        (tmp_path / "one.yaml").write_text(ONE_ENV_TASK)
+        _killed_parent(marker, f"submissions.submit({str(folder)!r}, "
+                       f"{str(tmp_path / 'one.yaml')!r}, "
+                       f"results_dir=__import__('pathlib').Path({str(tmp_path / 'r')!r}))",
+                       b"_score")
     deadline = time.monotonic() + 10
     while _alive(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _alive(marker) == []
+    assert not (tmp_path / "r").exists()
 
 
 def test_without_a_sandbox_metabench_refuses_unless_told(tmp_path, monkeypatch):
@@ -209,3 +240,6 @@ def test_without_a_sandbox_metabench_refuses_unless_told(tmp_path, monkeypatch):
     assert res.ok, res.message
     assert res.sandbox["sandboxed"] is False and "--unsandboxed" in res.sandbox["reason"]
     assert isolate.build_policy(tmp_path, [], True)[0] is None
+    # A reference factory is metabench's own code: checked without the sandbox it lacks.
+    policy, info = isolate.build_policy(tmp_path, [], False, own_code=True)
+    assert policy is None and "no submitted Python" in info["reason"]

@@ -351,6 +351,57 @@ def run(env_id: Sequence[str] | None = None, total_timesteps: float | None = Non
     return rows
 
 
+def export_row(env_id: str, total_timesteps: int, algo: str, seeds: int = 1,
+               repeats: int = 5) -> dict:
+    """One row of ``bench --export``: the family's baseline trained in-process and through
+    its ``jax.export`` (as a submitted rule reaches the scorer), interleaved as in
+    :func:`bench_env`, on the pair's harness config."""
+    import tempfile
+    from pathlib import Path
+
+    from metabench.families import base as families_base
+    from metabench.submissions import export
+
+    pair = PAIRS[algo](env_id.split("/", 1)[1], total_timesteps)
+    task = _task(env_id, total_timesteps, pair.family, pair.harness_config, seeds)
+    ref = harness.reference_rule(pair.rule)
+    with tempfile.TemporaryDirectory(prefix="metabench-bench-export-") as tmp:
+        sigs = export.call_signatures(pair.family, ref.rule, ref.meta_params, task, "test")
+        order = families_base.get_family(pair.family).rule_vjp_order
+        export.export_rule(ref.rule, ref.meta_params, sigs, order, ["cpu"], Path(tmp))
+        loaded = export.load(tmp, pair.family, jax.default_backend())
+    eref = dataclasses.replace(ref, rule=loaded.rule, meta_params=loaded.meta_params)
+    env = task.test[0]
+    firsts = [harness.train_env(r, task, env, range(seeds)) for r in (ref, eref)]  # compile
+    sps: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for k, r in enumerate((ref, eref)):
+            sps[k].append(harness.train_env(r, task, env, range(seeds)).env_steps_per_s)
+    paired = np.asarray(sps[1]) / np.asarray(sps[0])
+    med = [float(np.median(x)) for x in sps]
+    return {"algo": algo, "rule": pair.rule, "env": env_id, "seeds": seeds,
+            "repeats": repeats, "in_process_steps_per_s": med[0], "exported_steps_per_s": med[1],
+            "ratio": med[1] / med[0], "ratio_range": [float(paired.min()), float(paired.max())],
+            "in_process_compile_s": firsts[0].compile_s, "exported_compile_s": firsts[1].compile_s,
+            "same_returns": bool(np.array_equal(firsts[0].returns_sum, firsts[1].returns_sum)),
+            "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
+
+
+def format_export_table(rows: Sequence[dict]) -> str:
+    lines = [f"env steps per second after compilation, median of {rows[0]['repeats']} "
+             f"interleaved runs ({rows[0]['device']})" if rows else "",
+             f"{'rule':16s} {'env':22s} {'in-process':>12s} {'exported':>12s} "
+             f"{'ratio (range)':>19s} {'compile in/exp':>15s} {'same returns':>12s}"]
+    for r in rows:
+        lines.append(
+            f"{r['rule']:16s} {r['env']:22s} {r['in_process_steps_per_s']:12,.0f} "
+            f"{r['exported_steps_per_s']:12,.0f} {r['ratio']:6.2f} "
+            f"({r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}) "
+            f"{r['in_process_compile_s']:6.1f}/{r['exported_compile_s']:<6.1f}s "
+            f"{'yes' if r['same_returns'] else 'no':>12s}")
+    return "\n".join(lines)
+
+
 def format_table(rows: Sequence[dict]) -> str:
     head = (f"{'algo':8s} {'env':26s} {'dev':>3s} {'seeds':>5s} {'steps/seed':>10s} "
             f"{'env only':>12s} {'minimal':>12s} {'harness':>12s} {'ratio (range)':>17s} "

@@ -32,6 +32,9 @@ from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
 CHECK_TIMEOUT_S = 300.0
+PARENT_ENV = "METABENCH_PARENT_PID"
+"""Set for a child that is not sandboxed: it dies with that process (the sandbox's own
+children get the same from the jail)."""
 CHILD_MODULE = "metabench.submissions"
 """What the children run with ``python -m``: the package's ``__main__``, a module nothing
 imports, so runpy never executes a module that ``import metabench.submissions`` already
@@ -48,20 +51,26 @@ def _child(args: Sequence[str], timeout: float, capture: bool = True,
     if policy is not None:
         cmd, env = sandbox.command(policy, CHILD_MODULE, list(args)), sandbox.environ(policy)
     else:
-        cmd, env = [sys.executable, "-m", CHILD_MODULE, *args], None
+        cmd = [sys.executable, "-m", CHILD_MODULE, *args]
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
     return sandbox.run(cmd, timeout, env=env, capture=capture)
 
 
-def build_policy(scratch: Path, reads: Sequence[Path], unsandboxed: bool
-                 ) -> "tuple[sandbox.Policy | None, dict]":
+def build_policy(scratch: Path, reads: Sequence[Path], unsandboxed: bool,
+                 own_code: bool = False) -> "tuple[sandbox.Policy | None, dict]":
     """The sandbox for a child that imports submitted code, and what the record says of it.
     Raises :class:`SandboxUnavailable` where this machine cannot sandbox and the user did
-    not pass ``--unsandboxed``."""
+    not pass ``--unsandboxed``; ``own_code`` (a reference factory or a loss graph, which
+    metabench builds itself) is then checked without one."""
     if unsandboxed:
         return None, {"sandboxed": False,
                       "reason": "scored with --unsandboxed: the submission's code ran with "
                                 "the scorer's own permissions"}
     support = sandbox.support()
+    if not support.ok and own_code:
+        return None, {"sandboxed": False,
+                      "reason": f"no submitted Python (metabench builds this rule itself); "
+                                f"this machine cannot sandbox: {support.reason}"}
     if not support.ok:
         raise SandboxUnavailable(
             f"this machine cannot sandbox submitted code ({support.reason}); metabench will "
@@ -132,7 +141,8 @@ def check(folder: str | os.PathLike, timeout: float = CHECK_TIMEOUT_S, *,
         if task_path is not None:
             reads.append(Path(task_path).resolve())
         try:
-            policy, info = build_policy(scratch, reads, unsandboxed)
+            policy, info = build_policy(scratch, reads, unsandboxed,
+                                        own_code=not needs_export(sub))
         except SandboxUnavailable as e:
             return CheckResult(False, f"{sub.path}: {e}", submission=sub)
         job = {"folder": str(sub.path), "out": str(out)}
@@ -343,6 +353,8 @@ def _stderr_progress(env: str, done: int, total: int, steps: int, seconds: float
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(PARENT_ENV, "").isdigit():
+        sandbox.die_with_parent(int(os.environ.pop(PARENT_ENV)))
     if len(argv) == 2 and argv[0] == "_check":
         return _child_check(argv[1])
     if len(argv) == 2 and argv[0] == "_score":

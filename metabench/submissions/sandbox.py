@@ -381,6 +381,12 @@ def _isolate_network() -> None:
             f.write(text)
 
 
+def die_with_parent(parent: int) -> None:
+    """:func:`_die_with_parent` for children that are not sandboxed (the scoring process):
+    no process of metabench's outlives the one that started it."""
+    _die_with_parent(parent)
+
+
 def _die_with_parent(parent: int) -> None:
     """Asks for SIGKILL when the parent dies, then checks it has not died already (the
     request would then never fire). Set after the user namespace: a change of credentials
