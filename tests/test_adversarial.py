@@ -69,6 +69,8 @@ LOUD = {
     "writes_tmp": ("open('/tmp/metabench-adversarial-marker', 'w').write('x')",
                    "PermissionError"),
     "reads_a_secret": ("raise ValueError(open({secret!r}).read())", "PermissionError"),
+    "reads_the_environment": ("import os\nraise ValueError(os.environ.get("
+                              "'METABENCH_TEST_TOKEN', 'no token here'))", "no token here"),
     "connects": ("import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)",
                  "PermissionError|Network is unreachable"),  # Landlock's TCP rule | netns
     "forks": ("import os\nwhile True:\n    os.fork()", "PermissionError"),
@@ -84,7 +86,9 @@ def test_each_harm_at_import_is_refused_with_the_reason(case, victim, tmp_path):
     code = attempt.format(records=str(root / "results" / "one"), secret=str(root / "secret.txt"),
                           port=server.getsockname()[1]) + "\n" + VALID_RULE
     folder = write_sub(tmp_path / case, yaml_for(name=case), {"rule.py": code})
-    res = submissions.check(folder, timeout=60)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METABENCH_TEST_TOKEN", "the scorer's secret")
+        res = submissions.check(folder, timeout=60)
     assert not res.ok and any(r in res.message for r in reason.split("|")), res.message
     assert "the scorer's secret" not in res.message
     assert res.sandbox["sandboxed"] is True

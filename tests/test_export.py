@@ -116,10 +116,10 @@ def test_the_loader_refuses_what_a_tampering_build_leaves(task, tmp_path):
         return lambda d: (d / "export.json").write_text(json.dumps({**manifest, **kw}))
 
     refused("vjp_order 0, the drift family needs 1", set_manifest(vjp_order=0))
-    refused("bad function file name", set_manifest(functions=[
-        {**manifest["functions"][0], "file": "../../etc/passwd"}]))
+    refused("bad forward file name", set_manifest(functions=[
+        {**manifest["functions"][0], "forward": "../../etc/passwd"}]))
     refused("not a serialized jax.export function",
-            lambda d: (d / "apply-0.bin").write_bytes(b"not flatbuffers"))
+            lambda d: (d / "forward-0.bin").write_bytes(b"not flatbuffers"))
     refused("leaf_0000, leaf_0001, ... only",
             lambda d: np.savez(d / "meta_params.npz", other=np.zeros(2)))
     refused("not the meta-parameters and inputs", set_manifest(functions=[
@@ -140,3 +140,12 @@ def test_the_loader_refuses_what_a_tampering_build_leaves(task, tmp_path):
     with pytest.raises(ValueError, match="talks to the host"):
         export._check_module(Module('%1 = "stablehlo.outfeed"(%0, %t)'), "evil.bin", allowed)
     export._check_module(Module('%0 = stablehlo.custom_call @Sharding(%arg0)'), "ok", allowed)
+
+
+def test_bench_export_row_trains_both_paths_alike():
+    from metabench import bench
+
+    row = bench.export_row("gymnax/CartPole-v1", 4096, "ppo", repeats=1)
+    assert row["rule"] == "ppo_clip" and row["same_returns"] is True
+    assert row["in_process_steps_per_s"] > 0 and row["exported_steps_per_s"] > 0
+    assert "ppo_clip" in bench.format_export_table([row])

@@ -32,6 +32,8 @@ from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
 CHECK_TIMEOUT_S = 300.0
+MAX_CHECK_BYTES = 2**20
+"""The largest check report read back from the sandbox."""
 PARENT_ENV = "METABENCH_PARENT_PID"
 """Set for a child that is not sandboxed: it dies with that process (the sandbox's own
 children get the same from the jail)."""
@@ -49,11 +51,27 @@ def _child(args: Sequence[str], timeout: float, capture: bool = True,
     straight to ours. The child dies with this process (and is killed on SIGINT, SIGTERM or
     an exception here): no orphan outlives the scorer."""
     if policy is not None:
-        cmd, env = sandbox.command(policy, CHILD_MODULE, list(args)), sandbox.environ(policy)
+        cmd = sandbox.command(policy, CHILD_MODULE, list(args))
+        env = sandbox.environ(policy, _sandbox_environ())
+        # MuJoCo (under brax and gymnasium) otherwise probes its GL library in a subprocess
+        # at import, which the sandbox forbids; nothing here renders.
+        env["MUJOCO_GL"] = "disable"
     else:
         cmd = [sys.executable, "-m", CHILD_MODULE, *args]
         env = {**os.environ, PARENT_ENV: str(os.getpid())}
     return sandbox.run(cmd, timeout, env=env, capture=capture)
+
+
+_PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHASHSEED")
+_PASSED_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "OMP_", "OPENBLAS_", "MKL_")
+
+
+def _sandbox_environ() -> dict[str, str]:
+    """The environment a sandboxed child gets: the locale and the numerics settings, not
+    this process's secrets (tokens and keys in the environment could otherwise be written
+    into the check's report, which a record publishes)."""
+    return {k: v for k, v in os.environ.items()
+            if k in _PASSED_ENV or k.startswith(_PASSED_PREFIXES)}
 
 
 def build_policy(scratch: Path, reads: Sequence[Path], unsandboxed: bool,
@@ -153,8 +171,9 @@ def check(folder: str | os.PathLike, timeout: float = CHECK_TIMEOUT_S, *,
             return CheckResult(False, f"{sub.path}: building and checking the rule did not "
                                f"finish within {timeout:g}s (a rule that never returns?)",
                                submission=sub, sandbox=info)
-        try:
-            res = json.loads(out.read_text()) if out.exists() else None
+        try:  # the sandbox's word: bounded, and only a dict is a report
+            res = (json.loads(out.read_text()) if out.exists()
+                   and out.stat().st_size <= MAX_CHECK_BYTES else None)
         except ValueError:
             res = None
         if not isinstance(res, dict):
