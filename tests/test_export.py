@@ -118,6 +118,8 @@ def test_the_loader_refuses_what_a_tampering_build_leaves(task, tmp_path):
     refused("vjp_order 0, the drift family needs 1", set_manifest(vjp_order=0))
     refused("bad forward file name", set_manifest(functions=[
         {**manifest["functions"][0], "forward": "../../etc/passwd"}]))
+    refused("grads must list the inexact arguments", set_manifest(functions=[
+        {**manifest["functions"][0], "grads": [99]}]))
     refused("not a serialized jax.export function",
             lambda d: (d / "forward-0.bin").write_bytes(b"not flatbuffers"))
     refused("leaf_0000, leaf_0001, ... only",

@@ -148,12 +148,29 @@ def _inexact(dtype) -> bool:
     return np.issubdtype(np.dtype(dtype), np.inexact)
 
 
-def _pair(rule, treedef, n_meta: int, in_tree):
-    """``(forward, backward, info)`` for one signature: ``forward(*meta, *inputs) -> (out,
-    residuals)`` and ``backward(*residuals, *cotangents of the inexact outputs) ->
-    cotangents of the inexact arguments``: ``jax.vjp`` split at its residuals, so the
-    scorer's backward pass reuses the forward pass's work as JAX's own would (the exported
-    VJP alone recomputes the forward, which doubled the training time of EPG's loss)."""
+def _used_arguments(fn, specs: Sequence[Any]) -> list[bool]:
+    """Which arguments ``fn``'s outputs depend on at all (dead-code elimination of its
+    jaxpr); all of them where that private function of JAX is missing."""
+    import jax
+
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        closed = jax.make_jaxpr(fn)(*specs)
+        return list(pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[1])
+    except Exception:  # a later JAX: every argument gets its cotangent (slower, same values)
+        return [True] * len(specs)
+
+
+def _pair(rule, treedef, n_meta: int, in_tree, specs: Sequence[Any]):
+    """``(forward, backward, grads)`` for one signature: ``forward(*meta, *inputs) -> (out,
+    residuals)``, ``backward(*residuals, *cotangents of the inexact outputs) -> cotangents
+    of the arguments in ``grads``: ``jax.vjp`` split at its residuals, so the scorer's
+    backward pass reuses the forward pass's work as JAX's own would (the exported VJP alone
+    recomputes the forward). ``grads`` are the inexact arguments the rule reads: the others
+    get a symbolic zero in the scorer, so what only feeds them is compiled away as it is for
+    the rule in-process (EPG's re-evaluated history, for a rule that ignores it: without
+    this its training ran at half speed)."""
     import jax
 
     info: dict[str, Any] = {}
@@ -162,12 +179,14 @@ def _pair(rule, treedef, n_meta: int, in_tree):
         mp = jax.tree_util.tree_unflatten(treedef, args[:n_meta])
         return rule.apply(mp, jax.tree_util.tree_unflatten(in_tree, args[n_meta:]))
 
+    used = _used_arguments(flat_apply, specs)
+    grads = [i for i, (spec, u) in enumerate(zip(specs, used)) if u and _inexact(spec.dtype)]
+
     def forward(*args):
         out, vjp_fn = jax.vjp(flat_apply, *args)
         residuals, info["residuals"] = jax.tree_util.tree_flatten(vjp_fn)
         leaves, info["out_tree"] = jax.tree_util.tree_flatten(out)
         info["outs"] = [(np.shape(x), x.dtype) for x in leaves]
-        info["args"] = [x.dtype for x in args]
         return out, residuals
 
     def backward(*flat):
@@ -176,10 +195,10 @@ def _pair(rule, treedef, n_meta: int, in_tree):
         given = iter(flat[n:])
         cts = [next(given) if _inexact(d) else np.zeros(shape, jax.dtypes.float0)
                for shape, d in info["outs"]]
-        grads = vjp_fn(jax.tree_util.tree_unflatten(info["out_tree"], cts))
-        return [g for g, d in zip(grads, info["args"]) if _inexact(d)]
+        cotangents = vjp_fn(jax.tree_util.tree_unflatten(info["out_tree"], cts))
+        return [cotangents[i] for i in grads]
 
-    return forward, backward, info
+    return forward, backward, info, grads
 
 
 def export_rule(rule, meta_params, signatures: dict, vjp_order: int,
@@ -200,7 +219,11 @@ def export_rule(rule, meta_params, signatures: dict, vjp_order: int,
     (batch,) = export.symbolic_shape("b")
     functions = []
     for k, (sig, in_tree) in enumerate(signatures.items()):
-        forward, backward, info = _pair(rule, treedef, len(leaves), in_tree)
+        one = _leaf_specs(leaves, 1) + [jax.ShapeDtypeStruct((1,) + s, np.dtype(d))
+                                        for s, d in sig.inputs]
+        forward, backward, info, grads = _pair(
+            rule, treedef, len(leaves), in_tree,
+            [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in one])
         specs = _leaf_specs(leaves, batch) + [
             jax.ShapeDtypeStruct((batch,) + s, np.dtype(d)) for s, d in sig.inputs]
         try:
@@ -218,7 +241,8 @@ def export_rule(rule, meta_params, signatures: dict, vjp_order: int,
         names = [f"forward-{k}.bin", f"backward-{k}.bin"]
         for name, blob in zip(names, blobs):
             (out / name).write_bytes(blob)
-        functions.append({"forward": names[0], "backward": names[1], "inputs": sig.to_json()})
+        functions.append({"forward": names[0], "backward": names[1], "inputs": sig.to_json(),
+                          "grads": grads})
     np.savez(out / "meta_params.npz", **{f"leaf_{i:04d}": x for i, x in enumerate(leaves)})
     manifest = {"format": FORMAT, "vjp_order": int(vjp_order), "platforms": list(platforms),
                 "treedef": str(treedef), "functions": functions}
@@ -330,11 +354,16 @@ def load(folder: str | Path, family: str, backend: str) -> Loaded:
         n_out = len(outs)
         res = _shapes(fwd.out_avals[n_out:])
         cts = [s for s in _shapes(fwd.out_avals[:n_out]) if _inexact(s[1])]
-        grads = [s for s in want if _inexact(s[1])]
-        if _shapes(bwd.in_avals) != res + cts or _shapes(bwd.out_avals) != grads:
+        grads = f.get("grads")
+        if (not isinstance(grads, list) or grads != sorted(set(grads))
+                or not all(isinstance(i, int) and 0 <= i < len(want) and _inexact(want[i][1])
+                           for i in grads)):
+            raise ValueError(f"{MANIFEST}: grads must list the inexact arguments' indices")
+        if (_shapes(bwd.in_avals) != res + cts
+                or _shapes(bwd.out_avals) != [want[i] for i in grads]):
             raise ValueError(f"{f['backward']}: its arguments and results are not the forward "
                              "function's residuals and cotangents")
-        table[sig] = _rule_call(fwd, bwd, n_out, want_order)
+        table[sig] = _rule_call(fwd, bwd, n_out, want_order, grads)
 
     def init(rng):
         return meta
@@ -434,17 +463,17 @@ def _call(exp):
     return one
 
 
-def _rule_call(fwd, bwd, n_out: int, order: int):
+def _rule_call(fwd, bwd, n_out: int, order: int, grads: Sequence[int]):
     """The rule's apply from its exported forward and backward functions: vmappable, and
     differentiable in reverse mode ``order`` times, the first through ``bwd`` with the
-    forward pass's residuals (as ``jax.vjp`` would), higher ones through their exported VJPs."""
+    forward pass's residuals (as ``jax.vjp`` would), higher ones through their exported VJPs.
+    Arguments outside ``grads`` get a symbolic zero cotangent (None)."""
     import jax
     import jax.numpy as jnp
 
     forward = _differentiable(fwd, order - 1)
     backward = _differentiable(bwd, order - 1)
     out_inexact = [_inexact(a.dtype) for a in fwd.out_avals[:n_out]]
-    float0 = jax.dtypes.float0
 
     @jax.custom_vjp
     def f(*args):
@@ -458,9 +487,8 @@ def _rule_call(fwd, bwd, n_out: int, order: int):
     def f_bwd(saved, cts):
         residuals, args = saved
         given = [c for c, keep in zip(jax.tree_util.tree_leaves(cts), out_inexact) if keep]
-        grads = iter(backward(*residuals, *given))
-        return tuple(next(grads) if _inexact(a.dtype) else np.zeros(a.shape, float0)
-                     for a in args)
+        got = dict(zip(grads, backward(*residuals, *given)))
+        return tuple(got.get(i) for i in range(len(args)))
 
     f.defvjp(f_fwd, f_bwd)
     return f
