@@ -78,13 +78,21 @@ def as_written(data: Any) -> Any:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Writes JSON to a temporary file in the same folder, fsyncs, then renames over ``path``:
     readers see the old file or the new one, never half of one."""
+    text = json.dumps(_clean(data), indent=1, sort_keys=True, allow_nan=False) + "\n"
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, mode: int | None = None) -> Path:
+    """Writes ``data`` to a temporary file beside ``path`` (created with ``mode`` when given,
+    so it is never readable more widely, even briefly), then renames it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_clean(data), f, indent=1, sort_keys=True, allow_nan=False)
-            f.write("\n")
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

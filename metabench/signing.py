@@ -17,7 +17,6 @@ import binascii
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
-from metabench.results import as_written
+from metabench.results import as_written, write_bytes_atomic
 
 __all__ = ["ALGORITHM", "KeyFileError", "TrustedKey", "Verdict", "default_key_path",
            "init_key", "key_id", "load_private_key", "parse_public_key", "payload",
@@ -85,19 +84,7 @@ def init_key(path: str | os.PathLike, force: bool = False) -> Ed25519PrivateKey:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    # Created 0600 from the start (never readable by others, even briefly), then renamed.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, pem, mode=0o600)  # never readable by others, even briefly
     return key
 
 
