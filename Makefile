@@ -20,13 +20,16 @@ $(VENV)/.installed: pyproject.toml constraints/tested-py311.txt
 	$(BIN)/pip install --quiet -c constraints/tested-py311.txt -e ".[test]"
 	touch $@
 
+# Scored under metabench's numerics defaults (records name the settings that change numbers).
+NUMERICS_DEFAULTS := env -u XLA_FLAGS -u JAX_ENABLE_X64 -u JAX_DEFAULT_MATMUL_PRECISION
+
 run: setup
-	$(BIN)/metabench submit $(addprefix submissions/baselines/,$(MAIN_BASELINES)) --task $(TASK) --force
+	$(NUMERICS_DEFAULTS) $(BIN)/metabench submit $(addprefix submissions/baselines/,$(MAIN_BASELINES)) --task $(TASK) --force
 	$(BIN)/metabench leaderboard build
 
 run-all: setup
-	$(BIN)/metabench submit submissions/baselines/* --task $(TASK) --force
-	$(BIN)/metabench submit submissions/baselines/* --task $(TASK) --split train --force
+	$(NUMERICS_DEFAULTS) $(BIN)/metabench submit submissions/baselines/* --task $(TASK) --force
+	$(NUMERICS_DEFAULTS) $(BIN)/metabench submit submissions/baselines/* --task $(TASK) --split train --force
 	$(BIN)/metabench leaderboard build
 
 # Two workers, one test file each at a time (module fixtures and compiled functions stay

@@ -407,6 +407,9 @@ def cmd_leaderboard(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metabench", description=__doc__)
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache (default: on, in "
+                        "~/.cache/metabench/xla; METABENCH_COMPILATION_CACHE=0 does the same)")
     sub = p.add_subparsers(dest="command", required=True)
 
     lp = sub.add_parser("list", help="list tasks, envs, families or rules")
@@ -624,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.no_compile_cache:
+        os.environ["METABENCH_COMPILATION_CACHE"] = "0"  # the scoring children inherit it
+    if args.command in ("eval", "discover"):  # they compile here; submit's children do
+        from metabench.harness import train
+
+        train.use_compilation_cache()
     try:
         return args.fn(args)
     except BrokenPipeError:

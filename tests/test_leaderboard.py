@@ -335,6 +335,33 @@ def test_verified_means_signed_by_a_trusted_key(env):
     assert text == "self-reported" and "which leaderboard/keys does not trust" in title
 
 
+def test_records_scored_under_non_default_numerics_are_told_apart(env, monkeypatch):
+    """Two records of one rule that differ only in a setting that changes numerics: the
+    provenance says which, and the site marks the one not scored under the defaults."""
+    from metabench.harness import origin
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    default = origin.numerics()
+    assert default["non_default"] == [] and default["settings"]["XLA_FLAGS"] == ""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=1")
+    flagged = origin.numerics()
+    assert flagged["non_default"] == ["XLA_FLAGS"]
+    assert flagged["settings"] == {**default["settings"],
+                                   "XLA_FLAGS": "--xla_backend_optimization_level=1"}
+    scores = random_scores(np.random.default_rng(3), 0.5)
+    for name, num in (("at-defaults", default), ("with-flags", flagged)):
+        _, rec = add(env, name, scores=scores)
+        rec["provenance"]["numerics"] = num
+        write_record(env["results"], name, rec)
+    page = (env["build"]() / "tasks" / "t.html").read_text()
+    rows = {r["name"]: r for r in rank_rows(page)}
+    assert "non-default numerics" in rows["with-flags"]["rule"][0]
+    assert "non-default numerics" not in rows["at-defaults"]["rule"][0]
+    assert 'title="scored under XLA_FLAGS = --xla_backend_optimization_level=1' in page
+    sub_page = (env["root"] / "site" / "submissions" / "t" / "with-flags.html").read_text()
+    assert "non-default: <code>XLA_FLAGS = --xla_backend_optimization_level=1</code>" in sub_page
+
+
 def test_a_record_edited_after_signing_is_not_ranked_or_not_verified(env):
     add(env, "honest", verified=True)
     # One run's score changed: its stored aggregates are no longer its runs', so it is listed

@@ -19,6 +19,31 @@ from metabench import __version__
 
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "gymnax", "rliable", "numpy")
 
+NUMERICS_DEFAULTS: dict[str, object] = {
+    "XLA_FLAGS": "",
+    "jax_enable_x64": False,
+    "jax_default_matmul_precision": None,
+    "jax_threefry_partitionable": True,
+    "jax_default_prng_impl": "threefry2x32",
+    "jax_numpy_dtype_promotion": "standard",
+}
+"""The settings that change a run's numbers, at the values every committed record was
+scored under (JAX's own defaults, no XLA flags). ``XLA_FLAGS`` counts whatever it holds:
+``--xla_backend_optimization_level=1`` alone moved the quick task's IQM from 0.757 to
+0.738, and metabench cannot tell which flags are harmless."""
+
+
+def numerics() -> dict:
+    """This process's numerics-relevant settings and which of them are not the defaults
+    (:data:`NUMERICS_DEFAULTS`): two records of one rule that disagree say why."""
+    settings: dict[str, object] = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "").strip()}
+    for name in NUMERICS_DEFAULTS:
+        if name != "XLA_FLAGS":
+            value = getattr(jax.config, name, None)
+            settings[name] = getattr(value, "value", value)  # enums as their names
+    changed = sorted(k for k, v in settings.items() if v != NUMERICS_DEFAULTS[k])
+    return {"settings": settings, "non_default": changed}
+
 
 def provenance(command: str | None = None) -> dict:
     dev = jax.devices()[0]
@@ -59,4 +84,5 @@ def provenance(command: str | None = None) -> dict:
         "libraries": libs,
         "git_commit": commit,
         "git_dirty": dirty,
+        "numerics": numerics(),
     }

@@ -109,6 +109,38 @@ class EnvRun:
 
 _CACHE: dict[tuple, tuple] = {}
 
+CACHE_ENV = "METABENCH_COMPILATION_CACHE"
+"""``0`` (or ``off``) turns the persistent compilation cache off; a path puts it there."""
+CACHE_MAX_BYTES = 4 * 2**30
+"""The cache's size bound. A bound also makes JAX take a file lock around every read and
+write, which is what makes the cache safe for scoring processes running side by side
+(without one it writes entries in place, and a reader could see half of one)."""
+
+
+def use_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache, so that re-scoring a rule, and every
+    baseline in ``make run``, loads its compiled programs instead of compiling them again;
+    returns its folder (None when turned off). A ``JAX_COMPILATION_CACHE_DIR`` the user set
+    wins; else ``$METABENCH_COMPILATION_CACHE`` when it is a path, else
+    ``$XDG_CACHE_HOME/metabench/xla`` (``~/.cache/metabench/xla``). The cache's keys cover
+    the program, the compile options, XLA flags, the JAX version and the device, so a hit
+    is the program that would have been compiled."""
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        path = jax.config.jax_compilation_cache_dir
+    elif setting and setting.lower() not in ("1", "on", "true", "yes"):
+        path = os.path.expanduser(setting)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        path = os.path.join(base, "metabench", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    return path
+
 
 CHUNK_SECONDS = 3.0
 """Wall-clock seconds between the harness's looks at a run (progress, budget, failures)."""

@@ -317,7 +317,7 @@ def _rank_row(view: TaskView, i: int, e: Entry) -> dict:
             "sort_name": e.name.lower(), "href": _sub_href(view, e, "../"), "rank": i + 1,
             "control": e.is_control, "tied": e.tied, "baseline": e.is_baseline,
             "note": as_text(as_dict(rec.get("rule")).get("note")), "verified": e.verified,
-            "verdict": e.verdict.reason,
+            "verdict": e.verdict.reason, "numerics": numerics_note(rec),
             "cells": cells}
 
 
@@ -468,6 +468,16 @@ def _disclosure(sub: dict) -> dict | None:
             "notes": as_text(d.get("notes"))}
 
 
+def numerics_note(rec: dict) -> str:
+    """What a record was scored under that is not metabench's numerics defaults (``XLA_FLAGS``,
+    x64, matmul precision, ...: ``provenance.numerics``), as one line; empty when nothing, or
+    for a record from before such settings were recorded."""
+    num = as_dict(as_dict(as_dict(rec).get("provenance")).get("numerics"))
+    settings = as_dict(num.get("settings"))
+    changed = [as_text(k) for k in as_list(num.get("non_default"))]
+    return "; ".join(f"{k} = {as_text(settings.get(k))!s}" for k in changed)
+
+
 def _provenance(rec: dict) -> dict:
     p = as_dict(rec.get("provenance"))
     return {"created": as_text(p.get("created")), "metabench": as_text(p.get("metabench")),
@@ -475,7 +485,8 @@ def _provenance(rec: dict) -> dict:
             "platform": as_text(p.get("platform")), "python": as_text(p.get("python")),
             "libraries": ", ".join(f"{k} {as_text(v)}"
                                    for k, v in sorted(as_dict(p.get("libraries")).items())),
-            "git_commit": as_text(p.get("git_commit")), "git_dirty": p.get("git_dirty") is True}
+            "git_commit": as_text(p.get("git_commit")), "git_dirty": p.get("git_dirty") is True,
+            "numerics": numerics_note(rec)}
 
 
 def _downloads(view: TaskView, e: Entry) -> list[tuple[str, str]]:

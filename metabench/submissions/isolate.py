@@ -63,6 +63,9 @@ def _child(args: Sequence[str], timeout: float, capture: bool = True,
 
 
 _PASSED_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONHASHSEED")
+_WITHHELD_ENV = ("JAX_COMPILATION_CACHE_DIR",)
+"""The scorer's compilation cache is outside the sandbox (and the sandbox must never write
+programs the scorer would load)."""
 _PASSED_PREFIXES = ("JAX_", "XLA_", "TF_CPP_", "OMP_", "OPENBLAS_", "MKL_")
 
 
@@ -71,7 +74,7 @@ def _sandbox_environ() -> dict[str, str]:
     this process's secrets (tokens and keys in the environment could otherwise be written
     into the check's report, which a record publishes)."""
     return {k: v for k, v in os.environ.items()
-            if k in _PASSED_ENV or k.startswith(_PASSED_PREFIXES)}
+            if (k in _PASSED_ENV or k.startswith(_PASSED_PREFIXES)) and k not in _WITHHELD_ENV}
 
 
 def build_policy(scratch: Path, reads: Sequence[Path], unsandboxed: bool,
@@ -296,6 +299,9 @@ def exported_ref(sub: Submission, export_dir: str | os.PathLike):
 
 def _child_score(job_json: str) -> int:
     from metabench import harness
+    from metabench.harness import train
+
+    train.use_compilation_cache()
     from metabench.tasks import spec
     from metabench.results import write_json_atomic
 
@@ -331,6 +337,9 @@ def _child_score(job_json: str) -> int:
 
 def _child_score_batch(job_json: str) -> int:
     from metabench import harness
+    from metabench.harness import train
+
+    train.use_compilation_cache()
     from metabench.tasks import spec
     from metabench.results import write_json_atomic
 

@@ -155,6 +155,10 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
         prov = prov or c.provenance
         if c.code != 0:
             log(f"scoring process: {_died(c.code, c.err, c.limit)}")
+    changed = ((prov or {}).get("numerics") or {}).get("non_default") or []
+    if changed:
+        log(f"warning: scored under non-default numerics ({', '.join(changed)}); the record "
+            "says so and the site marks it (unset them to score under the defaults)")
     if rule is None:
         rule = {"name": sub.name, "family": sub.family, "factory": sub.factory or sub.entry,
                 "kwargs": dict(sub.kwargs), "params_hash": None, "note": ""}
