@@ -90,7 +90,9 @@ def cmd_eval(args) -> int:
 
     task = spec.load(args.task)
     out_dir = Path(args.out_dir)
-    progress = None if args.quiet else _progress_printer()
+    from metabench.progress import Reporter
+
+    progress = None if args.quiet else Reporter()
     rules = list(dict.fromkeys(args.rules))
     if args.out and len(rules) > 1:
         raise SystemExit("--out takes one rule; use --out-dir for several")
@@ -121,21 +123,9 @@ def cmd_eval(args) -> int:
             print(f"    (no probability of improvement: no {baseline_name} record for this "
                   f"task and seed count in {out_dir}; evaluate {baseline_name} first)")
         print(f"  record: {path}")
+    if progress is not None:
+        progress.close()
     return 0
-
-
-def _progress_printer():
-    tty = sys.stderr.isatty()
-
-    def show(env: str, done: int, total: int, steps: int, seconds: float) -> None:
-        line = f"  {env}: {done}/{total} updates, {steps:,} env steps per seed, {seconds:.1f}s"
-        if tty:  # one line that moves; logs (not a tty) get the finished line only
-            sys.stderr.write("\r\033[K" + line + ("\n" if done == total else ""))
-            sys.stderr.flush()
-        elif done == total:
-            print(line, file=sys.stderr)
-
-    return show
 
 
 def cmd_calibrate(args) -> int:
@@ -166,6 +156,16 @@ def cmd_bench(args) -> int:
                                   num_envs=args.num_envs, steps=args.steps,
                                   repeats=1 if args.quick else 3)
         print(bench.format_backend_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.time_to_score is not None:
+        folders = args.time_to_score or [f"submissions/baselines/{r}" for r in
+                                         ("ppo_clip", "dqn", "a2c_fixed", "reinforce")]
+        rows = bench.time_to_score(folders)
+        print(f"seconds, 2 runs per rule on {bench.TIME_TO_SCORE_TASK}: a new rule (an empty "
+              "compilation cache), then a re-score")
+        print(bench.format_time_to_score(rows))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
@@ -611,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default=None, help="also write the rows as JSON")
     bp.add_argument("--plot", default=None,
                     help="also write an HTML page plotting steps/s against seeds")
+    bp.add_argument("--time-to-score", nargs="*", default=None, metavar="DIR",
+                    help="wall-clock of `metabench submit` of each folder (default: the "
+                         "baselines of the quick task's families) with a cold compilation "
+                         "cache, then a re-score, split into its phases")
     bp.add_argument("--export", action="store_true",
                     help="each family's baseline in-process vs through its jax.export (the "
                          "path a submitted rule takes to the scorer)")

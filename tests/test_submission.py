@@ -103,6 +103,11 @@ def test_external_rule_folder_becomes_a_record(scored, task_path):
     task = spec.load(task_path)
     assert rec["task"]["fingerprint"] == task.fingerprint("drift") != task.fingerprint()
     assert rec["rule"]["factory"] == "rule.py:make_rule"
+    # The phases of its time to a score, which `metabench bench --time-to-score` reports.
+    assert set(rec["timing"]) == {"check_s", "start_s", "import_s", "compile_s", "train_s"}
+    assert all(v >= 0 for v in rec["timing"].values())
+    assert sum(rec["timing"].values()) <= rec["wall_clock_s"] + rec["timing"]["check_s"] + 1
+    assert rec["provenance"]["numerics"]["non_default"] == []
 
 
 def _checked(monkeypatch):

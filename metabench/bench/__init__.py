@@ -387,6 +387,61 @@ def export_row(env_id: str, total_timesteps: int, algo: str, seeds: int = 1,
             "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"}
 
 
+TIME_TO_SCORE_TASK = "classic-transfer-v1-quick"
+
+
+def time_to_score(folders: Sequence[str], task: str = TIME_TO_SCORE_TASK,
+                  cache_dir: str | None = None) -> list[dict]:
+    """Two rows per submission folder: a fresh ``metabench submit`` with a compilation cache
+    that has never seen the rule (an empty one), then a re-score (``--force``) with the
+    cache it filled; each split into the command's own start and finish, the sandboxed
+    check, and the scoring child's start, imports, compiling and training (the record's
+    ``timing`` block). Each submit is a process of its own, as a user runs it."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    rows = []
+    for folder in folders:
+        with tempfile.TemporaryDirectory(prefix="metabench-tts-") as tmp:
+            env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+            env["METABENCH_COMPILATION_CACHE"] = cache_dir or str(Path(tmp) / "cache")
+            env["METABENCH_KEY"] = str(Path(tmp) / "no-key.pem")  # unsigned: nothing to load
+            for kind in ("new", "re-score"):
+                cmd = [sys.executable, "-c", "import sys; from metabench.cli import main; "
+                       "sys.exit(main(sys.argv[1:]))", "submit", str(folder), "--task", task,
+                       "--results", str(Path(tmp) / "results"), "--force"]
+                t0 = time.perf_counter()
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if out.returncode != 0:
+                    raise RuntimeError(f"{folder}: submit failed: {out.stderr[-2000:]}")
+                rec_path = next((Path(tmp) / "results").rglob("*.json"))
+                rec = json.loads(rec_path.read_text())
+                t = rec.get("timing") or {}
+                child = sum(t.get(k, 0.0) for k in ("start_s", "import_s", "compile_s",
+                                                     "train_s"))
+                rows.append({"rule": rec["rule"]["name"], "family": rec["rule"]["family"],
+                             "run": kind, "task": task, "wall_s": wall,
+                             "command_s": wall - t.get("check_s", 0.0) - child, **t,
+                             "iqm": rec["aggregates"]["iqm"]["point"],
+                             "device": rec["provenance"]["device"]["kind"]})
+    return rows
+
+
+def format_time_to_score(rows: Sequence[dict]) -> str:
+    cols = ("wall_s", "command_s", "check_s", "start_s", "import_s", "compile_s", "train_s")
+    lines = [f"{'rule':16s} {'run':9s} " + " ".join(f"{c[:-2]:>8s}" for c in cols)
+             + f" {'IQM':>6s}"]
+    for r in rows:
+        lines.append(f"{r['rule']:16s} {r['run']:9s} "
+                     + " ".join(f"{r.get(c, float('nan')):8.1f}" for c in cols)
+                     + f" {r['iqm']:6.3f}")
+    return "\n".join(lines)
+
+
 def format_export_table(rows: Sequence[dict]) -> str:
     lines = [f"env steps per second after compilation, median of {rows[0]['repeats']} "
              f"interleaved runs ({rows[0]['device']})" if rows else "",

@@ -339,33 +339,75 @@ def _release(env: Any) -> None:
         env.release()
 
 
+def _cell(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
+          meta_params: Any, keys: jax.Array, total_timesteps: int, population: bool,
+          host: bool = True) -> tuple:
+    """One cell's compiled training, ready to run: ``(trainer, env, states, meta_params,
+    placement, chunk lengths, {length: executable})``; with ``host=False``, None for a
+    host-stepped env (whose initial states would start its live copies)."""
+    trainer, init_fn, chunk_fn, env = compiled(family, spec, config, rule, meta_params,
+                                               total_timesteps, population)
+    if not host and not env.jittable:
+        return None
+    agents = env.num_agents
+    if getattr(config, "num_envs", agents) % agents:
+        raise ValueError(f"{spec.env} has {agents} agents per game and every agent is an "
+                         f"env copy: num_envs ({config.num_envs}) must be a multiple of "
+                         f"{agents}")
+    # A host-stepped env lives in this process: its callbacks cannot be sharded.
+    keys, place = _place(keys, population, shard=env.jittable)
+    states = init_fn(keys)
+    if place.states is not None:
+        states = jax.device_put(states, place.states)
+        meta_params = jax.device_put(meta_params, place.replicated)
+    agents_per_call = int(np.prod(keys.shape[:-1]))
+    length = _chunk_len(trainer.num_updates, min_len=math.ceil(
+        MIN_CHUNK_ENV_STEPS / (trainer.steps_per_update * agents_per_call)))
+    lengths = [length] * (trainer.num_updates // length)
+    if trainer.num_updates % length:
+        lengths.append(trainer.num_updates % length)
+    # AOT-compile every distinct chunk shape now, so compile time is not run time.
+    execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
+    jax.block_until_ready(states)
+    return trainer, env, states, meta_params, place, lengths, execs
+
+
+def precompile(ref: "RuleRef", task: TaskSpec, cells: Sequence[tuple[EnvSpec, Sequence[int]]],
+               workers: int | None = None) -> dict[str, float]:
+    """Compiles the training programs of several envs side by side, one thread each: XLA
+    compiles a program on one thread, so on a machine of n cores n envs compile in about the
+    time of one. :func:`train_env` then finds them compiled (its ``compile_s`` is what was
+    left to wait for, so add the seconds returned here, per env name). Host-stepped envs are
+    left to :func:`train_env`; any error is too (it is reported there, as a failed part of
+    the record)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    family = families_base.get_family(ref.family)
+
+    def one(cell) -> float:
+        spec, seeds = cell
+        t0 = time.perf_counter()
+        try:
+            _cell(family, spec, agent_config(task, ref.family, spec), ref.rule, ref.meta_params,
+                  seed_keys(task.seed, list(seeds)), task.total_timesteps, False, host=False)
+        except Exception:  # train_env meets it again and records it
+            pass
+        return time.perf_counter() - t0
+
+    cells = [c for c in cells if c[1]]
+    if len(cells) < 2:
+        return {}
+    with ThreadPoolExecutor(max_workers=workers or min(len(cells), os.cpu_count() or 1)) as ex:
+        return dict(zip((c[0].name for c in cells), ex.map(one, cells)))
+
+
 def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: UpdateRule,
            meta_params: Any, keys: jax.Array, total_timesteps: int, population: bool,
            max_seconds: float | None, progress: Callable[..., None] | None) -> _Trained:
     t0 = time.perf_counter()
     try:
-        trainer, init_fn, chunk_fn, env = compiled(family, spec, config, rule, meta_params,
-                                                   total_timesteps, population)
-        agents = env.num_agents
-        if getattr(config, "num_envs", agents) % agents:
-            raise ValueError(f"{spec.env} has {agents} agents per game and every agent is an "
-                             f"env copy: num_envs ({config.num_envs}) must be a multiple of "
-                             f"{agents}")
-        # A host-stepped env lives in this process: its callbacks cannot be sharded.
-        keys, place = _place(keys, population, shard=env.jittable)
-        states = init_fn(keys)
-        if place.states is not None:
-            states = jax.device_put(states, place.states)
-            meta_params = jax.device_put(meta_params, place.replicated)
-        agents_per_call = int(np.prod(keys.shape[:-1]))
-        length = _chunk_len(trainer.num_updates, min_len=math.ceil(
-            MIN_CHUNK_ENV_STEPS / (trainer.steps_per_update * agents_per_call)))
-        lengths = [length] * (trainer.num_updates // length)
-        if trainer.num_updates % length:
-            lengths.append(trainer.num_updates % length)
-        # AOT-compile every distinct chunk shape now, so compile time is not run time.
-        execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
-        jax.block_until_ready(states)
+        trainer, env, states, meta_params, place, lengths, execs = _cell(
+            family, spec, config, rule, meta_params, keys, total_timesteps, population)
         references, reference_error, randoms = _level_references(spec, env, states, place)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
         _release(locals().get("env"))

@@ -24,10 +24,12 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import metabench.submissions.sandbox as sandbox
+from metabench.progress import Reporter
 from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
@@ -202,6 +204,8 @@ class _Cell(NamedTuple):
     code: int | None
     err: str
     limit: float
+    timing: dict | None = None
+    """Seconds of the child's phases (:func:`_phases`), when it got that far."""
 
 
 def _outputs(out: Path, err: str) -> tuple[Callable[[str], Any], str]:
@@ -221,11 +225,29 @@ def _score_cells(sub_path: str, task_path: str, split: str, per_env: list, limit
     with tempfile.TemporaryDirectory(prefix="metabench-score-") as tmp:
         job = {"folder": sub_path, "task": task_path, "split": split, "out": tmp,
                "per_env": per_env, "command": command, "export": export_dir}
+        spawned = time.time()
         code, err = _child(["_score", json.dumps(job)], limit, capture=capture)
         read, err = _outputs(Path(tmp), err)
         parts = {i: part for i in range(len(per_env))
                  if (part := read(f"part-{i}.json")) is not None}
-        return _Cell(parts, read("rule.json"), read("provenance.json"), code, err, limit)
+        return _Cell(parts, read("rule.json"), read("provenance.json"), code, err, limit,
+                     _phases(spawned, read("timing.json")))
+
+
+_STAMPS: dict[str, float] = {}
+"""Wall-clock stamps of this scoring child's phases (``time.time()``): written to
+``timing.json``, turned into seconds by the parent."""
+
+
+def _phases(spawned: float, stamps: dict | None) -> dict | None:
+    """Seconds of a scoring child's phases: interpreter start, imports (JAX, metabench, the
+    task and the rule), compiling (the envs' programs, side by side) and training."""
+    names = ("main", "imported", "compiled", "trained")
+    if not isinstance(stamps, dict) or not all(isinstance(stamps.get(k), float) for k in names):
+        return None
+    t = [spawned] + [stamps[k] for k in names]
+    return {k: round(b - a, 3) for k, a, b in zip(("start_s", "import_s", "compile_s",
+                                                   "train_s"), t, t[1:])}
 
 
 def _score_batch(group: Sequence[Any], command: str | None) -> list[_Cell]:
@@ -326,12 +348,20 @@ def _child_score(job_json: str) -> int:
     write_json_atomic(out_dir / "rule.json", block)
     write_json_atomic(out_dir / "provenance.json", harness.provenance(command))
     per_env = job["per_env"]
-    for i, (e, seeds) in enumerate(zip(task.split(split), per_env)):
-        if not seeds:
-            continue
-        run = harness.train_env(ref, task, e, seeds, max_seconds=task.budget.max_seconds_per_env,
-                                progress=_stderr_progress)
-        write_json_atomic(out_dir / f"part-{i}.json", harness.env_part(run, task.scoring.window))
+    _STAMPS["imported"] = time.time()
+    ahead = train.precompile(ref, task, list(zip(task.split(split), per_env)))
+    _STAMPS["compiled"] = time.time()
+    with Reporter() as show:
+        for i, (e, seeds) in enumerate(zip(task.split(split), per_env)):
+            if not seeds:
+                continue
+            run = harness.train_env(ref, task, e, seeds,
+                                    max_seconds=task.budget.max_seconds_per_env, progress=show)
+            run = dataclasses.replace(run, compile_s=run.compile_s + ahead.get(e.name, 0.0))
+            write_json_atomic(out_dir / f"part-{i}.json",
+                              harness.env_part(run, task.scoring.window))
+    _STAMPS["trained"] = time.time()
+    write_json_atomic(out_dir / "timing.json", _STAMPS)
     return 0
 
 
@@ -358,28 +388,24 @@ def _child_score_batch(job_json: str) -> int:
     for k, ref in enumerate(refs):
         write_json_atomic(out_dir / f"rule-{k}.json", harness.rule_block(ref))
     write_json_atomic(out_dir / "provenance.json", harness.provenance(command))
-    for i, (e, seeds) in enumerate(zip(task.split(split), per_env_json)):
-        if not seeds:
-            continue
-        runs = harness.train_population(
-            subs[0].family, rule, meta_batch, task, e, seeds,
-            max_seconds=task.budget.max_seconds_per_env * len(subs), progress=_stderr_progress)
-        if runs[0].failure is not None:  # shared by all: the parent retries each alone
-            (out_dir / "error.txt").write_text(f"{e.name}: {runs[0].failure}\n")
-            return 1
-        for k, run in enumerate(runs):
-            write_json_atomic(out_dir / f"part-{k}-{i}.json",
-                              harness.env_part(run, task.scoring.window))
+    with Reporter() as show:
+        for i, (e, seeds) in enumerate(zip(task.split(split), per_env_json)):
+            if not seeds:
+                continue
+            runs = harness.train_population(
+                subs[0].family, rule, meta_batch, task, e, seeds,
+                max_seconds=task.budget.max_seconds_per_env * len(subs), progress=show)
+            if runs[0].failure is not None:  # shared by all: the parent retries each alone
+                (out_dir / "error.txt").write_text(f"{e.name}: {runs[0].failure}\n")
+                return 1
+            for k, run in enumerate(runs):
+                write_json_atomic(out_dir / f"part-{k}-{i}.json",
+                                  harness.env_part(run, task.scoring.window))
     return 0
 
 
-def _stderr_progress(env: str, done: int, total: int, steps: int, seconds: float) -> None:
-    if done == total:
-        print(f"  {env}: {done}/{total} updates, {steps:,} env steps per seed, {seconds:.1f}s",
-              file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    _STAMPS["main"] = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if os.environ.get(PARENT_ENV, "").isdigit():
         sandbox.die_with_parent(int(os.environ.pop(PARENT_ENV)))

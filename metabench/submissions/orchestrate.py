@@ -67,6 +67,8 @@ class _Prepared(NamedTuple):
     export: Path | None = None
     """The rule exported by the sandboxed check (a submission's own code), removed once the
     record is written."""
+    check_s: float = 0.0
+    """Seconds the check (and export) took."""
 
 
 def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: Path,
@@ -85,8 +87,10 @@ def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: P
     task = spec.load(task_id)
     spec.require_calibrated(task, split)
     export_dir = Path(tempfile.mkdtemp(prefix="metabench-export-"))
+    t0 = time.perf_counter()
     res = check(folder, task_path=str(task.path), split=split, export_dir=export_dir,
                 unsandboxed=unsandboxed)
+    check_s = time.perf_counter() - t0
     if not res.ok or res.export is None:
         shutil.rmtree(export_dir, ignore_errors=True)
     if not res.ok:
@@ -110,7 +114,8 @@ def _prepare(folder: str | os.PathLike, task_id: str, split: str, results_dir: P
     per_env = shard_seeds(len(task.split(split)), n_seeds, shard)
     limit = timeout if timeout is not None else sum(
         task.budget.max_seconds_per_env + COMPILE_ALLOWANCE_S for s in per_env if s)
-    return _Prepared(sub, res, task, split, path, per_env, limit, shard, n_seeds, res.export)
+    return _Prepared(sub, res, task, split, path, per_env, limit, shard, n_seeds, res.export,
+                     check_s)
 
 
 def _drop_export(export_dir: Path | None) -> None:
@@ -171,6 +176,9 @@ def _finish(p: _Prepared, cells: list[tuple[set, _Cell]], results_dir: Path,
     rec["check"] = p.check.report
     rec["sandbox"] = p.check.sandbox
     rec["wall_clock_s"] = round(wall_clock_s, 3)
+    phases = [c.timing for _, c in cells]
+    if len(phases) == 1 and phases[0] is not None:  # one local child: its phases add up
+        rec["timing"] = {"check_s": round(p.check_s, 3), **phases[0]}
     if batch is not None:
         rec["batch"] = batch
     if p.shard is not None:
