@@ -67,16 +67,19 @@ class Reporter:
 
     def _draw(self, env: str, done: int, total: int, steps: int, seconds: float) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         if self._bars is None:
             self._bars = Progress(
                 TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("updates"), TextColumn("{task.fields[rate]} steps/s"),
-                TimeRemainingColumn(), console=Console(file=self.stream), transient=False)
+                TextColumn("{task.fields[eta]}"), console=Console(file=self.stream),
+                transient=False)
             self._bars.start()
         if env not in self._tasks:
-            self._tasks[env] = self._bars.add_task(env, total=total, rate="-")
+            self._tasks[env] = self._bars.add_task(env, total=total, rate="-", eta="")
         rate = f"{steps / seconds:,.0f}" if seconds > 0 else "-"
-        self._bars.update(self._tasks[env], completed=done, rate=rate)
+        # Its own estimate from the env's elapsed time: rich's needs more samples than a
+        # short run's chunks give it.
+        eta = f"{seconds:.1f}s" if done >= total else f"ETA {_eta(seconds, done, total)}"
+        self._bars.update(self._tasks[env], completed=done, rate=rate, eta=eta)

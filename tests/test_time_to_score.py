@@ -35,6 +35,7 @@ def test_a_live_bar_shows_rate_and_eta():
         show("Acrobot-v1", 30, 100, 30 * 512, 3.0)
     text = out.getvalue()
     assert "Acrobot-v1" in text and "30/100" in text and "5,120 steps/s" in text
+    assert "ETA 7s" in text
 
 
 def _cache_child(env: dict) -> str:
