@@ -15,8 +15,10 @@ import pytest
 # each once. Set before anything imports jax; a developer's own cache dir is kept.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="metabench-test-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_cache, "xla")
     atexit.register(shutil.rmtree, _cache, True)
+    # Reused check reports go beside it (<cache>-checks), not to the developer's ~/.cache.
+    os.environ.setdefault("METABENCH_COMPILATION_CACHE", os.path.join(_cache, "xla"))
 
 from helpers import TINY_TASK, write_task  # noqa: E402 (after the cache is set: it imports jax)
 

@@ -76,3 +76,21 @@ def test_precompiled_envs_train_as_if_compiled_alone(tiny_task_path):
     assert all(r.failure is None and r.compile_s < min(ahead.values()) for r in runs)
     alone = harness.train_env(harness.reference_rule("ppo_clip"), task, task.test[1], [0, 1])
     assert np.array_equal(alone.returns_sum, runs[1].returns_sum)
+
+
+def test_a_reference_factorys_passed_check_is_reused_when_nothing_changed(tmp_path,
+                                                                           monkeypatch):
+    from metabench.submissions import isolate
+
+    monkeypatch.setenv("METABENCH_COMPILATION_CACHE", str(tmp_path / "xla"))
+    first = isolate.check("submissions/baselines/ppo_clip")
+    assert first.ok and "reused" not in first.sandbox, first.message
+    memo = isolate._check_memo(first.submission, False)
+    assert memo.parent == tmp_path / "xla-checks" and memo.exists()
+    again = isolate.check("submissions/baselines/ppo_clip")
+    assert again.ok and again.report == first.report and again.message == first.message
+    assert again.sandbox["reused"] == isolate.REUSED
+    assert isolate.check("submissions/baselines/ppo_clip", unsandboxed=True).sandbox[
+        "sandboxed"] is False  # another setting: checked again
+    monkeypatch.setenv("METABENCH_COMPILATION_CACHE", "0")
+    assert isolate._check_memo(first.submission, False) is None

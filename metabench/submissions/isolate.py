@@ -20,6 +20,8 @@ module that writes them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -30,6 +32,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import metabench.submissions.sandbox as sandbox
 from metabench.progress import Reporter
+from metabench.results import write_json_atomic
 from metabench.submissions.build import batched_rule, build_rule
 from metabench.submissions.schema import Submission, SubmissionError, load
 
@@ -154,6 +157,72 @@ def check(folder: str | os.PathLike, timeout: float = CHECK_TIMEOUT_S, *,
     except SubmissionError as e:
         return CheckResult(False, str(e))
     want_export = export_dir is not None and task_path is not None and needs_export(sub)
+    memo = None if needs_export(sub) else _check_memo(sub, unsandboxed)
+    if memo is not None and memo.exists():
+        try:
+            kept = json.loads(memo.read_text())
+            return CheckResult(True, kept["text"], kept["report"], sub,
+                               {**kept["sandbox"], "reused": REUSED})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable memo: check again
+    result = _check(sub, timeout, task_path, split, export_dir, want_export, unsandboxed)
+    if memo is not None and result.ok and result.sandbox is not None:
+        write_json_atomic(memo, {"text": result.message, "report": result.report,
+                                 "sandbox": result.sandbox})
+    return result
+
+
+REUSED = ("the check report of an earlier check of the same submission content with the same "
+          "metabench code, libraries and sandbox setting (a reference factory or loss graph)")
+
+
+def _check_memo(sub: Submission, unsandboxed: bool) -> Path | None:
+    """Where a passed check of a reference factory or loss graph is kept, so that re-scoring
+    it (``make run`` again) does not check it again: beside the compilation cache, named by
+    everything the check's outcome depends on. None when the cache is turned off. A
+    submission's own code is always checked again: its check also exports the rule."""
+    setting = os.environ.get("METABENCH_COMPILATION_CACHE", "").strip()
+    if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    if setting and setting.lower() not in ("1", "on", "true", "yes"):
+        root = Path(os.path.expanduser(setting) + "-checks")
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                                ".cache")
+        root = Path(base) / "metabench" / "checks"
+    key = hashlib.sha256(json.dumps([sub.content_hash, _code_hash(), _versions(),
+                                     sys.version, unsandboxed]).encode()).hexdigest()
+    return root / f"{key}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _code_hash() -> str:
+    """sha256 of metabench's own source (every module and task file): a changed family check
+    or task never reuses an old check."""
+    h = hashlib.sha256()
+    pkg = _package_dir()
+    for path in sorted(pkg.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".yaml", ".npz", ".json", ".msgpack"):
+            h.update(str(path.relative_to(pkg)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _versions() -> list:
+    from importlib import metadata
+
+    out = []
+    for lib in ("jax", "jaxlib", "numpy", "flax", "optax", "gymnax"):
+        try:
+            out.append((lib, metadata.version(lib)))
+        except metadata.PackageNotFoundError:
+            out.append((lib, None))
+    return out
+
+
+def _check(sub: Submission, timeout: float, task_path: str | None, split: str,
+           export_dir: Path | None, want_export: bool, unsandboxed: bool) -> CheckResult:
+    """:func:`check` after the folder loaded: the child, and reading what it wrote."""
     with tempfile.TemporaryDirectory(prefix="metabench-check-") as tmp:
         # The sandbox writes only its scratch directory: the export's folder is kept there.
         scratch = Path(export_dir) if want_export else Path(tmp)
@@ -279,7 +348,6 @@ def _child_check(job_json: str) -> int:
     job = json.loads(job_json)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # export for any platform, run on none
     from metabench.families import base as families_base
-    from metabench.results import write_json_atomic
 
     out = job["out"]
     try:
@@ -325,7 +393,6 @@ def _child_score(job_json: str) -> int:
 
     train.use_compilation_cache()
     from metabench.tasks import spec
-    from metabench.results import write_json_atomic
 
     job = json.loads(job_json)
     out_dir = Path(job["out"])
@@ -371,7 +438,6 @@ def _child_score_batch(job_json: str) -> int:
 
     train.use_compilation_cache()
     from metabench.tasks import spec
-    from metabench.results import write_json_atomic
 
     job = json.loads(job_json)
     out_dir = Path(job["out"])
