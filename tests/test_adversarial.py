@@ -192,9 +192,10 @@ def make_rule():
 
 
 def _killed_parent(marker: str, call: str, child_tag: bytes) -> None:
-    """Runs ``call`` in a parent process, waits for its child (whose command line holds
-    ``child_tag``), then SIGKILLs the parent: no handler of metabench's runs, only the
-    child's death signal can act."""
+    """Runs ``call`` in a parent process, waits for its child (whose command line, NUL-
+    separated as /proc gives it, holds ``child_tag``: the marker is in every path, so the tag
+    names the child's own arguments), then SIGKILLs the parent: no handler of metabench's
+    runs, only the child's death signal can act."""
     parent = subprocess.Popen([sys.executable, "-c", f"from metabench import submissions; {call}"])
     deadline = time.monotonic() + 120
     while not [p for p in _alive(marker) if p != parent.pid and child_tag in
@@ -219,13 +220,14 @@ def test_no_process_outlives_its_limit_or_its_parent(how, tmp_path):
         res = submissions.check(folder, timeout=8)
         assert not res.ok and "did not finish within 8s" in res.message, res.message
     elif how == "checker_killed":
-        _killed_parent(marker, f"submissions.check({str(folder)!r}, timeout=600)", b"_check")
+        _killed_parent(marker, f"submissions.check({str(folder)!r}, timeout=600)",
+                       b"metabench.submissions\x00_check")
     else:
         (tmp_path / "one.yaml").write_text(ONE_ENV_TASK)
         _killed_parent(marker, f"submissions.submit({str(folder)!r}, "
                        f"{str(tmp_path / 'one.yaml')!r}, "
                        f"results_dir=__import__('pathlib').Path({str(tmp_path / 'r')!r}))",
-                       b"_score")
+                       b"metabench.submissions\x00_score")
     deadline = time.monotonic() + 10
     while _alive(marker) and time.monotonic() < deadline:
         time.sleep(0.2)

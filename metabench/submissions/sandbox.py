@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -381,10 +382,20 @@ def _isolate_network() -> None:
             f.write(text)
 
 
-def die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int, every: float = 1.0) -> None:
     """:func:`_die_with_parent` for children that are not sandboxed (the scoring process):
-    no process of metabench's outlives the one that started it."""
+    no process of metabench's outlives the one that started it. A watchdog thread also
+    checks the parent every ``every`` seconds: a belt to the death signal's braces (an
+    orphaned scoring child was once seen after its parent's SIGKILL, cause not found)."""
     _die_with_parent(parent)
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(EXIT_REFUSED)
+
+    threading.Thread(target=watch, name="metabench-parent-watch", daemon=True).start()
 
 
 def _die_with_parent(parent: int) -> None:
