@@ -70,10 +70,14 @@ def test_precompiled_envs_train_as_if_compiled_alone(tiny_task_path):
     task = spec.load(tiny_task_path, calibration={})
     ref = harness.reference_rule("ppo_clip")
     cells = [(e, [0, 1]) for e in task.test]
+    before = set(train._CACHE)
     ahead = train.precompile(ref, task, cells)
     assert set(ahead) == {e.name for e in task.test} and all(s > 0 for s in ahead.values())
+    built = set(train._CACHE) - before
+    assert len(built) == len(task.test)  # one compiled cell per env, built in the threads
     runs = [harness.train_env(ref, task, e, [0, 1]) for e in task.test]
-    assert all(r.failure is None and r.compile_s < min(ahead.values()) for r in runs)
+    assert all(r.failure is None for r in runs)
+    assert set(train._CACHE) - before == built  # training found them; it built no cell
     alone = harness.train_env(harness.reference_rule("ppo_clip"), task, task.test[1], [0, 1])
     assert np.array_equal(alone.returns_sum, runs[1].returns_sum)
 
