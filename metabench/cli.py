@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.no_compile_cache:
-        os.environ["METABENCH_COMPILATION_CACHE"] = "0"  # the scoring children inherit it
+        os.environ["METABENCH_COMPILATION_CACHE"] = "0"  # the children inherit it (caches.py)
     if args.command in ("eval", "discover"):  # they compile here; submit's children do
         from metabench.harness import train
 

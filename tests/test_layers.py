@@ -18,7 +18,7 @@ LAYERS = [
     # shared maths, types, networks, parameter and record files, statistics
     {"metabench", "metabench.types", "metabench.rules", "metabench.rl", "metabench.nets",
      "metabench.params_io", "metabench.results", "metabench.scoring", "metabench.yamlfile",
-     "metabench.signing"},
+     "metabench.signing", "metabench.caches", "metabench.progress"},
     {"metabench.envs"},                                   # environments and their backends
     {"metabench.families"},                               # agents and the rules they run
     {"metabench.tasks"},                                  # task specs: read, validate, calibrate

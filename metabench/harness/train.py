@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from metabench.caches import compilation_cache_dir
 from metabench.envs.oracle import level_randoms, level_references
 from metabench.families import base as families_base
 from metabench.rules import UpdateRule, tree_structure
@@ -109,8 +110,6 @@ class EnvRun:
 
 _CACHE: dict[tuple, tuple] = {}
 
-CACHE_ENV = "METABENCH_COMPILATION_CACHE"
-"""``0`` (or ``off``) turns the persistent compilation cache off; a path puts it there."""
 CACHE_MAX_BYTES = 4 * 2**30
 """The cache's size bound. A bound also makes JAX take a file lock around every read and
 write, which is what makes the cache safe for scoring processes running side by side
@@ -125,17 +124,10 @@ def use_compilation_cache() -> str | None:
     ``$XDG_CACHE_HOME/metabench/xla`` (``~/.cache/metabench/xla``). The cache's keys cover
     the program, the compile options, XLA flags, the JAX version and the device, so a hit
     is the program that would have been compiled."""
-    setting = os.environ.get(CACHE_ENV, "").strip()
-    if setting.lower() in ("0", "off", "false", "no"):
+    path = compilation_cache_dir()
+    if path is None:
         return None
-    if jax.config.jax_compilation_cache_dir:
-        path = jax.config.jax_compilation_cache_dir
-    elif setting and setting.lower() not in ("1", "on", "true", "yes"):
-        path = os.path.expanduser(setting)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                ".cache")
-        path = os.path.join(base, "metabench", "xla")
+    path = jax.config.jax_compilation_cache_dir or path
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import metabench.submissions.sandbox as sandbox
+from metabench.caches import compilation_cache_dir
 from metabench.progress import Reporter
 from metabench.results import write_json_atomic
 from metabench.submissions.build import batched_rule, build_rule
@@ -181,15 +182,10 @@ def _check_memo(sub: Submission, unsandboxed: bool) -> Path | None:
     it (``make run`` again) does not check it again: beside the compilation cache, named by
     everything the check's outcome depends on. None when the cache is turned off. A
     submission's own code is always checked again: its check also exports the rule."""
-    setting = os.environ.get("METABENCH_COMPILATION_CACHE", "").strip()
-    if setting.lower() in ("0", "off", "false", "no"):
+    programs = compilation_cache_dir()
+    if programs is None:
         return None
-    if setting and setting.lower() not in ("1", "on", "true", "yes"):
-        root = Path(os.path.expanduser(setting) + "-checks")
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                                ".cache")
-        root = Path(base) / "metabench" / "checks"
+    root = Path(programs + "-checks")
     key = hashlib.sha256(json.dumps([sub.content_hash, _code_hash(), _versions(),
                                      sys.version, unsandboxed]).encode()).hexdigest()
     return root / f"{key}.json"
