@@ -296,7 +296,6 @@ def load(folder: str | Path, family: str, backend: str) -> Loaded:
     """Reads an export folder written by :func:`export_rule` in a sandbox, validating it as
     untrusted data; raises ValueError naming what is wrong."""
     import jax
-    from jax import export
 
     from metabench.families import base as families_base
     from metabench.rules import UpdateRule
