@@ -3,6 +3,7 @@ progress that moves. (How fast is measured by `metabench bench --time-to-score`,
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 from metabench import harness
 from metabench.harness import train
 from metabench.progress import Reporter, line
+from metabench.rules import UpdateRule
 from metabench.tasks import spec
 
 
@@ -68,7 +70,11 @@ def test_the_compilation_cache_is_on_by_default_and_can_be_turned_off(tmp_path):
 
 def test_precompiled_envs_train_as_if_compiled_alone(tiny_task_path):
     task = spec.load(tiny_task_path, calibration={})
-    ref = harness.reference_rule("ppo_clip")
+    base = harness.reference_rule("ppo_clip")
+    # A rule object of its own: compiled cells are cached by rule, and another test in this
+    # worker may already have compiled ppo_clip on the same envs.
+    own = UpdateRule(base.rule.init, lambda mp, x: base.rule.apply(mp, x))
+    ref = dataclasses.replace(base, rule=own)
     cells = [(e, [0, 1]) for e in task.test]
     before = set(train._CACHE)
     ahead = train.precompile(ref, task, cells)
