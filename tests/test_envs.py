@@ -108,3 +108,28 @@ def test_every_backend_builds_envs_of_the_one_interface():
         assert (env.num_agents > 1) == (backend == "pettingzoo"), backend
         assert (env.episode_log() is None) == (backend != "pettingzoo"), backend
         env.release()
+
+
+def test_plotting_libraries_load_only_when_used():
+    """gymnax's Pong imports seaborn and matplotlib.pyplot at import; metabench defers both
+    (1.1 s of every process's start) until something reads them, and then they work."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import metabench.tasks.spec, gymnax
+        assert "scipy.stats" not in sys.modules and "seaborn.palettes" not in sys.modules
+        import gymnax.environments.misc.pong as pong
+        env, params = gymnax.make("Pong-misc")
+        assert len(pong.sns.color_palette("cubehelix", 3)) == 3
+        import seaborn, matplotlib.pyplot as plt
+        assert type(sys.modules["seaborn"]).__name__ == "module" and seaborn.palettes
+        fig, ax = plt.subplots()
+        assert type(sys.modules["matplotlib.pyplot"]).__name__ == "module"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -190,13 +190,53 @@ def test_reference_rules_with_learned_parameters_run_the_shipped_ones():
 
 
 def test_chunk_lengths():
-    assert harness_train._chunk_len(976) == 8  # 976 = 122 x 8: about 1% of training per chunk
-    assert harness_train._chunk_len(976, 10) == 122  # the divisor nearest 98
+    assert harness_train._chunk_len(976) == 10  # about 1% of training per chunk
+    assert harness_train._chunk_len(976, 10) == 98
     assert harness_train._chunk_len(10) == 1
     assert harness_train._chunk_len(1) == 1
-    assert harness_train._chunk_len(97, 10) == 10  # prime: a remainder chunk, not 97 tiny ones
-    assert harness_train._chunk_len(976, min_len=100) == 122  # at least about 100 updates a chunk
+    assert harness_train._chunk_len(976, min_len=100) == 100  # at least that many updates
     assert harness_train._chunk_len(32, min_len=512) == 32  # never longer than the run
+
+
+EVERY_FAMILY = TINY_TASK.format(steps=2560).replace(
+    "  drift: {num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}\n",
+    "  drift: {num_envs: 4, rollout_len: 32, epochs: 2, minibatches: 2}\n"
+    "  td_loss: {num_envs: 8, buffer_size: 512, batch_size: 32, learning_starts: 64,\n"
+    "            train_every: 2, target_update_period: 40, eps_decay_steps: 1000,\n"
+    "            hidden: [16]}\n"
+    "  metagrad: {num_envs: 8, rollout_len: 16, hidden: [16]}\n"
+    "  epg: {num_envs: 8, rollout_len: 16, hidden: [16]}\n"
+    "  lpg: {num_envs: 8, rollout_len: 16, hidden: [16]}\n").replace(
+    "baselines: {drift: ppo_clip}",
+    "baselines: {drift: ppo_clip, td_loss: dqn, metagrad: a2c_fixed, epg: reinforce, "
+    "lpg: actor_critic}")
+
+
+@pytest.mark.parametrize("family", ["drift", "td_loss", "metagrad", "epg", "lpg"])
+def test_chunked_training_equals_one_scan_bit_for_bit(family, tmp_path, monkeypatch):
+    """The harness cuts training into chunks of at most L updates, the last one shorter, all
+    run by one compiled program (a loop whose trip count is an argument): per family, its
+    metrics are bit-identical to one ``lax.scan`` over every update."""
+    task = spec.load(write_task(tmp_path, EVERY_FAMILY))
+    fam = families_base.get_family(family)
+    ref = harness.reference_rule(fam.baseline)
+    cfg = spec.agent_config(task, family, task.test[0])
+    monkeypatch.setattr(harness_train, "_chunk_len", lambda n, *a, **k: 3)
+    keys = harness.seed_keys(task.seed, [0, 1])
+    trained = harness_train._train(fam, task.test[0], cfg, ref.rule, ref.meta_params, keys,
+                                   task.total_timesteps, False, None, None)
+    assert trained.failure is None and trained.num_updates % 3, trained  # a shorter last chunk
+    trainer, init_fn, chunk_fn, _ = harness.compiled(fam, task.test[0], cfg, ref.rule,
+                                                     ref.meta_params, task.total_timesteps)
+    one_scan = jax.jit(jax.vmap(lambda s: jax.lax.scan(
+        lambda c, i: trainer.step(c, ref.meta_params, i), s,
+        jnp.arange(trainer.num_updates))[1]))
+    want = jax.device_get(one_scan(init_fn(keys)))
+    got = trained.metrics
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert a.shape == b.shape and a.shape[-1] == trainer.num_updates
+        np.testing.assert_array_equal(a, b)
 
 
 def _qr_operand_ranks(jaxpr) -> list[int]:

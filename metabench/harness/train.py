@@ -142,12 +142,9 @@ cost more in dispatch than they give in responsiveness."""
 
 
 def _chunk_len(num_updates: int, target_chunks: int = 100, min_len: int = 1) -> int:
-    """About ``max(num_updates / target_chunks, min_len)`` updates (at most all of them): the
-    divisor of num_updates nearest that within a factor of two, so that every chunk has one
-    shape (one compile), else exactly that with a shorter remainder chunk."""
-    want = min(num_updates, max(1, math.ceil(num_updates / target_chunks), min_len))
-    near = [d for d in range(max(1, want // 2), 2 * want + 1) if num_updates % d == 0]
-    return min(near, key=lambda d: (abs(d - want), d)) if near else want
+    """About ``max(num_updates / target_chunks, min_len)`` updates (at most all of them); the
+    last chunk may be shorter, run by the same program (its trip count is an argument)."""
+    return min(num_updates, max(1, math.ceil(num_updates / target_chunks), min_len))
 
 
 class Compiled(NamedTuple):
@@ -184,28 +181,43 @@ def compiled(family: families_base.Family, spec: EnvSpec, config: Any, rule: Upd
         init_fn = jax.jit(init)
         executables: dict[tuple, Any] = {}
 
-        def run(states, mp, start, length):
+        def run(states, mp, start, count, length):
+            # A loop of ``count`` (<= length) updates writing into a [length] buffer, not a
+            # scan of ``length``: a run's last, shorter chunk then needs no program of its
+            # own (a second compile as long as the first). Metrics are bit-identical to a
+            # scan's (checked per family in tests/test_harness.py).
             def seeds(s, m):
                 def one(s1):
-                    return jax.lax.scan(lambda c, i: trainer.step(c, m, i), s1,
-                                        start + jnp.arange(length))
+                    shapes = jax.eval_shape(lambda c: trainer.step(c, m, start)[1], s1)
+                    buffers = jax.tree_util.tree_map(
+                        lambda a: jnp.zeros((length,) + a.shape, a.dtype), shapes)
+
+                    def body(j, carry):
+                        c, ys = carry
+                        c, y = trainer.step(c, m, start + j)
+                        return c, jax.tree_util.tree_map(
+                            lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, j, 0), ys, y)
+                    return jax.lax.fori_loop(0, count, body, (s1, buffers))
                 return jax.vmap(one)(s)
             return jax.vmap(seeds)(states, mp) if population else seeds(states, mp)
 
         # No buffer donation: on CPU it made every chunk ~15% slower (measured with bench),
         # and the carried state is small next to the rollout buffers anyway.
-        jitted = jax.jit(run, static_argnums=3)
+        jitted = jax.jit(run, static_argnums=4)
 
         def chunk_fn(length: int, states, mp):
-            """The compiled chunk for this length and these argument shapes and shardings
-            (AOT, cached)."""
+            """The compiled chunk of at most ``length`` updates for these argument shapes
+            and shardings (AOT, cached): ``(states, mp, start, count) -> (states, metrics)``,
+            metrics with a trailing axis of ``length``, of which the first ``count`` are
+            written."""
             shapes = jax.tree_util.tree_map(
                 lambda x: (x.shape, str(x.dtype), str(getattr(x, "sharding", None))),
                 (states, mp))
             k = (length, jax.tree_util.tree_structure((states, mp)),
                  tuple(jax.tree_util.tree_leaves(shapes)))
             if k not in executables:
-                executables[k] = jitted.lower(states, mp, jnp.int32(0), length).compile()
+                executables[k] = jitted.lower(states, mp, jnp.int32(0), jnp.int32(length),
+                                              length).compile()
             return executables[k]
 
         _CACHE[key] = Compiled(trainer, init_fn, chunk_fn, env)
@@ -335,7 +347,7 @@ def _cell(family: families_base.Family, spec: EnvSpec, config: Any, rule: Update
           meta_params: Any, keys: jax.Array, total_timesteps: int, population: bool,
           host: bool = True) -> tuple:
     """One cell's compiled training, ready to run: ``(trainer, env, states, meta_params,
-    placement, chunk lengths, {length: executable})``; with ``host=False``, None for a
+    placement, chunk lengths, the chunk program)`` (see ``chunk_fn`` in :func:`compiled`); with ``host=False``, None for a
     host-stepped env (whose initial states would start its live copies)."""
     trainer, init_fn, chunk_fn, env = compiled(family, spec, config, rule, meta_params,
                                                total_timesteps, population)
@@ -358,10 +370,10 @@ def _cell(family: families_base.Family, spec: EnvSpec, config: Any, rule: Update
     lengths = [length] * (trainer.num_updates // length)
     if trainer.num_updates % length:
         lengths.append(trainer.num_updates % length)
-    # AOT-compile every distinct chunk shape now, so compile time is not run time.
-    execs = {n: chunk_fn(n, states, meta_params) for n in set(lengths)}
+    # AOT-compile now, so compile time is not run time.
+    program = chunk_fn(length, states, meta_params)
     jax.block_until_ready(states)
-    return trainer, env, states, meta_params, place, lengths, execs
+    return trainer, env, states, meta_params, place, lengths, program
 
 
 def precompile(ref: "RuleRef", task: TaskSpec, cells: Sequence[tuple[EnvSpec, Sequence[int]]],
@@ -398,7 +410,7 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
            max_seconds: float | None, progress: Callable[..., None] | None) -> _Trained:
     t0 = time.perf_counter()
     try:
-        trainer, env, states, meta_params, place, lengths, execs = _cell(
+        trainer, env, states, meta_params, place, lengths, program = _cell(
             family, spec, config, rule, meta_params, keys, total_timesteps, population)
         references, reference_error, randoms = _level_references(spec, env, states, place)
     except Exception as e:  # a rule may fail to trace; that is a failed record, not a crash
@@ -418,10 +430,11 @@ def _train(family: families_base.Family, spec: EnvSpec, config: Any, rule: Updat
         try:
             pending, start = [], done
             for n in batch:
-                states, metrics = execs[n](states, meta_params, jnp.int32(start))
-                pending.append(metrics)
+                states, metrics = program(states, meta_params, jnp.int32(start), jnp.int32(n))
+                pending.append((metrics, n))
                 start += n
-            pending = jax.device_get(pending)
+            pending = [jax.tree_util.tree_map(lambda x: x[..., :n], m)
+                       for m, n in jax.device_get(pending)]
         except Exception as e:
             failure = f"{type(e).__name__} after {done} of {trainer.num_updates} updates: {e}"
             break
